@@ -1,0 +1,171 @@
+//! Exponential backoff with full jitter, on tower's [`Backoff`] traits.
+//!
+//! tower's own `ExponentialBackoff` adds jitter on top of the exponential base and stops adding
+//! it at the cap, so a fleet of clients that all hit the cap retry in lock-step. After a cluster
+//! outage that is exactly the thundering herd to avoid: here every delay is drawn uniformly
+//! from `[floor, min(cap, floor · 2^attempt)]` ("full jitter"), at the cap included.
+
+use std::{fmt, time::Duration};
+
+use tower::retry::backoff::{Backoff, MakeBackoff};
+use tower::util::rng::{HasherRng, Rng};
+
+use crate::Error;
+
+/// Makes a [`JitteredBackoff`] per sequence of attempts.
+#[derive(Clone)]
+pub struct JitteredBackoffMaker {
+    floor: Duration,
+    cap: Duration,
+    rng: HasherRng,
+}
+
+impl JitteredBackoffMaker {
+    /// Delays start at `floor` and grow up to `cap`. Fails when `floor > cap` or `cap` is zero.
+    pub fn new(floor: Duration, cap: Duration) -> Result<Self, Error> {
+        if cap.is_zero() {
+            return Err(Error::config("backoff cap must be greater than zero"));
+        }
+        if floor > cap {
+            return Err(Error::config(format!(
+                "backoff floor ({floor:?}) must not exceed its cap ({cap:?})"
+            )));
+        }
+        Ok(JitteredBackoffMaker {
+            floor,
+            cap,
+            rng: HasherRng::default(),
+        })
+    }
+
+    /// The smallest delay.
+    pub fn floor(&self) -> Duration {
+        self.floor
+    }
+
+    /// The largest delay.
+    pub fn cap(&self) -> Duration {
+        self.cap
+    }
+
+    /// A fresh sequence, starting from the floor.
+    pub fn make(&self) -> JitteredBackoff {
+        JitteredBackoff {
+            floor: self.floor,
+            cap: self.cap,
+            attempt: 0,
+            rng: self.rng.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for JitteredBackoffMaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JitteredBackoffMaker")
+            .field("floor", &self.floor)
+            .field("cap", &self.cap)
+            .finish()
+    }
+}
+
+impl MakeBackoff for JitteredBackoffMaker {
+    type Backoff = JitteredBackoff;
+
+    fn make_backoff(&mut self) -> JitteredBackoff {
+        self.make()
+    }
+}
+
+/// One sequence of growing, randomised delays.
+#[derive(Clone)]
+pub struct JitteredBackoff {
+    floor: Duration,
+    cap: Duration,
+    attempt: u32,
+    rng: HasherRng,
+}
+
+impl JitteredBackoff {
+    /// The next delay, advancing the sequence.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .floor
+            .checked_mul(2u32.saturating_pow(self.attempt))
+            .unwrap_or(self.cap)
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let span = ceiling.saturating_sub(self.floor);
+        self.floor + span.mul_f64(self.rng.next_f64().clamp(0.0, 1.0))
+    }
+
+    /// How many delays were handed out.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+}
+
+impl fmt::Debug for JitteredBackoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JitteredBackoff")
+            .field("floor", &self.floor)
+            .field("cap", &self.cap)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl Backoff for JitteredBackoff {
+    type Future = tokio::time::Sleep;
+
+    fn next_backoff(&mut self) -> tokio::time::Sleep {
+        tokio::time::sleep(self.next_delay())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_stay_within_floor_and_growing_ceiling() {
+        let maker =
+            JitteredBackoffMaker::new(Duration::from_millis(10), Duration::from_millis(500))
+                .unwrap();
+        for _ in 0..200 {
+            let mut b = maker.make();
+            for attempt in 0..12u32 {
+                let d = b.next_delay();
+                let ceiling =
+                    (Duration::from_millis(10) * 2u32.pow(attempt)).min(Duration::from_millis(500));
+                assert!(d >= Duration::from_millis(10), "{d:?} below floor");
+                assert!(d <= ceiling, "attempt {attempt}: {d:?} above {ceiling:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn delays_at_the_cap_are_still_spread() {
+        let maker =
+            JitteredBackoffMaker::new(Duration::from_millis(10), Duration::from_millis(100))
+                .unwrap();
+        let mut b = maker.make();
+        for _ in 0..10 {
+            b.next_delay();
+        }
+        let capped: Vec<_> = (0..50).map(|_| b.next_delay()).collect();
+        let min = capped.iter().min().unwrap();
+        let max = capped.iter().max().unwrap();
+        assert!(
+            *max - *min > Duration::from_millis(40),
+            "capped delays not spread: {min:?}..{max:?}"
+        );
+    }
+
+    #[test]
+    fn invalid_bounds_are_config_errors() {
+        let e =
+            JitteredBackoffMaker::new(Duration::from_secs(2), Duration::from_secs(1)).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Config);
+        assert!(JitteredBackoffMaker::new(Duration::ZERO, Duration::ZERO).is_err());
+    }
+}

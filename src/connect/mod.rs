@@ -1,0 +1,107 @@
+//! Making inner clients: seeds, name resolution, and the [`Connect`] trait.
+//!
+//! The rebuild layer never keeps addresses; it keeps a [`Connect`] — something that can make a
+//! new inner service from the configured seed *names* whenever it is asked. The default is
+//! [`ClusterConnector`], which builds a fresh `redis` cluster client each time.
+
+mod cluster;
+mod resolve;
+mod seeds;
+
+use std::{fmt, future::Future, pin::Pin};
+
+pub use cluster::ClusterConnector;
+pub(crate) use resolve::RedisResolver;
+pub use resolve::{Resolve, ResolveFuture, StaticResolver, SystemResolver};
+pub use seeds::{Credentials, Secret, Seed, Seeds, DEFAULT_PORT};
+
+use crate::Error;
+
+/// What a connect is asked to do beyond the configured seeds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectHints {
+    /// The generation the new service will have (1 for the first connect).
+    pub generation: u64,
+    /// Extra entry points for this connect only: addresses the previous client (or a topology
+    /// refresh) last saw, replicas included. They help when the seed name still points at
+    /// nodes that are gone; they never replace the configured seeds.
+    pub extra_seeds: Vec<Seed>,
+}
+
+impl ConnectHints {
+    /// Hints for the given generation, with no extra seeds.
+    pub fn new(generation: u64) -> Self {
+        ConnectHints {
+            generation,
+            extra_seeds: Vec::new(),
+        }
+    }
+
+    /// Adds extra seeds.
+    pub fn with_extra_seeds(mut self, extra: impl IntoIterator<Item = Seed>) -> Self {
+        for seed in extra {
+            if !self.extra_seeds.contains(&seed) {
+                self.extra_seeds.push(seed);
+            }
+        }
+        self
+    }
+}
+
+/// The future returned by [`Connect::connect`].
+pub type ConnectFuture<S> = Pin<Box<dyn Future<Output = Result<S, Error>> + Send + 'static>>;
+
+/// Makes a new inner service — the shape of tower's `MakeService`, without a target.
+///
+/// Called for the first connect and for every rebuild; each call must resolve names afresh.
+pub trait Connect: Send + Sync + 'static {
+    /// The service made, e.g. [`RedisService`](crate::RedisService) over a cluster connection.
+    type Service;
+
+    /// Makes one. The future must end on its own (use connection timeouts).
+    fn connect(&self, hints: &ConnectHints) -> ConnectFuture<Self::Service>;
+}
+
+/// A [`Connect`] from a closure — handy in tests and for custom clients.
+///
+/// ```
+/// use tower_redis_cluster::connect::{connect_fn, ConnectHints};
+///
+/// let connector = connect_fn(|hints: &ConnectHints| {
+///     let generation = hints.generation;
+///     async move { Ok::<_, tower_redis_cluster::Error>(generation) }
+/// });
+/// # let _ = connector;
+/// ```
+pub fn connect_fn<F, Fut, S>(f: F) -> ConnectFn<F>
+where
+    F: Fn(&ConnectHints) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<S, Error>> + Send + 'static,
+{
+    ConnectFn { f }
+}
+
+/// The [`Connect`] made by [`connect_fn`].
+#[derive(Clone)]
+pub struct ConnectFn<F> {
+    f: F,
+}
+
+impl<F> fmt::Debug for ConnectFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectFn").finish_non_exhaustive()
+    }
+}
+
+impl<F, Fut, S> Connect for ConnectFn<F>
+where
+    F: Fn(&ConnectHints) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<S, Error>> + Send + 'static,
+{
+    type Service = S;
+
+    fn connect(&self, hints: &ConnectHints) -> ConnectFuture<S> {
+        Box::pin((self.f)(hints))
+    }
+}

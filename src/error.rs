@@ -1,0 +1,660 @@
+//! One error type for every layer, classified once.
+//!
+//! Every failure that leaves a layer of this crate is an [`Error`]: a [`redis::RedisError`] from
+//! the inner client, or one of our own (a rebuild that could not finish in time, a bad
+//! configuration, a closed service). It is classified into an [`ErrorKind`] exactly once, where it
+//! enters the stack, so the retry, refresh and rebuild layers all decide from the same facts:
+//!
+//! * [`Error::kind`] — what went wrong, in the words of Redis Cluster (`Moved`, `ClusterDown`,
+//!   `Unreachable`, ...);
+//! * [`Error::sent`] — whether the command may have taken effect on a server, which decides
+//!   whether a non-idempotent command may be sent again;
+//! * [`Error::generation`] — which inner client produced it, so an error from a client that has
+//!   already been replaced cannot trigger a second rebuild;
+//! * [`std::error::Error::source`] — the root cause (an I/O error, a TLS or DNS failure, the
+//!   server's reply), which `Display` also shows so that a log line is enough to act on.
+
+use std::{error::Error as StdError, fmt, sync::Arc};
+
+use redis::{RedisError, ServerErrorKind};
+
+/// What went wrong, in the terms of Redis Cluster.
+///
+/// The kinds are ordered from "the cluster is moving" through "the network failed" to "the caller
+/// or its configuration is wrong". Which of them are retried is decided by the retry policy, not
+/// here; see [`ErrorKind::is_transient`] for the usual answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// `MOVED`: the slot is served by another node. The inner cluster client normally follows it.
+    Moved,
+    /// `ASK`: the slot is being migrated; one command goes to the target node.
+    Ask,
+    /// `TRYAGAIN`: a multi-key command hit a slot in the middle of a migration.
+    TryAgain,
+    /// `CLUSTERDOWN`: the cluster is not serving (uncovered slots, failover in progress).
+    ClusterDown,
+    /// `LOADING`: the node is loading its dataset and cannot serve yet.
+    Loading,
+    /// `MASTERDOWN`: a replica lost its link to the master and refuses stale reads.
+    MasterDown,
+    /// `READONLY`: a write reached a node that is (now) a replica, typically a demoted master.
+    ReadOnly,
+    /// The connection was refused, reset or closed, or another I/O failure occurred.
+    Connection,
+    /// No reply arrived in time (per-attempt response timeout or the overall deadline).
+    Timeout,
+    /// No node of the cluster can be reached: the failure a rebuild from the seed names repairs.
+    Unreachable,
+    /// Authentication or authorisation failed (`NOAUTH`, `WRONGPASS`, `NOPERM`).
+    Auth,
+    /// The server rejected the command itself (`WRONGTYPE`, syntax, `CROSSSLOT`, script errors).
+    Command,
+    /// The configuration cannot work (no seeds, bad URL, unsupported option).
+    Config,
+    /// The service was shut down, or a background task it relies on is gone.
+    Closed,
+}
+
+impl ErrorKind {
+    /// A short, stable, lower-case name, suitable as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Moved => "moved",
+            ErrorKind::Ask => "ask",
+            ErrorKind::TryAgain => "try_again",
+            ErrorKind::ClusterDown => "cluster_down",
+            ErrorKind::Loading => "loading",
+            ErrorKind::MasterDown => "master_down",
+            ErrorKind::ReadOnly => "read_only",
+            ErrorKind::Connection => "connection",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Auth => "auth",
+            ErrorKind::Command => "command",
+            ErrorKind::Config => "config",
+            ErrorKind::Closed => "closed",
+        }
+    }
+
+    /// `MOVED` or `ASK`: a redirection, which says nothing about the health of the cluster.
+    pub fn is_redirect(self) -> bool {
+        matches!(self, ErrorKind::Moved | ErrorKind::Ask)
+    }
+
+    /// Whether the condition usually passes by itself (failover, migration, network blip), so that
+    /// the same command may succeed later. `Auth`, `Command`, `Config` and `Closed` never do.
+    pub fn is_transient(self) -> bool {
+        !matches!(
+            self,
+            ErrorKind::Auth | ErrorKind::Command | ErrorKind::Config | ErrorKind::Closed
+        )
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            ErrorKind::Moved => "slot moved to another node",
+            ErrorKind::Ask => "slot is being migrated (ASK)",
+            ErrorKind::TryAgain => "slot migration in progress, try again",
+            ErrorKind::ClusterDown => "cluster is down",
+            ErrorKind::Loading => "node is loading its dataset",
+            ErrorKind::MasterDown => "replica lost its master",
+            ErrorKind::ReadOnly => "write reached a replica (demoted master?)",
+            ErrorKind::Connection => "connection failed",
+            ErrorKind::Timeout => "timed out",
+            ErrorKind::Unreachable => "no node of the cluster is reachable",
+            ErrorKind::Auth => "authentication failed",
+            ErrorKind::Command => "command rejected by the server",
+            ErrorKind::Config => "invalid configuration",
+            ErrorKind::Closed => "service closed",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a failed command may have taken effect on a server.
+///
+/// This is what makes retrying a non-idempotent command (`INCR`, `LPUSH`) safe or not:
+/// only [`Sent::No`] proves that sending it again cannot apply it twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sent {
+    /// The command provably did not take effect: it was never written to a connection, or a
+    /// server refused it before executing it (`MOVED`, `READONLY`, `CLUSTERDOWN`, ...).
+    No,
+    /// The command may have been executed: the connection failed or timed out after it was
+    /// written, or the outcome is otherwise unknown.
+    Maybe,
+}
+
+/// The error of every service and layer in this crate.
+///
+/// Cheap to clone (the root cause is shared), so a failure can be handed to every caller that
+/// waited for the same rebuild.
+#[derive(Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    sent: Sent,
+    generation: Option<u64>,
+    message: Option<Arc<str>>,
+    source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
+}
+
+impl Error {
+    /// A new error of `kind` with a message saying what happened (and, ideally, what to check).
+    ///
+    /// Its [`Sent`] is `No` for the kinds that are raised before anything is written (`Config`,
+    /// `Closed`, `Unreachable`) and `Maybe` otherwise; use [`Error::with_sent`] to be precise.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let sent = match kind {
+            ErrorKind::Config | ErrorKind::Closed | ErrorKind::Unreachable => Sent::No,
+            _ => Sent::Maybe,
+        };
+        Error {
+            kind,
+            sent,
+            generation: None,
+            message: Some(Arc::from(message.into())),
+            source: None,
+        }
+    }
+
+    /// Classifies an error of the `redis` crate. This is the one place where that happens.
+    pub fn from_redis(err: RedisError) -> Self {
+        let (kind, sent) = classify_redis(&err);
+        Error {
+            kind,
+            sent,
+            generation: None,
+            message: None,
+            source: Some(Arc::new(err)),
+        }
+    }
+
+    /// Attaches the root cause.
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// Attaches a root cause that is already shared.
+    pub fn with_shared_source(mut self, source: Arc<dyn StdError + Send + Sync + 'static>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Overrides whether the command may have taken effect.
+    pub fn with_sent(mut self, sent: Sent) -> Self {
+        self.sent = sent;
+        self
+    }
+
+    /// Records which inner client (rebuild generation) produced this error.
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = Some(generation);
+        self
+    }
+
+    /// Prefixes the message with context (for example the seed being connected).
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = Some(match self.message {
+            Some(m) => Arc::from(format!("{context}: {m}")),
+            None => Arc::from(context.to_string()),
+        });
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Whether the command may have taken effect.
+    pub fn sent(&self) -> Sent {
+        self.sent
+    }
+
+    /// The generation of the inner client that produced the error, when a rebuild layer knows it.
+    pub fn generation(&self) -> Option<u64> {
+        self.generation
+    }
+
+    /// The underlying `redis` error, if this error came from the inner client.
+    pub fn redis_error(&self) -> Option<&RedisError> {
+        self.source.as_deref()?.downcast_ref::<RedisError>()
+    }
+
+    /// The target of a `MOVED`/`ASK` redirection: `(slot, "host:port")`.
+    pub fn redirect(&self) -> Option<(u16, &str)> {
+        let (addr, slot) = self.redis_error()?.redirect_node()?;
+        Some((slot, addr))
+    }
+
+    /// The server's error code (`WRONGTYPE`, `MOVED`, `NOAUTH`, ...) when a server replied.
+    pub fn server_code(&self) -> Option<&str> {
+        self.redis_error()?.code()
+    }
+
+    /// The message, without the kind and the root cause.
+    pub fn message(&self) -> Option<&str> {
+        self.message.as_deref()
+    }
+
+    // Convenience constructors for the failures our own layers raise.
+
+    /// No node could be reached (rebuild did not produce a client in time, every seed failed).
+    pub fn unreachable(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Unreachable, message)
+    }
+
+    /// The configuration cannot work; the message says what to fix.
+    pub fn config(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Config, message)
+    }
+
+    /// The service is closed.
+    pub fn closed(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Closed, message)
+    }
+
+    /// A deadline passed.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Timeout, message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind).field("sent", &self.sent);
+        if let Some(g) = self.generation {
+            d.field("generation", &g);
+        }
+        if let Some(m) = &self.message {
+            d.field("message", m);
+        }
+        if let Some(s) = &self.source {
+            d.field("source", &format_args!("{s}"));
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind.describe())?;
+        if let Some(m) = &self.message {
+            write!(f, ": {m}")?;
+        }
+        // The root cause is the part a reader acts on (a refused port, a certificate, a DNS name),
+        // so it is printed here too rather than left for a reporter that walks `source()`.
+        let mut cause = self
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static));
+        let mut depth = 0;
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            depth += 1;
+            // The redis crate's error prints its inner error already; stop there to avoid echoes.
+            if depth >= 4 || c.is::<RedisError>() {
+                break;
+            }
+            cause = c.source();
+        }
+        if let Some(g) = self.generation {
+            write!(f, " (client generation {g})")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
+    }
+}
+
+impl From<RedisError> for Error {
+    fn from(err: RedisError) -> Self {
+        Error::from_redis(err)
+    }
+}
+
+impl From<tower::timeout::error::Elapsed> for Error {
+    fn from(_: tower::timeout::error::Elapsed) -> Self {
+        Error::timeout("the call did not finish within its deadline")
+    }
+}
+
+/// Converts the boxed error of generic tower middleware (`Timeout`, `Buffer`, ...) back into
+/// an [`Error`], keeping ours as they are.
+impl From<tower::BoxError> for Error {
+    fn from(err: tower::BoxError) -> Self {
+        match err.downcast::<Error>() {
+            Ok(e) => *e,
+            Err(err) => match err.downcast::<tower::timeout::error::Elapsed>() {
+                Ok(_) => Error::timeout("the call did not finish within its deadline"),
+                Err(err) => match err.downcast::<RedisError>() {
+                    Ok(e) => Error::from_redis(*e),
+                    Err(other) => Error {
+                        kind: ErrorKind::Closed,
+                        sent: Sent::Maybe,
+                        generation: None,
+                        message: Some(Arc::from("a middleware failed")),
+                        source: Some(Arc::from(other)),
+                    },
+                },
+            },
+        }
+    }
+}
+
+/// Codes that servers send but the `redis` crate does not know by name.
+fn classify_extension_code(code: &str) -> ErrorKind {
+    match code {
+        "NOAUTH" | "WRONGPASS" | "NOPERM" => ErrorKind::Auth,
+        "MOVED" => ErrorKind::Moved,
+        "ASK" => ErrorKind::Ask,
+        "TRYAGAIN" => ErrorKind::TryAgain,
+        "CLUSTERDOWN" => ErrorKind::ClusterDown,
+        "LOADING" => ErrorKind::Loading,
+        "MASTERDOWN" => ErrorKind::MasterDown,
+        "READONLY" => ErrorKind::ReadOnly,
+        _ => ErrorKind::Command,
+    }
+}
+
+fn classify_redis(err: &RedisError) -> (ErrorKind, Sent) {
+    use redis::ErrorKind as K;
+    match err.kind() {
+        // A server answered with an error: it parsed the command and decided not to (or could
+        // not) execute it, so nothing was applied — except for command errors raised by a
+        // script or transaction midway, which are never retried anyway.
+        K::Server(server) => {
+            let kind = match server {
+                ServerErrorKind::Moved => ErrorKind::Moved,
+                ServerErrorKind::Ask => ErrorKind::Ask,
+                ServerErrorKind::TryAgain => ErrorKind::TryAgain,
+                ServerErrorKind::ClusterDown => ErrorKind::ClusterDown,
+                ServerErrorKind::BusyLoading => ErrorKind::Loading,
+                ServerErrorKind::MasterDown => ErrorKind::MasterDown,
+                ServerErrorKind::ReadOnly => ErrorKind::ReadOnly,
+                ServerErrorKind::NoPerm => ErrorKind::Auth,
+                ServerErrorKind::ResponseError => match err.detail() {
+                    // Redis 6 answers a wrong password with a plain ERR.
+                    Some(d) if d.starts_with("invalid password") => ErrorKind::Auth,
+                    _ => ErrorKind::Command,
+                },
+                _ => ErrorKind::Command,
+            };
+            let sent = if kind == ErrorKind::Command {
+                Sent::Maybe
+            } else {
+                Sent::No
+            };
+            (kind, sent)
+        }
+        K::Extension => {
+            let kind = err
+                .code()
+                .map(classify_extension_code)
+                .unwrap_or(ErrorKind::Command);
+            let sent = if kind == ErrorKind::Command {
+                Sent::Maybe
+            } else {
+                Sent::No
+            };
+            (kind, sent)
+        }
+        K::AuthenticationFailed => (ErrorKind::Auth, Sent::No),
+        K::InvalidClientConfig | K::RESP3NotSupported => (ErrorKind::Config, Sent::No),
+        // The cluster client has no connection for the slot and could not make one: the failure
+        // of redis-py #2472. Nothing was written.
+        K::ClusterConnectionNotFound => (ErrorKind::Unreachable, Sent::No),
+        K::Io => classify_io(err),
+        // A reply that cannot be parsed means the stream is out of step; the command was sent.
+        K::Parse => (ErrorKind::Connection, Sent::Maybe),
+        K::UnexpectedReturnType => (ErrorKind::Command, Sent::Maybe),
+        // `Client` covers caller mistakes (empty command) and TLS failures; the latter carry a
+        // source and happen while connecting, before any command is written.
+        K::Client => {
+            if StdError::source(err).is_some() {
+                (ErrorKind::Connection, Sent::No)
+            } else {
+                (ErrorKind::Command, Sent::No)
+            }
+        }
+        _ => (ErrorKind::Command, Sent::Maybe),
+    }
+}
+
+fn classify_io(err: &RedisError) -> (ErrorKind, Sent) {
+    // The cluster client reports "every initial node failed" as a generic I/O error; it is the
+    // unreachable-cluster condition, and the detail names the last node's failure.
+    if err
+        .to_string()
+        .starts_with("Failed to create initial connections")
+    {
+        return (ErrorKind::Unreachable, Sent::No);
+    }
+    // The redis crate wraps the io::Error behind an `Arc<dyn Error>`, which hides it from
+    // `downcast_ref`; its own predicates see through that.
+    if err.is_timeout() {
+        (ErrorKind::Timeout, Sent::Maybe)
+    } else if err.is_connection_refusal() {
+        // The connection was never established, so the command cannot have been written.
+        (ErrorKind::Connection, Sent::No)
+    } else {
+        (ErrorKind::Connection, Sent::Maybe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    fn server_reply(raw: &[u8]) -> RedisError {
+        redis::parse_redis_value(raw)
+            .expect("valid RESP")
+            .extract_error()
+            .expect_err("an error reply")
+    }
+
+    #[test]
+    fn server_replies_are_classified_by_code() {
+        let cases: &[(&[u8], ErrorKind, Sent)] = &[
+            (
+                b"-MOVED 3999 127.0.0.1:6381\r\n",
+                ErrorKind::Moved,
+                Sent::No,
+            ),
+            (b"-ASK 3999 127.0.0.1:6381\r\n", ErrorKind::Ask, Sent::No),
+            (
+                b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+                ErrorKind::TryAgain,
+                Sent::No,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                ErrorKind::ClusterDown,
+                Sent::No,
+            ),
+            (
+                b"-LOADING Redis is loading the dataset in memory\r\n",
+                ErrorKind::Loading,
+                Sent::No,
+            ),
+            (
+                b"-MASTERDOWN Link with MASTER is down\r\n",
+                ErrorKind::MasterDown,
+                Sent::No,
+            ),
+            (
+                b"-READONLY You can't write against a read only replica.\r\n",
+                ErrorKind::ReadOnly,
+                Sent::No,
+            ),
+            (
+                b"-NOAUTH Authentication required.\r\n",
+                ErrorKind::Auth,
+                Sent::No,
+            ),
+            (
+                b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+                ErrorKind::Auth,
+                Sent::No,
+            ),
+            (
+                b"-NOPERM this user has no permissions to run the 'set' command\r\n",
+                ErrorKind::Auth,
+                Sent::No,
+            ),
+            (
+                b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+                ErrorKind::Command,
+                Sent::Maybe,
+            ),
+            (
+                b"-ERR unknown command 'FOO'\r\n",
+                ErrorKind::Command,
+                Sent::Maybe,
+            ),
+            (
+                b"-CROSSSLOT Keys in request don't hash to the same slot\r\n",
+                ErrorKind::Command,
+                Sent::Maybe,
+            ),
+            (
+                b"-BUSYGROUP Consumer Group name already exists\r\n",
+                ErrorKind::Command,
+                Sent::Maybe,
+            ),
+        ];
+        for (raw, kind, sent) in cases {
+            let e = Error::from_redis(server_reply(raw));
+            assert_eq!(
+                (e.kind(), e.sent()),
+                (*kind, *sent),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn redirect_target_is_exposed() {
+        let e = Error::from_redis(server_reply(b"-MOVED 3999 10.0.0.7:6379\r\n"));
+        assert_eq!(e.redirect(), Some((3999, "10.0.0.7:6379")));
+        assert_eq!(e.server_code(), Some("MOVED"));
+        assert!(e.kind().is_redirect());
+    }
+
+    #[test]
+    fn io_errors_split_into_refused_timeout_and_dropped() {
+        let refused = Error::from(RedisError::from(io::Error::from(
+            io::ErrorKind::ConnectionRefused,
+        )));
+        assert_eq!(
+            (refused.kind(), refused.sent()),
+            (ErrorKind::Connection, Sent::No)
+        );
+
+        let reset = Error::from(RedisError::from(io::Error::from(
+            io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(
+            (reset.kind(), reset.sent()),
+            (ErrorKind::Connection, Sent::Maybe)
+        );
+
+        let timed_out = Error::from(RedisError::from(io::Error::from(io::ErrorKind::TimedOut)));
+        assert_eq!(
+            (timed_out.kind(), timed_out.sent()),
+            (ErrorKind::Timeout, Sent::Maybe)
+        );
+    }
+
+    #[test]
+    fn cluster_client_unreachable_messages() {
+        let none = Error::from(RedisError::from((
+            redis::ErrorKind::ClusterConnectionNotFound,
+            "No connections found",
+        )));
+        assert_eq!(
+            (none.kind(), none.sent()),
+            (ErrorKind::Unreachable, Sent::No)
+        );
+
+        let initial = Error::from(RedisError::from((
+            redis::ErrorKind::Io,
+            "Failed to create initial connections",
+            "Connection refused (os error 111)".to_string(),
+        )));
+        assert_eq!(initial.kind(), ErrorKind::Unreachable);
+        // The root cause must survive into the message a user logs.
+        assert!(initial.to_string().contains("os error 111"), "{initial}");
+    }
+
+    #[test]
+    fn display_shows_kind_message_cause_and_generation() {
+        let e = Error::new(
+            ErrorKind::Connection,
+            "connecting to clustercfg.example:6379",
+        )
+        .with_source(io::Error::other("failed to lookup address information"))
+        .with_generation(3);
+        let text = e.to_string();
+        assert!(text.starts_with("connection failed: connecting to clustercfg.example:6379"));
+        assert!(
+            text.contains("failed to lookup address information"),
+            "{text}"
+        );
+        assert!(text.ends_with("(client generation 3)"), "{text}");
+        assert!(e.source().is_some());
+        assert_eq!(e.generation(), Some(3));
+    }
+
+    #[test]
+    fn own_errors_default_sent_by_kind() {
+        assert_eq!(Error::unreachable("x").sent(), Sent::No);
+        assert_eq!(Error::config("x").sent(), Sent::No);
+        assert_eq!(Error::closed("x").sent(), Sent::No);
+        assert_eq!(Error::timeout("x").sent(), Sent::Maybe);
+        assert_eq!(Error::timeout("x").with_sent(Sent::No).sent(), Sent::No);
+    }
+
+    #[test]
+    fn box_error_round_trips() {
+        let original = Error::unreachable("no seed answered").with_generation(7);
+        let boxed: tower::BoxError = Box::new(original);
+        let back = Error::from(boxed);
+        assert_eq!(back.kind(), ErrorKind::Unreachable);
+        assert_eq!(back.generation(), Some(7));
+
+        let elapsed: tower::BoxError = Box::new(tower::timeout::error::Elapsed::new());
+        assert_eq!(Error::from(elapsed).kind(), ErrorKind::Timeout);
+    }
+
+    #[test]
+    fn transient_kinds() {
+        assert!(ErrorKind::ClusterDown.is_transient());
+        assert!(ErrorKind::Unreachable.is_transient());
+        assert!(!ErrorKind::Command.is_transient());
+        assert!(!ErrorKind::Auth.is_transient());
+        assert!(!ErrorKind::Config.is_transient());
+    }
+
+    #[test]
+    fn error_is_send_sync_clone() {
+        fn assert_traits<T: Send + Sync + Clone + 'static>() {}
+        assert_traits::<Error>();
+    }
+}

@@ -1,0 +1,383 @@
+//! Recreate the inner client from its seed *names* when it can no longer serve.
+//!
+//! This is the redis-py #2472 workaround — "catch the error and recreate the client" — made a
+//! policy: after two failovers that replace nodes at new IPs, none of the addresses a client
+//! learned at start-up exist, and only a client made anew from the configuration endpoint's
+//! name can reach the cluster.
+//!
+//! [`Rebuild`] owns the current inner service and its *generation*. All clones share it:
+//!
+//! * a [`RebuildPolicy`] reads every error (default: `Unreachable`, or a streak of
+//!   connection/timeout errors) and may ask for a new client;
+//! * **single-flight**: one rebuild at a time; errors from an older generation never start
+//!   another; failed connects back off with full jitter;
+//! * **make-before-break**: the old client keeps serving while the new one connects, unless
+//!   the policy said it cannot (`Replace`);
+//! * **bounded waiting**: while no client can serve, `poll_ready` is pending for at most
+//!   `max_wait`, then the call fails with `Unreachable` (carrying the last connect error);
+//! * **lazy start**: making the service never fails because the cluster is down;
+//! * a [`RebuildHandle`] triggers rebuilds (with extra seeds) and observes generations.
+//!
+//! ```no_run
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_redis_cluster::{
+//!     connect::{ClusterConnector, Seeds},
+//!     rebuild::{RebuildConfig, RebuildLayer},
+//! };
+//!
+//! # async fn run() -> Result<(), tower_redis_cluster::Error> {
+//! let connector = ClusterConnector::new(Seeds::parse(["clustercfg.example.com:6379"])?);
+//! let mut service = ServiceBuilder::new()
+//!     .layer(RebuildLayer::new(RebuildConfig::default()))
+//!     .service(connector);
+//! let handle = service.handle();
+//!
+//! let reply = service.ready().await?.call(redis::cmd("PING")).await?;
+//! println!("{reply:?} from client generation {}", handle.generation());
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod future;
+mod policy;
+mod shared;
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tower::{Layer, Service};
+
+pub use config::RebuildConfig;
+pub use future::ResponseFuture;
+pub use policy::{DefaultRebuildPolicy, ManualRebuildPolicy, RebuildAction, RebuildPolicy};
+
+use shared::{Reason, Shared};
+
+use crate::{
+    connect::{Connect, Seed},
+    Error, ErrorKind,
+};
+
+/// A snapshot of the rebuild state, as seen by a [`RebuildHandle`].
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct RebuildStatus {
+    /// Generation of the current inner client; 0 until the first connect succeeds.
+    pub generation: u64,
+    /// Whether a rebuild is in flight.
+    pub rebuilding: bool,
+    /// Whether the current client serves calls (false before the first connect and after the
+    /// policy retired it).
+    pub serving: bool,
+    /// Connect attempts made so far, successful or not.
+    pub attempts: u64,
+    /// Successful connects so far (the first connect included).
+    pub rebuilds: u64,
+    /// The last connect failure of the rebuild in flight, if any.
+    pub last_error: Option<Error>,
+    /// When the current client was installed.
+    pub last_rebuild: Option<std::time::Instant>,
+}
+
+/// Makes a [`Rebuild`] from a [`Connect`].
+#[derive(Clone, Debug, Default)]
+pub struct RebuildLayer {
+    config: RebuildConfig,
+}
+
+impl RebuildLayer {
+    /// A layer with this configuration.
+    pub fn new(config: RebuildConfig) -> Self {
+        RebuildLayer { config }
+    }
+}
+
+impl<C> Layer<C> for RebuildLayer
+where
+    C: Connect,
+    C::Service: Send + Sync + 'static,
+{
+    type Service = Rebuild<C>;
+
+    fn layer(&self, connector: C) -> Rebuild<C> {
+        Rebuild::new(connector, self.config.clone())
+    }
+}
+
+/// A service whose inner client is made by a [`Connect`] and remade when it cannot serve.
+pub struct Rebuild<C: Connect> {
+    shared: Arc<Shared<C>>,
+    slot: watch::Receiver<shared::Slot<C::Service>>,
+    /// The inner service this clone reserved in `poll_ready`, with its generation.
+    reserved: Option<(C::Service, u64)>,
+    /// Set when waiting for a client timed out: the next call fails with it.
+    failed: Option<Error>,
+    waiting: Option<Waiting>,
+}
+
+struct Waiting {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    changed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl<C> Rebuild<C>
+where
+    C: Connect,
+    C::Service: Send + Sync + 'static,
+{
+    /// A service that connects with `connector`. Never fails: when the cluster cannot be
+    /// reached yet, calls wait (bounded) and the first successful connect serves them. Invalid
+    /// configuration is reported by the first call.
+    pub fn new(connector: C, config: RebuildConfig) -> Self {
+        let invalid = config.validate().err();
+        let eager = config.eager;
+        let shared = Shared::new(connector, config);
+        if eager && invalid.is_none() {
+            shared.request(RebuildAction::Replace, None, Vec::new(), Reason::Start);
+        }
+        let slot = shared.slot.subscribe();
+        Rebuild {
+            shared,
+            slot,
+            reserved: None,
+            failed: invalid,
+            waiting: None,
+        }
+    }
+
+    /// A handle to trigger rebuilds and observe generations.
+    pub fn handle(&self) -> RebuildHandle {
+        RebuildHandle {
+            control: self.shared.clone(),
+            status: self.shared.status_receiver(),
+        }
+    }
+
+    /// The connector.
+    pub fn get_ref(&self) -> &C {
+        self.shared.connector()
+    }
+
+    fn max_wait(&self) -> Duration {
+        self.shared.config.max_wait
+    }
+}
+
+impl<C> Clone for Rebuild<C>
+where
+    C: Connect,
+{
+    fn clone(&self) -> Self {
+        // Readiness is per clone: a clone starts unreserved (tower's rule for `Clone`).
+        Rebuild {
+            shared: self.shared.clone(),
+            slot: self.slot.clone(),
+            reserved: None,
+            failed: None,
+            waiting: None,
+        }
+    }
+}
+
+impl<C: Connect> fmt::Debug for Rebuild<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rebuild")
+            .field("shared", &self.shared)
+            .field("reserved_generation", &self.reserved.as_ref().map(|r| r.1))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C, Req> Service<Req> for Rebuild<C>
+where
+    C: Connect,
+    C::Service: Service<Req, Error = Error> + Clone + Send + Sync + 'static,
+{
+    type Response = <C::Service as Service<Req>>::Response;
+    type Error = Error;
+    type Future = ResponseFuture<<C::Service as Service<Req>>::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            if let Some((service, _)) = &mut self.reserved {
+                return service.poll_ready(cx);
+            }
+            if self.failed.is_some() {
+                // The call reports the failure; readiness errors would be fatal to tower.
+                return Poll::Ready(Ok(()));
+            }
+            {
+                let slot = self.slot.borrow_and_update();
+                if slot.serving {
+                    if let Some(service) = &slot.service {
+                        self.reserved = Some((service.clone(), slot.generation));
+                        self.waiting = None;
+                        continue;
+                    }
+                }
+            }
+            // No client can serve: make sure one is being made (lazy start, or a retired
+            // client whose rebuild was asked for outside a runtime), then wait, bounded.
+            if !self.shared.is_rebuilding() {
+                let generation = self.shared.generation();
+                self.shared.request(
+                    RebuildAction::Replace,
+                    Some(generation),
+                    Vec::new(),
+                    Reason::Start,
+                );
+            }
+            let max_wait = self.max_wait();
+            let waiting = self.waiting.get_or_insert_with(|| Waiting {
+                deadline: Box::pin(tokio::time::sleep(max_wait)),
+                changed: None,
+            });
+            let changed = waiting.changed.get_or_insert_with(|| {
+                let mut slot = self.slot.clone();
+                Box::pin(async move {
+                    // An error means every sender is gone; the deadline still ends the wait.
+                    if slot.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                })
+            });
+            if changed.as_mut().poll(cx).is_ready() {
+                waiting.changed = None;
+                continue;
+            }
+            if waiting.deadline.as_mut().poll(cx).is_ready() {
+                self.waiting = None;
+                let mut error = Error::unreachable(format!(
+                    "no inner client could serve within max_wait ({max_wait:?}); a rebuild is in progress"
+                ));
+                if let Some(cause) = self.shared.last_error() {
+                    error = error.with_source(cause);
+                }
+                self.failed = Some(error);
+                return Poll::Ready(Ok(()));
+            }
+            return Poll::Pending;
+        }
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        if let Some(error) = self.failed.take() {
+            return ResponseFuture::failed(error);
+        }
+        match self.reserved.take() {
+            Some((mut service, generation)) => {
+                let inner = service.call(request);
+                ResponseFuture::called(inner, self.shared.clone(), generation)
+            }
+            None => ResponseFuture::failed(Error::new(
+                ErrorKind::Closed,
+                "Rebuild::call was invoked without a successful poll_ready",
+            )),
+        }
+    }
+}
+
+/// Object-safe view of the shared state, so handles do not carry the connector's type.
+trait Control: Send + Sync {
+    fn trigger(self: Arc<Self>, action: RebuildAction, extra_seeds: Vec<Seed>);
+}
+
+impl<C> Control for Shared<C>
+where
+    C: Connect,
+    C::Service: Send + Sync + 'static,
+{
+    fn trigger(self: Arc<Self>, action: RebuildAction, extra_seeds: Vec<Seed>) {
+        Shared::request(&self, action, None, extra_seeds, Reason::Handle);
+    }
+}
+
+/// Triggers rebuilds and observes generations; cheap to clone, shareable across tasks.
+#[derive(Clone)]
+pub struct RebuildHandle {
+    control: Arc<dyn Control>,
+    status: watch::Receiver<RebuildStatus>,
+}
+
+impl RebuildHandle {
+    /// Rebuilds, keeping the current client serving until the new one is ready.
+    pub fn rebuild(&self) {
+        self.control
+            .clone()
+            .trigger(RebuildAction::Rebuild, Vec::new());
+    }
+
+    /// Rebuilds with extra entry points — for example every node address the last topology
+    /// showed, replicas included — for when the seed names point only at dead nodes.
+    pub fn rebuild_with_seeds(&self, extra_seeds: impl IntoIterator<Item = Seed>) {
+        self.control
+            .clone()
+            .trigger(RebuildAction::Rebuild, extra_seeds.into_iter().collect());
+    }
+
+    /// Retires the current client now (new calls wait for the next one) and rebuilds.
+    pub fn replace(&self) {
+        self.control
+            .clone()
+            .trigger(RebuildAction::Replace, Vec::new());
+    }
+
+    /// The current state.
+    pub fn status(&self) -> RebuildStatus {
+        self.status.borrow().clone()
+    }
+
+    /// The generation of the current client (0 before the first connect).
+    pub fn generation(&self) -> u64 {
+        self.status.borrow().generation
+    }
+
+    /// A receiver that sees every state change.
+    pub fn subscribe(&self) -> watch::Receiver<RebuildStatus> {
+        self.status.clone()
+    }
+
+    /// Waits until the generation reaches `generation`, at most `timeout`.
+    pub async fn wait_for_generation(
+        &self,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<RebuildStatus, Error> {
+        let mut status = self.status.clone();
+        let reached = tokio::time::timeout(timeout, async {
+            status
+                .wait_for(|s| s.generation >= generation)
+                .await
+                .map(|s| s.clone())
+        })
+        .await;
+        match reached {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(_)) => Err(Error::closed("the rebuild service was dropped")),
+            Err(_) => {
+                let mut error = Error::unreachable(format!(
+                    "client generation {generation} was not reached within {timeout:?}"
+                ));
+                if let Some(cause) = self.status.borrow().last_error.clone() {
+                    error = error.with_source(cause);
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for RebuildHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RebuildHandle")
+            .field("status", &*self.status.borrow())
+            .finish()
+    }
+}

@@ -1,0 +1,276 @@
+//! The state every clone of a [`Rebuild`](super::Rebuild) shares, and the one rebuild task.
+
+use std::{
+    fmt,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+
+use super::{RebuildAction, RebuildConfig, RebuildStatus};
+use crate::{
+    connect::{Connect, ConnectHints, Seed},
+    Error,
+};
+
+/// The current inner service as callers see it.
+pub(crate) struct Slot<S> {
+    pub(crate) service: Option<S>,
+    pub(crate) generation: u64,
+    /// False once the policy said the service cannot serve (`Replace`): new calls wait.
+    pub(crate) serving: bool,
+}
+
+struct Control {
+    rebuilding: bool,
+    extra_seeds: Vec<Seed>,
+    status: RebuildStatus,
+}
+
+pub(crate) struct Shared<C: Connect> {
+    connector: C,
+    pub(crate) config: RebuildConfig,
+    pub(crate) slot: watch::Sender<Slot<C::Service>>,
+    status: watch::Sender<RebuildStatus>,
+    control: Mutex<Control>,
+}
+
+impl<C: Connect> fmt::Debug for Shared<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a rebuild was asked for, for tracing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Reason {
+    Start,
+    Policy,
+    Handle,
+}
+
+impl<C> Shared<C>
+where
+    C: Connect,
+    C::Service: Send + Sync + 'static,
+{
+    pub(crate) fn new(connector: C, config: RebuildConfig) -> Arc<Self> {
+        let (slot, _) = watch::channel(Slot {
+            service: None,
+            generation: 0,
+            serving: false,
+        });
+        let (status, _) = watch::channel(RebuildStatus::default());
+        Arc::new(Shared {
+            connector,
+            config,
+            slot,
+            status,
+            control: Mutex::new(Control {
+                rebuilding: false,
+                extra_seeds: Vec::new(),
+                status: RebuildStatus::default(),
+            }),
+        })
+    }
+
+    fn control(&self) -> std::sync::MutexGuard<'_, Control> {
+        // A panic while holding this lock cannot leave it half-written in a way that matters
+        // more than losing the client, so recover the guard.
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn connector(&self) -> &C {
+        &self.connector
+    }
+
+    pub(crate) fn status_receiver(&self) -> watch::Receiver<RebuildStatus> {
+        self.status.subscribe()
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.slot.borrow().generation
+    }
+
+    /// The last connect failure, to explain an `Unreachable` to a caller who waited.
+    pub(crate) fn last_error(&self) -> Option<Error> {
+        self.control().status.last_error.clone()
+    }
+
+    /// Feeds an error of generation `generation` to the policy and acts on its answer.
+    pub(crate) fn observe_error(self: &Arc<Self>, error: &Error, generation: u64) {
+        if generation < self.generation() {
+            // Already replaced: the error says nothing about the current client.
+            return;
+        }
+        let action = self.config.policy.on_error(error);
+        if action != RebuildAction::None {
+            tracing::debug!(
+                error = %error,
+                generation,
+                ?action,
+                "rebuild policy asked for a new client"
+            );
+            self.request(action, Some(generation), Vec::new(), Reason::Policy);
+        }
+    }
+
+    pub(crate) fn observe_success(&self) {
+        self.config.policy.on_success();
+    }
+
+    /// Asks for a rebuild. Single-flight: while one runs, requests only add their extra seeds
+    /// (and may retire the current client); requests about an older generation are ignored.
+    pub(crate) fn request(
+        self: &Arc<Self>,
+        action: RebuildAction,
+        from_generation: Option<u64>,
+        extra_seeds: Vec<Seed>,
+        reason: Reason,
+    ) {
+        if action == RebuildAction::None {
+            return;
+        }
+        let mut control = self.control();
+        let current = self.generation();
+        if from_generation.is_some_and(|g| g < current) {
+            return;
+        }
+        for seed in extra_seeds {
+            if !control.extra_seeds.contains(&seed) {
+                control.extra_seeds.push(seed);
+            }
+        }
+        if action == RebuildAction::Replace {
+            self.slot.send_if_modified(|slot| {
+                let retire = slot.serving && slot.generation == current;
+                if retire {
+                    slot.serving = false;
+                }
+                retire
+            });
+            control.status.serving = false;
+        }
+        if control.rebuilding {
+            tracing::trace!(generation = current, ?reason, "rebuild already in flight");
+            self.status.send_replace(control.status.clone());
+            return;
+        }
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime,
+            Err(_) => {
+                tracing::warn!("rebuild requested outside a tokio runtime; it starts on first use");
+                return;
+            }
+        };
+        control.rebuilding = true;
+        control.status.rebuilding = true;
+        self.status.send_replace(control.status.clone());
+        drop(control);
+        tracing::info!(
+            from_generation = current,
+            ?reason,
+            ?action,
+            "rebuilding the inner client"
+        );
+        runtime.spawn(run(Arc::downgrade(self)));
+    }
+
+    /// Whether a rebuild is in flight.
+    pub(crate) fn is_rebuilding(&self) -> bool {
+        self.control().rebuilding
+    }
+
+    fn next_attempt(&self) -> (ConnectHints, u64) {
+        let mut control = self.control();
+        control.status.attempts += 1;
+        let generation = self.generation() + 1;
+        let hints =
+            ConnectHints::new(generation).with_extra_seeds(control.extra_seeds.iter().cloned());
+        (hints, control.status.attempts)
+    }
+
+    fn install(&self, service: C::Service, generation: u64, started: Instant, attempts: u32) {
+        let mut control = self.control();
+        control.rebuilding = false;
+        control.extra_seeds.clear();
+        control.status.generation = generation;
+        control.status.rebuilding = false;
+        control.status.serving = true;
+        control.status.rebuilds += 1;
+        control.status.last_error = None;
+        control.status.last_rebuild = Some(std::time::Instant::now());
+        self.slot.send_replace(Slot {
+            service: Some(service),
+            generation,
+            serving: true,
+        });
+        self.config.policy.on_rebuilt();
+        self.status.send_replace(control.status.clone());
+        tracing::info!(
+            generation,
+            attempts,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "inner client rebuilt"
+        );
+    }
+
+    fn record_failure(&self, error: Error, attempt: u32, delay: Duration) {
+        tracing::warn!(
+            error = %error,
+            attempt,
+            retry_in_ms = delay.as_millis() as u64,
+            "connecting a new inner client failed"
+        );
+        let mut control = self.control();
+        control.status.last_error = Some(error);
+        self.status.send_replace(control.status.clone());
+    }
+}
+
+/// The rebuild task: connect until it works, backing off with jitter; ends early when every
+/// service and handle is gone.
+async fn run<C>(weak: Weak<Shared<C>>)
+where
+    C: Connect,
+    C::Service: Send + Sync + 'static,
+{
+    let started = Instant::now();
+    let mut backoff = match weak.upgrade() {
+        Some(shared) => shared.config.backoff.make(),
+        None => return,
+    };
+    let mut attempt: u32 = 0;
+    loop {
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        attempt += 1;
+        let (hints, _) = shared.next_attempt();
+        let generation = hints.generation;
+        let connecting = shared.connector.connect(&hints);
+        let result = match tokio::time::timeout(shared.config.connect_timeout, connecting).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::timeout(format!(
+                "connecting a new inner client took longer than {:?}",
+                shared.config.connect_timeout
+            ))),
+        };
+        match result {
+            Ok(service) => {
+                shared.install(service, generation, started, attempt);
+                return;
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                shared.record_failure(error, attempt, delay);
+                drop(shared);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
