@@ -121,6 +121,25 @@ impl Resolve for StaticResolver {
     }
 }
 
+/// The harness's name map is the tests' DNS: its configuration endpoint follows the live nodes
+/// (or stays stale when frozen).
+#[cfg(feature = "test-util")]
+impl Resolve for crate::harness::NameMap {
+    fn resolve<'a>(&'a self, host: &'a str, _port: u16) -> ResolveFuture<'a> {
+        let addrs = self.lookup(host);
+        Box::pin(async move {
+            if addrs.is_empty() {
+                Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("name {host:?} is not in the harness name map"),
+                ))
+            } else {
+                Ok(addrs)
+            }
+        })
+    }
+}
+
 /// Adapts a [`Resolve`] to the `redis` crate's resolver trait, passing IP literals through.
 #[derive(Clone)]
 pub(crate) struct RedisResolver(pub(crate) Arc<dyn Resolve>);

@@ -58,6 +58,16 @@ impl Seed {
     }
 }
 
+/// A discovered node address as a seed (an IP literal: it will not follow a failover).
+impl From<std::net::SocketAddr> for Seed {
+    fn from(addr: std::net::SocketAddr) -> Self {
+        Seed {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
 impl fmt::Display for Seed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {

@@ -287,6 +287,7 @@ where
 /// Object-safe view of the shared state, so handles do not carry the connector's type.
 trait Control: Send + Sync {
     fn trigger(self: Arc<Self>, action: RebuildAction, extra_seeds: Vec<Seed>);
+    fn set_known_nodes(&self, nodes: Vec<Seed>);
 }
 
 impl<C> Control for Shared<C>
@@ -296,6 +297,10 @@ where
 {
     fn trigger(self: Arc<Self>, action: RebuildAction, extra_seeds: Vec<Seed>) {
         Shared::request(&self, action, None, extra_seeds, Reason::Handle);
+    }
+
+    fn set_known_nodes(&self, nodes: Vec<Seed>) {
+        Shared::set_known_nodes(self, nodes);
     }
 }
 
@@ -320,6 +325,14 @@ impl RebuildHandle {
         self.control
             .clone()
             .trigger(RebuildAction::Rebuild, extra_seeds.into_iter().collect());
+    }
+
+    /// Sets the node addresses last seen in the cluster (replicas included). Every later
+    /// rebuild adds them to the configured seeds, so a client can be rebuilt even when the seed
+    /// name still points only at nodes that are gone. The topology refresh layer keeps this up
+    /// to date; each call replaces the previous list.
+    pub fn set_known_nodes(&self, nodes: impl IntoIterator<Item = Seed>) {
+        self.control.set_known_nodes(nodes.into_iter().collect());
     }
 
     /// Retires the current client now (new calls wait for the next one) and rebuilds.

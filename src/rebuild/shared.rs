@@ -24,7 +24,10 @@ pub(crate) struct Slot<S> {
 
 struct Control {
     rebuilding: bool,
+    /// One-shot extra seeds for the rebuild in flight or the next one.
     extra_seeds: Vec<Seed>,
+    /// Addresses last seen in the cluster, used by every rebuild until replaced.
+    known_nodes: Vec<Seed>,
     status: RebuildStatus,
 }
 
@@ -73,6 +76,7 @@ where
             control: Mutex::new(Control {
                 rebuilding: false,
                 extra_seeds: Vec::new(),
+                known_nodes: Vec::new(),
                 status: RebuildStatus::default(),
             }),
         })
@@ -180,6 +184,11 @@ where
         runtime.spawn(run(Arc::downgrade(self)));
     }
 
+    /// Replaces the addresses every later rebuild adds to the seeds.
+    pub(crate) fn set_known_nodes(&self, nodes: Vec<Seed>) {
+        self.control().known_nodes = nodes;
+    }
+
     /// Whether a rebuild is in flight.
     pub(crate) fn is_rebuilding(&self) -> bool {
         self.control().rebuilding
@@ -189,8 +198,13 @@ where
         let mut control = self.control();
         control.status.attempts += 1;
         let generation = self.generation() + 1;
-        let hints =
-            ConnectHints::new(generation).with_extra_seeds(control.extra_seeds.iter().cloned());
+        let hints = ConnectHints::new(generation).with_extra_seeds(
+            control
+                .extra_seeds
+                .iter()
+                .chain(control.known_nodes.iter())
+                .cloned(),
+        );
         (hints, control.status.attempts)
     }
 

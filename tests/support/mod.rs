@@ -1,0 +1,160 @@
+//! Shared helpers of the real-cluster tests: a load of concurrent workers and a recovery probe.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use redis::{Cmd, Value};
+use tower::{Service, ServiceExt};
+use tower_redis_cluster::{Error, ErrorKind};
+
+/// Logs through `RUST_LOG` when a test needs debugging.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Counters of a running load.
+#[derive(Default)]
+pub struct LoadStats {
+    pub ok: AtomicU64,
+    pub errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Slowest call, in microseconds.
+    pub slowest_us: AtomicU64,
+}
+
+impl LoadStats {
+    pub fn errors(&self) -> BTreeMap<&'static str, u64> {
+        self.errors.lock().unwrap().clone()
+    }
+    pub fn error_total(&self) -> u64 {
+        self.errors().values().sum()
+    }
+}
+
+/// `tasks` workers doing SET k v / GET k in a loop through clones of `service` until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub stats: Arc<LoadStats>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start<S>(service: S, tasks: usize) -> Load
+    where
+        S: Service<Cmd, Response = Value, Error = Error> + Clone + Send + 'static,
+        S::Future: Send,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(LoadStats::default());
+        let tasks = (0..tasks)
+            .map(|t| {
+                let mut service = service.clone();
+                let stop = stop.clone();
+                let stats = stats.clone();
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let key = format!("load:{t}:{}", i % 64);
+                        let mut cmd = redis::cmd(if i % 2 == 0 { "GET" } else { "SET" });
+                        cmd.arg(&key);
+                        if i % 2 == 1 {
+                            cmd.arg(i);
+                        }
+                        let started = Instant::now();
+                        let result = match service.ready().await {
+                            Ok(s) => s.call(cmd).await,
+                            Err(e) => Err(e),
+                        };
+                        let us = started.elapsed().as_micros() as u64;
+                        stats.slowest_us.fetch_max(us, Ordering::Relaxed);
+                        match result {
+                            Ok(_) => {
+                                stats.ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                *stats
+                                    .errors
+                                    .lock()
+                                    .unwrap()
+                                    .entry(e.kind().as_str())
+                                    .or_default() += 1;
+                                // Failing calls can be fast; do not spin on a dead cluster.
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, stats, tasks }
+    }
+
+    pub async fn stop(self) -> Arc<LoadStats> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.expect("a load task panicked");
+        }
+        self.stats
+    }
+}
+
+/// Calls GET through `service` until one succeeds; returns when it did. Fails after `limit`.
+pub async fn first_success<S>(service: &S, limit: Duration) -> Result<Instant, Error>
+where
+    S: Service<Cmd, Response = Value, Error = Error> + Clone,
+{
+    let deadline = Instant::now() + limit;
+    let mut last = None;
+    while Instant::now() < deadline {
+        let mut s = service.clone();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg("probe");
+        match s.ready().await {
+            Ok(ready) => match ready.call(cmd).await {
+                Ok(_) => return Ok(Instant::now()),
+                Err(e) => last = Some(e),
+            },
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Err(last.unwrap_or_else(|| Error::timeout("no attempt finished")))
+}
+
+/// The error kinds a caller of the rebuild stack may see during failovers.
+pub fn assert_documented_kinds(errors: &BTreeMap<&'static str, u64>) {
+    let allowed = [
+        ErrorKind::Moved,
+        ErrorKind::Ask,
+        ErrorKind::TryAgain,
+        ErrorKind::ClusterDown,
+        ErrorKind::Loading,
+        ErrorKind::MasterDown,
+        ErrorKind::ReadOnly,
+        ErrorKind::Connection,
+        ErrorKind::Timeout,
+        ErrorKind::Unreachable,
+    ]
+    .map(ErrorKind::as_str);
+    for kind in errors.keys() {
+        assert!(
+            allowed.contains(kind),
+            "unexpected error kind {kind}: {errors:?}"
+        );
+    }
+}
+
+pub fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
