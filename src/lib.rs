@@ -47,6 +47,7 @@ pub mod error;
 pub mod harness;
 pub mod rebuild;
 pub mod service;
+pub mod topology;
 
 pub use command::{classify, Idempotency, IdempotencyTable};
 pub use connect::{ClusterConnector, Connect, Seeds};

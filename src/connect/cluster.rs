@@ -85,6 +85,18 @@ impl ClusterConnector {
         &self.seeds
     }
 
+    /// Where a topology refresh should ask: the same seeds, resolver, credentials and
+    /// connection timeout as this connector.
+    pub fn topology_source(&self) -> crate::topology::TopologySource {
+        crate::topology::TopologySource::new(self.seeds.clone())
+            .shared_resolver(self.resolver.clone())
+            .credentials(self.credentials.clone())
+            .timeouts(
+                self.connection_timeout,
+                self.response_timeout.max(Duration::from_secs(1)),
+            )
+    }
+
     fn validate(&self) -> Result<(), Error> {
         if self.seeds.is_empty() {
             return Err(Error::config(

@@ -1,0 +1,226 @@
+//! The refresh task: one per layer, coalescing triggers and limiting the rate.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, Weak,
+    },
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::watch, sync::Notify, time::Instant};
+use tower::util::rng::{HasherRng, Rng};
+
+use super::{fetch::FetchTopology, RefreshConfig, RefreshStats, TopologySnapshot};
+use crate::{connect::Seed, rebuild::RebuildHandle, Error};
+
+/// Wakes the task; shared by the task and the refresher so that dropping the refresher can end
+/// a task that waits with no periodic timer.
+#[derive(Default)]
+pub(crate) struct Signal {
+    notify: Notify,
+    requested: AtomicBool,
+    closed: AtomicBool,
+}
+
+pub(crate) struct Refresher {
+    pub(crate) source: Arc<dyn FetchTopology>,
+    pub(crate) config: RefreshConfig,
+    pub(crate) rebuild: Option<RebuildHandle>,
+    pub(crate) snapshot: watch::Sender<Option<Arc<TopologySnapshot>>>,
+    pub(crate) stats: watch::Sender<RefreshStats>,
+    pub(crate) signal: Arc<Signal>,
+    started: AtomicBool,
+    triggers: AtomicU64,
+    /// The nodes seen right after the inner client of a generation was made.
+    generation_nodes: Mutex<Option<(u64, HashSet<SocketAddr>)>>,
+}
+
+impl Drop for Refresher {
+    fn drop(&mut self) {
+        self.signal.closed.store(true, Ordering::Release);
+        self.signal.notify.notify_one();
+    }
+}
+
+impl Refresher {
+    pub(crate) fn new(
+        source: Arc<dyn FetchTopology>,
+        config: RefreshConfig,
+        rebuild: Option<RebuildHandle>,
+    ) -> Arc<Self> {
+        Arc::new(Refresher {
+            source,
+            config,
+            rebuild,
+            snapshot: watch::channel(None).0,
+            stats: watch::channel(RefreshStats::default()).0,
+            signal: Arc::default(),
+            started: AtomicBool::new(false),
+            triggers: AtomicU64::new(0),
+            generation_nodes: Mutex::new(None),
+        })
+    }
+
+    /// Starts the task once, when a runtime is there.
+    pub(crate) fn ensure_started(self: &Arc<Self>) {
+        if self.started.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            if !self.started.swap(true, Ordering::AcqRel) {
+                runtime.spawn(run(Arc::downgrade(self), self.signal.clone()));
+            }
+        }
+    }
+
+    /// Asks for a refresh; cheap, callable on every failed call.
+    pub(crate) fn trigger(&self) {
+        self.triggers.fetch_add(1, Ordering::Relaxed);
+        if !self.signal.requested.swap(true, Ordering::AcqRel) {
+            self.signal.notify.notify_one();
+        }
+    }
+
+    async fn refresh(&self) -> Result<(), Error> {
+        let previous = self.snapshot.borrow().clone();
+        let known = previous.as_ref().map(|s| s.addrs()).unwrap_or_default();
+        let fetched = self.source.fetch(&known).await;
+        let mut stats = self.stats.borrow().clone();
+        stats.refreshes += 1;
+        stats.triggers = self.triggers.load(Ordering::Relaxed);
+        let fetched = match fetched {
+            Ok(f) => f,
+            Err(e) => {
+                stats.failures += 1;
+                stats.last_error = Some(e.clone());
+                self.stats.send_replace(stats);
+                return Err(e);
+            }
+        };
+        let sequence = previous.as_ref().map_or(0, |s| s.sequence) + 1;
+        let snapshot = TopologySnapshot {
+            shards: fetched.shards,
+            agreed_by: fetched.agreed_by,
+            answered: fetched.answered,
+            asked: fetched.asked,
+            taken_at: SystemTime::now(),
+            sequence,
+        };
+        let changed = match &previous {
+            None => true,
+            Some(p) => {
+                let changes = snapshot.changes_since(p);
+                for change in &changes {
+                    tracing::info!(%change, "cluster topology changed");
+                }
+                !changes.is_empty()
+            }
+        };
+        if let Some(rebuild) = &self.rebuild {
+            // Every later rebuild may start from these nodes when the seed names are stale.
+            rebuild.set_known_nodes(snapshot.addrs().into_iter().map(Seed::from));
+            self.decide_rebuild(rebuild, &snapshot);
+        }
+        stats.last_error = None;
+        if changed {
+            stats.published += 1;
+            tracing::debug!(
+                sequence,
+                shards = snapshot.shards.len(),
+                agreed_by = snapshot.agreed_by,
+                answered = snapshot.answered,
+                "publishing topology snapshot"
+            );
+            self.snapshot.send_replace(Some(Arc::new(snapshot)));
+        }
+        self.stats.send_replace(stats);
+        Ok(())
+    }
+
+    /// The redis crate's client follows slot moves and new masters by itself, as long as one of
+    /// the nodes it knows is still there. When none is, only a new client can reach the cluster.
+    fn decide_rebuild(&self, rebuild: &RebuildHandle, snapshot: &TopologySnapshot) {
+        if !self.config.rebuild_when_unfollowable {
+            return;
+        }
+        let generation = rebuild.generation();
+        if generation == 0 {
+            return;
+        }
+        let now: HashSet<SocketAddr> = snapshot.addrs().into_iter().collect();
+        let mut recorded = self
+            .generation_nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match recorded.as_ref() {
+            Some((g, nodes)) if *g == generation => {
+                if nodes.is_disjoint(&now) && !now.is_empty() {
+                    tracing::info!(
+                        generation,
+                        "none of the nodes the inner client was made with remain; rebuilding"
+                    );
+                    rebuild.rebuild();
+                }
+            }
+            _ => *recorded = Some((generation, now)),
+        }
+    }
+}
+
+pub(crate) fn jittered(base: Duration, jitter: f64, rng: &mut HasherRng) -> Duration {
+    if jitter <= 0.0 {
+        return base;
+    }
+    let factor = 1.0 + jitter * (2.0 * rng.next_f64() - 1.0);
+    base.mul_f64(factor.max(0.0))
+}
+
+async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
+    let mut rng = HasherRng::default();
+    let mut last_refresh: Option<Instant> = None;
+    // The first refresh runs at once: a snapshot is useful before anything fails.
+    let mut due_now = true;
+    loop {
+        if signal.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let (every, min_interval, jitter) = match weak.upgrade() {
+            Some(r) => (r.config.every, r.config.min_interval, r.config.jitter),
+            None => return,
+        };
+        if !due_now {
+            let periodic = async {
+                match every {
+                    Some(d) => tokio::time::sleep(jittered(d, jitter, &mut rng)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = signal.notify.notified() => {}
+                _ = periodic => {}
+            }
+            if signal.closed.load(Ordering::Acquire) {
+                return;
+            }
+        }
+        due_now = false;
+        if let Some(last) = last_refresh {
+            let earliest = last + jittered(min_interval, jitter, &mut rng);
+            tokio::time::sleep_until(earliest).await;
+        }
+        signal.requested.store(false, Ordering::Release);
+        let Some(refresher) = weak.upgrade() else {
+            return;
+        };
+        last_refresh = Some(Instant::now());
+        if let Err(e) = refresher.refresh().await {
+            tracing::warn!(error = %e, "topology refresh failed");
+        }
+        // Triggers that arrived while this refresh ran are kept as one follow-up refresh (after
+        // the minimum interval): they may report a change that happened after this refresh read
+        // the topology, and dropping them could leave a stale view until the next period.
+    }
+}

@@ -1,0 +1,277 @@
+//! The refresher's own logic with a fake topology source and paused time.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use redis::{Cmd, Value};
+use tokio::time::Instant;
+use tower::{service_fn, Service, ServiceExt};
+
+use super::{
+    fetch::{FetchTopology, Fetched},
+    refresher::jittered,
+    NodeHealth, NodeRole, RefreshConfig, Shard, TopologyNode, TopologyRefresh,
+};
+use crate::{
+    connect::{connect_fn, ConnectHints},
+    rebuild::{Rebuild, RebuildConfig},
+    Error, ErrorKind,
+};
+
+/// Answers with the one-shard topology it is told, after a delay, counting fetches.
+#[derive(Clone)]
+struct FakeSource {
+    fetches: Arc<Mutex<Vec<Instant>>>,
+    nodes: Arc<Mutex<(SocketAddr, SocketAddr)>>,
+    delay: Duration,
+}
+
+impl FakeSource {
+    fn new(delay: Duration) -> Self {
+        FakeSource {
+            fetches: Arc::default(),
+            nodes: Arc::new(Mutex::new((
+                "127.0.0.1:7000".parse().unwrap(),
+                "127.0.0.2:7000".parse().unwrap(),
+            ))),
+            delay,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.fetches.lock().unwrap().len()
+    }
+}
+
+fn node(addr: SocketAddr, role: NodeRole) -> TopologyNode {
+    TopologyNode {
+        id: addr.to_string(),
+        addr,
+        role,
+        health: NodeHealth::Online,
+    }
+}
+
+impl FetchTopology for FakeSource {
+    fn fetch<'a>(
+        &'a self,
+        _known: &'a [SocketAddr],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, Error>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            self.fetches.lock().unwrap().push(Instant::now());
+            tokio::time::sleep(self.delay).await;
+            let (m, r) = *self.nodes.lock().unwrap();
+            Ok(Fetched {
+                shards: vec![Shard {
+                    slots: vec![0..=16383],
+                    master: Some(node(m, NodeRole::Master)),
+                    replicas: vec![node(r, NodeRole::Replica)],
+                }],
+                agreed_by: 2,
+                answered: 2,
+                asked: 2,
+            })
+        })
+    }
+}
+
+/// An inner service that fails every call with `kind`.
+fn failing(
+    kind: ErrorKind,
+) -> impl Service<Cmd, Response = Value, Error = Error, Future = impl Send> + Clone {
+    service_fn(move |_: Cmd| async move { Err::<Value, _>(Error::new(kind, "fake")) })
+}
+
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_triggers_during_a_refresh_costs_at_most_one_more() {
+    let source = FakeSource::new(Duration::from_millis(100));
+    let config = RefreshConfig::default().every(None);
+    let svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Moved),
+        Arc::new(source.clone()),
+        config,
+        None,
+    );
+    settle().await;
+    assert_eq!(source.count(), 1, "the first refresh runs at once");
+    for _ in 0..1000 {
+        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        source.count(),
+        2,
+        "1000 MOVED errors during one refresh → one follow-up"
+    );
+    assert_eq!(svc.handle().stats().triggers, 1000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn continuous_triggers_refresh_at_most_once_per_min_interval() {
+    let source = FakeSource::new(Duration::from_millis(5));
+    let config = RefreshConfig::default()
+        .every(None)
+        .min_interval(Duration::from_secs(1))
+        .jitter(0.1);
+    let svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Connection),
+        Arc::new(source.clone()),
+        config,
+        None,
+    );
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let times = source.fetches.lock().unwrap().clone();
+    // 10 s at one per ≥ 0.9 s, plus the first one.
+    assert!(times.len() <= 12, "{} refreshes in 10 s", times.len());
+    assert!(
+        times.len() >= 9,
+        "{} refreshes: triggers were lost",
+        times.len()
+    );
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(900),
+            "{:?}",
+            pair[1] - pair[0]
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_client_refreshes_periodically_with_jitter() {
+    let source = FakeSource::new(Duration::ZERO);
+    let config = RefreshConfig::default()
+        .every(Duration::from_secs(30))
+        .jitter(0.1);
+    let svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Command),
+        Arc::new(source.clone()),
+        config,
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let times = source.fetches.lock().unwrap().clone();
+    assert!(
+        (10..=12).contains(&times.len()),
+        "{} refreshes in 300 s",
+        times.len()
+    );
+    let gaps: Vec<Duration> = times.windows(2).map(|p| p[1] - p[0]).collect();
+    for gap in &gaps {
+        assert!(
+            *gap >= Duration::from_secs(27) && *gap <= Duration::from_secs(33),
+            "{gap:?}"
+        );
+    }
+    // Jittered, not lock-step.
+    assert!(gaps.iter().any(|g| *g != gaps[0]), "{gaps:?}");
+    // Errors the policy does not care about never trigger.
+    let _ = svc.clone().oneshot(redis::cmd("GET")).await;
+    assert_eq!(svc.handle().stats().triggers, 0);
+}
+
+#[test]
+fn jitter_stays_within_bounds() {
+    let mut rng = tower::util::rng::HasherRng::default();
+    let base = Duration::from_secs(10);
+    let draws: Vec<Duration> = (0..10_000).map(|_| jittered(base, 0.2, &mut rng)).collect();
+    assert!(draws
+        .iter()
+        .all(|d| *d >= Duration::from_secs(8) && *d <= Duration::from_secs(12)));
+    let below = draws.iter().filter(|d| **d < base).count();
+    assert!(
+        (4000..6000).contains(&below),
+        "{below} of 10000 below the base"
+    );
+    assert_eq!(jittered(base, 0.0, &mut rng), base);
+}
+
+#[tokio::test(start_paused = true)]
+async fn snapshots_become_known_nodes_and_an_unfollowable_change_rebuilds() {
+    let hints: Arc<Mutex<Vec<ConnectHints>>> = Arc::default();
+    let seen = hints.clone();
+    let connects = Arc::new(AtomicUsize::new(0));
+    let counted = connects.clone();
+    let rebuild = Rebuild::new(
+        connect_fn(move |h: &ConnectHints| {
+            seen.lock().unwrap().push(h.clone());
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok(failing(ErrorKind::Command)) }
+        }),
+        RebuildConfig::default(),
+    );
+    let handle = rebuild.handle();
+    handle
+        .wait_for_generation(1, Duration::from_secs(1))
+        .await
+        .unwrap();
+
+    let source = FakeSource::new(Duration::ZERO);
+    let config = RefreshConfig::default()
+        .every(Duration::from_secs(10))
+        .jitter(0.0);
+    let svc = TopologyRefresh::with_fetcher(
+        rebuild,
+        Arc::new(source.clone()),
+        config,
+        Some(handle.clone()),
+    );
+    let topology = svc.handle();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        topology.current().unwrap().masters(),
+        vec!["127.0.0.1:7000".parse().unwrap()]
+    );
+
+    // Both nodes replaced at new IPs: the client made from the old ones cannot follow.
+    *source.nodes.lock().unwrap() = (
+        "127.0.0.3:7000".parse().unwrap(),
+        "127.0.0.4:7000".parse().unwrap(),
+    );
+    handle
+        .wait_for_generation(2, Duration::from_secs(15))
+        .await
+        .unwrap();
+    let last = hints.lock().unwrap().last().cloned().unwrap();
+    let extra: Vec<String> = last.extra_seeds.iter().map(|s| s.to_string()).collect();
+    assert!(extra.contains(&"127.0.0.3:7000".to_string()), "{extra:?}");
+    assert!(extra.contains(&"127.0.0.4:7000".to_string()), "{extra:?}");
+    assert_eq!(connects.load(Ordering::SeqCst), 2);
+
+    // A further unchanged snapshot does not rebuild again.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(connects.load(Ordering::SeqCst), 2);
+    let changes = topology.stats();
+    assert!(changes.published >= 2, "{changes:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_configuration_is_a_typed_error() {
+    let source = FakeSource::new(Duration::ZERO);
+    let svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Command),
+        Arc::new(source.clone()),
+        RefreshConfig::default().jitter(3.0),
+        None,
+    );
+    let err = svc.oneshot(redis::cmd("GET")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert_eq!(source.count(), 0);
+}
