@@ -36,8 +36,14 @@ struct Stats {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("starting a local Redis Cluster: 1 shard = master + replica, each on its own loopback IP");
-    let mut cluster = LocalCluster::builder().shards(1).replicas(1).start().await?;
+    println!(
+        "starting a local Redis Cluster: 1 shard = master + replica, each on its own loopback IP"
+    );
+    let mut cluster = LocalCluster::builder()
+        .shards(1)
+        .replicas(1)
+        .start()
+        .await?;
     let start_ips: Vec<IpAddr> = cluster.addrs().iter().map(|a| a.ip()).collect();
     println!(
         "configuration endpoint {} → {:?}",
@@ -45,10 +51,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         cluster.name_map().lookup(&cluster.config_endpoint())
     );
 
-    let connector = ClusterConnector::new(Seeds::parse([cluster.seed()])?).resolver(cluster.name_map());
+    let connector =
+        ClusterConnector::new(Seeds::parse([cluster.seed()])?).resolver(cluster.name_map());
     let service = Rebuild::new(connector, RebuildConfig::default());
     let handle = service.handle();
-    handle.wait_for_generation(1, Duration::from_secs(10)).await?;
+    handle
+        .wait_for_generation(1, Duration::from_secs(10))
+        .await?;
 
     let t0 = Instant::now();
     let stats = Arc::new(Stats::default());
@@ -80,7 +89,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             .fetch_max(now.saturating_sub(previous), Ordering::Relaxed);
                     }
                     Err(e) => {
-                        *stats.errors.lock().unwrap().entry(e.kind().as_str()).or_default() += 1;
+                        *stats
+                            .errors
+                            .lock()
+                            .unwrap()
+                            .entry(e.kind().as_str())
+                            .or_default() += 1;
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
@@ -159,7 +173,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.ok.load(Ordering::Relaxed),
         stats.errors.lock().unwrap()
     );
-    println!("  client generations: {} (each rebuild from the seed name is one)", handle.generation());
+    println!(
+        "  client generations: {} (each rebuild from the seed name is one)",
+        handle.generation()
+    );
     let mut all_recovered = true;
     for (round, recovery) in &recoveries {
         match recovery {

@@ -195,7 +195,7 @@ impl fmt::Display for TopologyChange {
 pub(crate) fn view_key(
     shards: &[Shard],
 ) -> (Vec<(u16, u16, Option<SocketAddr>)>, BTreeSet<SocketAddr>) {
-    let mut slots: Vec<(u16, u16, Option<SocketAddr>)> = shards
+    let mut slots: Vec<SlotOwner> = shards
         .iter()
         .flat_map(|s| {
             let master = s.master.as_ref().map(|m| m.addr);
