@@ -191,10 +191,11 @@ impl fmt::Display for TopologyChange {
     }
 }
 
+/// Slot range bounds and the master serving them.
+type SlotOwner = (u16, u16, Option<SocketAddr>);
+
 /// The part of a view nodes must agree on: slot ranges → master address, and the node set.
-pub(crate) fn view_key(
-    shards: &[Shard],
-) -> (Vec<(u16, u16, Option<SocketAddr>)>, BTreeSet<SocketAddr>) {
+pub(crate) fn view_key(shards: &[Shard]) -> (Vec<SlotOwner>, BTreeSet<SocketAddr>) {
     let mut slots: Vec<SlotOwner> = shards
         .iter()
         .flat_map(|s| {
