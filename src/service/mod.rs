@@ -84,9 +84,12 @@ where
     fn call(&mut self, cmd: Cmd) -> Self::Future {
         let mut connection = self.connection.clone();
         ResponseFuture::new(Box::pin(async move {
+            // Error replies arrive as `Value::ServerError` inside `Ok`; they are failures of the
+            // command and must be classified like any other error (MOVED, WRONGTYPE, ...).
             connection
                 .req_packed_command(&cmd)
                 .await
+                .and_then(Value::extract_error)
                 .map_err(Error::from_redis)
         }))
     }

@@ -1,0 +1,279 @@
+//! The topology refresh layer against real clusters. Requires the `test-util` feature.
+
+mod support;
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use support::{assert_documented_kinds, first_success, init_tracing, Load};
+use tower::ServiceExt;
+use tower_redis_cluster::{
+    connect::{Connect, ConnectHints},
+    harness::LocalCluster,
+    rebuild::{Rebuild, RebuildConfig},
+    topology::{RefreshConfig, TopologyHandle, TopologyRefresh, TopologyRefreshLayer},
+    ClusterConnector, RedisService, Seeds,
+};
+
+fn connector(cluster: &LocalCluster) -> ClusterConnector {
+    ClusterConnector::new(Seeds::parse([cluster.seed()]).unwrap()).resolver(cluster.name_map())
+}
+
+/// TopologyRefresh(Rebuild(RedisService)) on the cluster's configuration-endpoint name.
+fn stack(
+    cluster: &LocalCluster,
+    config: RefreshConfig,
+) -> TopologyRefresh<Rebuild<ClusterConnector>> {
+    let connector = connector(cluster);
+    let source = connector.topology_source();
+    let rebuild = Rebuild::new(connector, RebuildConfig::default());
+    let handle = rebuild.handle();
+    tower::ServiceBuilder::new()
+        .layer(TopologyRefreshLayer::new(source, config).rebuild_handle(handle))
+        .service(rebuild)
+}
+
+/// Waits until the published snapshot satisfies `pred`; returns when it did.
+async fn wait_snapshot(
+    handle: &TopologyHandle,
+    limit: Duration,
+    pred: impl Fn(&tower_redis_cluster::topology::TopologySnapshot) -> bool,
+) -> Instant {
+    let mut rx = handle.subscribe();
+    let waited =
+        tokio::time::timeout(limit, rx.wait_for(|s| s.as_deref().is_some_and(&pred))).await;
+    match waited {
+        Ok(Ok(_)) => Instant::now(),
+        _ => panic!(
+            "no matching snapshot within {limit:?}; last: {:?}",
+            handle.current()
+        ),
+    }
+}
+
+fn addr_set(addrs: Vec<SocketAddr>) -> HashSet<SocketAddr> {
+    addrs.into_iter().collect()
+}
+
+/// A one-shard cluster has no other master to vote, so the replica is promoted by force, as a
+/// managed service's control plane does.
+async fn crash_master_and_replace(cluster: &mut LocalCluster) {
+    let master = cluster.master_of(0);
+    cluster.kill_node(master.addr).await.unwrap();
+    let replica = cluster.replicas_of(0)[0].clone();
+    let mut takeover = redis::cmd("CLUSTER");
+    takeover.arg("FAILOVER").arg("TAKEOVER");
+    cluster.node_command(replica.addr, &takeover).await.unwrap();
+    cluster.replace_node(master.addr).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_twice_while_the_seed_name_points_at_dead_ips_where_the_plain_client_does_not() {
+    init_tracing();
+    let mut cluster = LocalCluster::builder()
+        .shards(1)
+        .replicas(1)
+        .start()
+        .await
+        .unwrap();
+    let endpoint = cluster.config_endpoint();
+    let service = stack(
+        &cluster,
+        RefreshConfig::default().every(Duration::from_secs(1)),
+    );
+    let topology = service.handle();
+    first_success(&service, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // DNS keeps answering with the start-up IPs from now on.
+    cluster.name_map().freeze(&endpoint, true);
+    // The redis crate's own cluster client, made the same way, for comparison.
+    let plain = RedisService::new(
+        connector(&cluster)
+            .connect(&ConnectHints::new(1))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+
+    let load = Load::start(service.clone(), 8);
+    for round in 1..=2 {
+        // The refresher has seen every current node (the replacement included).
+        let live = addr_set(cluster.addrs());
+        wait_snapshot(&topology, Duration::from_secs(10), |s| {
+            addr_set(s.addrs()) == live
+        })
+        .await;
+        let crashed = Instant::now();
+        crash_master_and_replace(&mut cluster).await;
+        let healthy = Instant::now();
+        let recovered = first_success(&service, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the stack did not recover: {e}"));
+        println!(
+            "stale name, round {round}: healthy→first success {:?}, crash→first success {:?}",
+            recovered.saturating_duration_since(healthy),
+            recovered - crashed
+        );
+    }
+    let stats = load.stop().await;
+    assert_documented_kinds(&stats.errors());
+    println!(
+        "load: {} ok, errors {:?}",
+        stats.ok.load(Ordering::SeqCst),
+        stats.errors()
+    );
+
+    // The plain client, given the same time, never comes back: its name leads to dead IPs and
+    // it knows no live node.
+    let plain_result = first_success(&plain, Duration::from_secs(10)).await;
+    let err = plain_result.expect_err("the plain redis cluster client recovered from a stale name");
+    println!("plain redis ClusterConnection after 10 s: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_publishes_the_new_master_within_one_period() {
+    init_tracing();
+    let mut cluster = LocalCluster::builder()
+        .shards(3)
+        .replicas(1)
+        .start()
+        .await
+        .unwrap();
+    let period = Duration::from_secs(2);
+    let service = stack(&cluster, RefreshConfig::default().every(period).jitter(0.1));
+    let topology = service.handle();
+    wait_snapshot(&topology, Duration::from_secs(10), |s| s.shards.len() == 3).await;
+
+    // No command is sent from here on.
+    let new_master = cluster.failover(0).await.unwrap();
+    let failed_over = Instant::now();
+    let seen = wait_snapshot(&topology, period * 3, |s| {
+        s.masters().contains(&new_master.addr)
+    })
+    .await;
+    let delay = seen - failed_over;
+    println!("idle client saw the new master {delay:?} after the failover (period {period:?})");
+    // One period plus jitter plus the refresh itself.
+    assert!(
+        delay <= period.mul_f64(1.1) + Duration::from_secs(1),
+        "{delay:?}"
+    );
+    assert_eq!(
+        topology.stats().triggers,
+        0,
+        "nothing but the timer refreshed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_storm_refreshes_at_most_once_per_min_interval() {
+    init_tracing();
+    let cluster = LocalCluster::builder()
+        .shards(3)
+        .replicas(0)
+        .start()
+        .await
+        .unwrap();
+    // A connection to one node only: two thirds of the keys answer MOVED, every one of which
+    // reaches the layer.
+    let node = cluster.master_of(0).addr;
+    let connection = redis::Client::open(format!("redis://{node}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let min_interval = Duration::from_millis(500);
+    let config = RefreshConfig::default()
+        .every(None)
+        .min_interval(min_interval)
+        .jitter(0.1);
+    let source = connector(&cluster).topology_source();
+    let service = TopologyRefresh::new(RedisService::new(connection), source, config, None);
+    let topology = service.handle();
+
+    let started = Instant::now();
+    let mut moved = 0;
+    for i in 0..10_000 {
+        let mut get = redis::cmd("GET");
+        get.arg(format!("storm:{i}"));
+        if let Err(e) = service.clone().oneshot(get).await {
+            assert_eq!(e.kind(), tower_redis_cluster::ErrorKind::Moved, "{e}");
+            moved += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    tokio::time::sleep(min_interval * 2).await;
+    let stats = topology.stats();
+    let allowed =
+        (elapsed.as_secs_f64() / min_interval.mul_f64(0.9).as_secs_f64()).ceil() as u64 + 2;
+    println!(
+        "MOVED storm: {moved} MOVED in {elapsed:?} → {} refreshes (allowed {allowed}), {} triggers",
+        stats.refreshes, stats.triggers
+    );
+    assert!(moved > 5_000, "{moved}");
+    assert!(
+        stats.refreshes <= allowed,
+        "{} > {allowed}",
+        stats.refreshes
+    );
+    assert!(stats.refreshes >= 2, "the storm triggered no refresh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_was_cut_off_does_not_impose_its_old_view() {
+    init_tracing();
+    let cluster = LocalCluster::builder()
+        .shards(3)
+        .replicas(1)
+        .start()
+        .await
+        .unwrap();
+    let service = stack(
+        &cluster,
+        RefreshConfig::default()
+            .every(None)
+            .min_interval(Duration::from_millis(100)),
+    );
+    let topology = service.handle();
+    wait_snapshot(&topology, Duration::from_secs(10), |s| s.shards.len() == 3).await;
+    let old = cluster.master_of(0);
+    let replica = cluster.replicas_of(0)[0].clone();
+
+    // The master is cut off long enough for its replica to be elected in its place.
+    cluster
+        .pause_node(old.addr, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = topology
+            .refresh_and_wait(Duration::from_secs(10))
+            .await
+            .unwrap();
+        let snapshot = topology.current().unwrap();
+        if snapshot.masters().contains(&replica.addr) {
+            println!("failover seen after {} refreshes", s.refreshes);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica was never promoted: {snapshot:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Back: for a moment it still claims to be master; the majority view must win.
+    cluster.resume_node(old.addr).await.unwrap();
+    topology
+        .refresh_and_wait(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let snapshot = topology.current().unwrap();
+    assert!(snapshot.masters().contains(&replica.addr), "{snapshot:?}");
+    assert!(!snapshot.masters().contains(&old.addr), "{snapshot:?}");
+    assert!(snapshot.agreed_by * 2 > snapshot.answered, "{snapshot:?}");
+}
