@@ -46,10 +46,11 @@ pub mod error;
 #[cfg(feature = "test-util")]
 pub mod harness;
 pub mod rebuild;
+pub mod retry;
 pub mod service;
 pub mod topology;
 
 pub use command::{classify, Idempotency, IdempotencyTable};
-pub use connect::{ClusterConnector, Connect, Seeds};
+pub use connect::{ClusterConnector, Connect, Credentials, Seeds, TlsConfig};
 pub use error::{Error, ErrorKind, Sent};
 pub use service::RedisService;

@@ -7,8 +7,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use super::{
-    Connect, ConnectFuture, ConnectHints, Credentials, RedisResolver, Resolve, Seeds,
-    SystemResolver,
+    Connect, ConnectFuture, ConnectHints, Credentials, RedisResolver, Resolve, Seed, Seeds,
+    SystemResolver, TlsConfig,
 };
 use crate::{Error, RedisService};
 
@@ -27,6 +27,7 @@ pub struct ClusterConnector {
     response_timeout: Duration,
     inner_retries: u32,
     read_from_replicas: bool,
+    tls: Option<TlsConfig>,
 }
 
 impl ClusterConnector {
@@ -41,6 +42,7 @@ impl ClusterConnector {
             response_timeout: Duration::from_millis(500),
             inner_retries: 2,
             read_from_replicas: false,
+            tls: None,
         }
     }
 
@@ -48,6 +50,22 @@ impl ClusterConnector {
     pub fn resolver(mut self, resolver: impl Resolve) -> Self {
         self.resolver = Arc::new(resolver);
         self
+    }
+
+    /// Connect with TLS (feature `tls`). `rediss://` seeds turn TLS on with
+    /// [`TlsConfig::webpki_roots`] unless this is set.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The TLS settings in force, if TLS is on.
+    pub fn tls_config(&self) -> Option<TlsConfig> {
+        match (&self.tls, self.seeds.tls()) {
+            (Some(t), _) => Some(t.clone()),
+            (None, true) => Some(TlsConfig::webpki_roots()),
+            (None, false) => None,
+        }
     }
 
     /// ACL credentials for every node.
@@ -91,6 +109,7 @@ impl ClusterConnector {
         crate::topology::TopologySource::new(self.seeds.clone())
             .shared_resolver(self.resolver.clone())
             .credentials(self.credentials.clone())
+            .tls(self.tls_config())
             .timeouts(
                 self.connection_timeout,
                 self.response_timeout.max(Duration::from_secs(1)),
@@ -108,18 +127,22 @@ impl ClusterConnector {
                 "connection and response timeouts must be greater than zero",
             ));
         }
-        if self.seeds.tls() {
-            return Err(Error::config(
-                "rediss:// seeds need TLS support, which this build does not include",
-            ));
+        if let Some(tls) = self.tls_config() {
+            if !cfg!(feature = "tls") {
+                return Err(Error::config(
+                    "TLS was asked for (rediss:// seed or tls()), but this build lacks the `tls` feature of tower-redis-cluster",
+                ));
+            }
+            tls.validate()?;
         }
         Ok(())
     }
 
     fn builder(&self, hints: &ConnectHints) -> Result<ClusterClientBuilder, Error> {
         let mut nodes = Vec::with_capacity(self.seeds.len() + hints.extra_seeds.len());
+        let tls = self.tls_config();
         for seed in self.seeds.iter().chain(hints.extra_seeds.iter()) {
-            let info = ConnectionAddr::Tcp(seed.host().to_string(), seed.port())
+            let info = node_addr(seed, tls.is_some())
                 .into_connection_info()
                 .map_err(Error::from_redis)?;
             nodes.push(info);
@@ -139,6 +162,12 @@ impl ClusterConnector {
             }
             builder = builder.password(c.password.expose());
         }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &tls {
+            builder = builder
+                .tls(redis::TlsMode::Secure)
+                .certs(tls.certificates());
+        }
         if self.read_from_replicas {
             builder =
                 builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
@@ -156,6 +185,7 @@ impl fmt::Debug for ClusterConnector {
             .field("response_timeout", &self.response_timeout)
             .field("inner_retries", &self.inner_retries)
             .field("read_from_replicas", &self.read_from_replicas)
+            .field("tls", &self.tls_config())
             .finish_non_exhaustive()
     }
 }
@@ -176,6 +206,21 @@ impl Connect for ClusterConnector {
             })?;
             Ok(RedisService::new(connection))
         })
+    }
+}
+
+/// The address of a seed; with TLS the host name (or IP) is what the certificate is checked
+/// against.
+pub(crate) fn node_addr(seed: &Seed, tls: bool) -> ConnectionAddr {
+    if tls {
+        ConnectionAddr::TcpTls {
+            host: seed.host().to_string(),
+            port: seed.port(),
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(seed.host().to_string(), seed.port())
     }
 }
 

@@ -7,13 +7,16 @@
 mod cluster;
 mod resolve;
 mod seeds;
+mod tls;
 
 use std::{fmt, future::Future, pin::Pin};
 
+pub(crate) use cluster::node_addr as cluster_node_addr;
 pub use cluster::ClusterConnector;
 pub(crate) use resolve::RedisResolver;
 pub use resolve::{Resolve, ResolveFuture, StaticResolver, SystemResolver};
 pub use seeds::{Credentials, Secret, Seed, Seeds, DEFAULT_PORT};
+pub use tls::TlsConfig;
 
 use crate::Error;
 

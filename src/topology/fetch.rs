@@ -3,13 +3,11 @@
 use std::{collections::HashMap, fmt, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::{stream, StreamExt};
-use redis::{
-    AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Value,
-};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisConnectionInfo, Value};
 
 use super::snapshot::{parse_cluster_shards, parse_cluster_slots, view_key, NodeHealth, Shard};
 use crate::{
-    connect::{Credentials, Resolve, Seeds, SystemResolver},
+    connect::{Credentials, Resolve, Seed, Seeds, SystemResolver, TlsConfig},
     Error,
 };
 
@@ -24,6 +22,7 @@ pub struct TopologySource {
     connection_timeout: Duration,
     response_timeout: Duration,
     concurrency: usize,
+    tls: Option<TlsConfig>,
 }
 
 impl TopologySource {
@@ -36,6 +35,7 @@ impl TopologySource {
             connection_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             concurrency: 8,
+            tls: None,
         }
     }
 
@@ -53,6 +53,12 @@ impl TopologySource {
     /// Credentials for every node.
     pub fn credentials(mut self, credentials: Option<Credentials>) -> Self {
         self.credentials = credentials;
+        self
+    }
+
+    /// Probe over TLS (feature `tls`); `None` for plain TCP.
+    pub fn tls(mut self, tls: Option<TlsConfig>) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -165,7 +171,7 @@ impl TopologySource {
             }
             settings = settings.set_password(c.password.expose());
         }
-        let info = ConnectionAddr::Tcp(addr.ip().to_string(), addr.port())
+        let info = crate::connect::cluster_node_addr(&Seed::from(addr), self.tls.is_some())
             .into_connection_info()?
             .set_redis_settings(settings);
         let config = AsyncConnectionConfig::new()
@@ -173,7 +179,18 @@ impl TopologySource {
             .set_response_timeout(Some(self.response_timeout));
         // A fresh connection per refresh: a long-lived one to a configuration endpoint can keep
         // talking to a node that left the cluster and still answers with its old view.
-        let mut connection = redis::Client::open(info)?
+        let client = match &self.tls {
+            #[cfg(feature = "tls")]
+            Some(tls) => redis::Client::build_with_tls(info, tls.certificates())?,
+            #[cfg(not(feature = "tls"))]
+            Some(_) => {
+                return Err(Error::config(
+                    "TLS topology probes need the `tls` feature of tower-redis-cluster",
+                ))
+            }
+            None => redis::Client::open(info)?,
+        };
+        let mut connection = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| Error::from_redis(e).context(format_args!("topology probe of {addr}")))?;
