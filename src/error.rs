@@ -175,6 +175,40 @@ impl Error {
         }
     }
 
+    /// Classifies the error of a pipeline of `commands` commands.
+    ///
+    /// The `redis` crate reports the failed commands of a pipeline together; the others ran. So
+    /// the pipeline "did not take effect" only when every command was refused before execution
+    /// (or a `MULTI`/`EXEC` was aborted while queueing); otherwise it may have been applied in
+    /// part. The kind is that of the first command error that no retry can fix, or else of the
+    /// first failed command.
+    pub fn from_redis_pipeline(err: RedisError, commands: usize) -> Self {
+        let aborted = err.kind() == redis::ErrorKind::Server(ServerErrorKind::ExecAbort);
+        let Some(items) = err.clone().into_server_errors() else {
+            return Error::from_redis(err);
+        };
+        let kinds: Vec<ErrorKind> = items.iter().map(|(_, e)| classify_server(e)).collect();
+        let kind = kinds
+            .iter()
+            .copied()
+            .find(|k| !k.is_transient())
+            .or_else(|| kinds.first().copied())
+            .unwrap_or(ErrorKind::Command);
+        let refused = |k: &ErrorKind| !matches!(k, ErrorKind::Command);
+        let sent = if aborted || (items.len() >= commands && kinds.iter().all(refused)) {
+            Sent::No
+        } else {
+            Sent::Maybe
+        };
+        Error {
+            kind,
+            sent,
+            generation: None,
+            message: None,
+            source: Some(Arc::new(err)),
+        }
+    }
+
     /// Attaches the root cause.
     pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
         self.source = Some(Arc::new(source));
@@ -228,15 +262,36 @@ impl Error {
         self.source.as_deref()?.downcast_ref::<RedisError>()
     }
 
-    /// The target of a `MOVED`/`ASK` redirection: `(slot, "host:port")`.
-    pub fn redirect(&self) -> Option<(u16, &str)> {
-        let (addr, slot) = self.redis_error()?.redirect_node()?;
-        Some((slot, addr))
+    /// The target of a `MOVED`/`ASK` redirection: `(slot, "host:port")` — for a pipeline, that of
+    /// its first redirected command.
+    pub fn redirect(&self) -> Option<(u16, String)> {
+        let err = self.redis_error()?;
+        if let Some((addr, slot)) = err.redirect_node() {
+            return Some((slot, addr.to_string()));
+        }
+        let items = err.clone().into_server_errors()?;
+        items.iter().find_map(|(_, e)| {
+            if !matches!(
+                e.kind(),
+                Some(ServerErrorKind::Moved | ServerErrorKind::Ask)
+            ) {
+                return None;
+            }
+            let mut parts = e.details()?.split_ascii_whitespace();
+            let slot = parts.next()?.parse().ok()?;
+            Some((slot, parts.next()?.to_string()))
+        })
     }
 
-    /// The server's error code (`WRONGTYPE`, `MOVED`, `NOAUTH`, ...) when a server replied.
-    pub fn server_code(&self) -> Option<&str> {
-        self.redis_error()?.code()
+    /// The server's error code (`WRONGTYPE`, `MOVED`, `NOAUTH`, ...) when a server replied — for
+    /// a pipeline, that of its first failed command.
+    pub fn server_code(&self) -> Option<String> {
+        let err = self.redis_error()?;
+        if let Some(code) = err.code() {
+            return Some(code.to_string());
+        }
+        let items = err.clone().into_server_errors()?;
+        items.first().map(|(_, e)| e.code().to_string())
     }
 
     /// The message, without the kind and the root cause.
@@ -356,6 +411,33 @@ impl From<tower::BoxError> for Error {
     }
 }
 
+/// The kind of one server error reply.
+fn classify_server(err: &redis::ServerError) -> ErrorKind {
+    match err.kind() {
+        Some(kind) => classify_server_kind(kind, err.details()),
+        None => classify_extension_code(err.code()),
+    }
+}
+
+fn classify_server_kind(kind: ServerErrorKind, detail: Option<&str>) -> ErrorKind {
+    match kind {
+        ServerErrorKind::Moved => ErrorKind::Moved,
+        ServerErrorKind::Ask => ErrorKind::Ask,
+        ServerErrorKind::TryAgain => ErrorKind::TryAgain,
+        ServerErrorKind::ClusterDown => ErrorKind::ClusterDown,
+        ServerErrorKind::BusyLoading => ErrorKind::Loading,
+        ServerErrorKind::MasterDown => ErrorKind::MasterDown,
+        ServerErrorKind::ReadOnly => ErrorKind::ReadOnly,
+        ServerErrorKind::NoPerm => ErrorKind::Auth,
+        ServerErrorKind::ResponseError => match detail {
+            // Redis 6 answers a wrong password with a plain ERR.
+            Some(d) if d.starts_with("invalid password") => ErrorKind::Auth,
+            _ => ErrorKind::Command,
+        },
+        _ => ErrorKind::Command,
+    }
+}
+
 /// Codes that servers send but the `redis` crate does not know by name.
 fn classify_extension_code(code: &str) -> ErrorKind {
     match code {
@@ -378,22 +460,7 @@ fn classify_redis(err: &RedisError) -> (ErrorKind, Sent) {
         // not) execute it, so nothing was applied — except for command errors raised by a
         // script or transaction midway, which are never retried anyway.
         K::Server(server) => {
-            let kind = match server {
-                ServerErrorKind::Moved => ErrorKind::Moved,
-                ServerErrorKind::Ask => ErrorKind::Ask,
-                ServerErrorKind::TryAgain => ErrorKind::TryAgain,
-                ServerErrorKind::ClusterDown => ErrorKind::ClusterDown,
-                ServerErrorKind::BusyLoading => ErrorKind::Loading,
-                ServerErrorKind::MasterDown => ErrorKind::MasterDown,
-                ServerErrorKind::ReadOnly => ErrorKind::ReadOnly,
-                ServerErrorKind::NoPerm => ErrorKind::Auth,
-                ServerErrorKind::ResponseError => match err.detail() {
-                    // Redis 6 answers a wrong password with a plain ERR.
-                    Some(d) if d.starts_with("invalid password") => ErrorKind::Auth,
-                    _ => ErrorKind::Command,
-                },
-                _ => ErrorKind::Command,
-            };
+            let kind = classify_server_kind(server, err.detail());
             let sent = if kind == ErrorKind::Command {
                 Sent::Maybe
             } else {
@@ -552,8 +619,8 @@ mod tests {
     #[test]
     fn redirect_target_is_exposed() {
         let e = Error::from_redis(server_reply(b"-MOVED 3999 10.0.0.7:6379\r\n"));
-        assert_eq!(e.redirect(), Some((3999, "10.0.0.7:6379")));
-        assert_eq!(e.server_code(), Some("MOVED"));
+        assert_eq!(e.redirect(), Some((3999, "10.0.0.7:6379".to_string())));
+        assert_eq!(e.server_code().as_deref(), Some("MOVED"));
         assert!(e.kind().is_redirect());
     }
 

@@ -115,7 +115,7 @@ where
             pipeline
                 .query_async::<Vec<Value>>(&mut connection)
                 .await
-                .map_err(Error::from_redis)
+                .map_err(|e| Error::from_redis_pipeline(e, pipeline.len()))
         }))
     }
 }

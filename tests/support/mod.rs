@@ -65,9 +65,9 @@ impl Load {
                     while !stop.load(Ordering::Relaxed) {
                         i += 1;
                         let key = format!("load:{t}:{}", i % 64);
-                        let mut cmd = redis::cmd(if i % 2 == 0 { "GET" } else { "SET" });
+                        let mut cmd = redis::cmd(if i.is_multiple_of(2) { "GET" } else { "SET" });
                         cmd.arg(&key);
-                        if i % 2 == 1 {
+                        if !i.is_multiple_of(2) {
                             cmd.arg(i);
                         }
                         let started = Instant::now();
