@@ -1,0 +1,142 @@
+//! Admin connections to single nodes: always bounded in time.
+
+use std::{net::SocketAddr, time::Duration};
+
+use redis::{
+    aio::MultiplexedConnection, AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo,
+    RedisConnectionInfo,
+};
+
+use super::error::HarnessError;
+
+/// How long establishing an admin connection (TCP + AUTH) may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an admin command may wait for its reply.
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The credentials admin connections (and `node_urls`) use.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Credentials {
+    pub(crate) user: Option<String>,
+    pub(crate) password: Option<String>,
+}
+
+impl Credentials {
+    pub(crate) fn connection_info(&self, addr: SocketAddr) -> redis::ConnectionInfo {
+        let mut redis = RedisConnectionInfo::default().set_skip_set_lib_name();
+        if let Some(user) = &self.user {
+            redis = redis.set_username(user);
+        }
+        if let Some(password) = &self.password {
+            redis = redis.set_password(password);
+        }
+        // A (String, u16) pair never fails to convert.
+        (addr.ip().to_string(), addr.port())
+            .into_connection_info()
+            .expect("host/port pair is a valid connection info")
+            .set_redis_settings(redis)
+    }
+
+    /// `redis://[user:pass@]ip:port`, with the credentials percent-encoded.
+    pub(crate) fn url(&self, addr: SocketAddr) -> String {
+        let auth = match (&self.user, &self.password) {
+            (Some(u), Some(p)) => format!("{}:{}@", percent_encode(u), percent_encode(p)),
+            (None, Some(p)) => format!(":{}@", percent_encode(p)),
+            (Some(u), None) => format!("{}@", percent_encode(u)),
+            (None, None) => String::new(),
+        };
+        format!("redis://{auth}{addr}")
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Opens a connection with bounded connect and response times.
+///
+/// The outer `timeout` is belt and braces: a SIGSTOPped node accepts TCP connections (the kernel
+/// completes the handshake) but never answers, and no wait of the harness may hang on it.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    creds: &Credentials,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> Result<MultiplexedConnection, HarnessError> {
+    let client = redis::Client::open(creds.connection_info(addr))?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(response_timeout));
+    let limit = connect_timeout + response_timeout;
+    match tokio::time::timeout(
+        limit,
+        client.get_multiplexed_async_connection_with_config(&config),
+    )
+    .await
+    {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(HarnessError::Timeout {
+            what: format!("a connection to {addr}"),
+            after: limit,
+        }),
+    }
+}
+
+/// Runs one command on one node over a fresh connection.
+///
+/// A fresh connection per command keeps the harness free of stale connections to killed or
+/// restarted nodes; on loopback it costs well under a millisecond.
+pub(crate) async fn query<T: FromRedisValue>(
+    addr: SocketAddr,
+    creds: &Credentials,
+    cmd: &redis::Cmd,
+    response_timeout: Duration,
+) -> Result<T, HarnessError> {
+    let mut con = connect(addr, creds, CONNECT_TIMEOUT, response_timeout).await?;
+    bounded(addr, response_timeout, cmd.query_async(&mut con)).await
+}
+
+/// Runs a pipeline on one node over a fresh connection.
+pub(crate) async fn query_pipe<T: FromRedisValue>(
+    addr: SocketAddr,
+    creds: &Credentials,
+    pipe: &redis::Pipeline,
+    response_timeout: Duration,
+) -> Result<T, HarnessError> {
+    let mut con = connect(addr, creds, CONNECT_TIMEOUT, response_timeout).await?;
+    bounded(addr, response_timeout, pipe.query_async(&mut con)).await
+}
+
+async fn bounded<T>(
+    addr: SocketAddr,
+    limit: Duration,
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, HarnessError> {
+    // A little slack over the connection's own response timeout, which normally fires first
+    // and gives the more specific error.
+    let limit = limit + Duration::from_millis(250);
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(HarnessError::Timeout {
+            what: format!("a reply from {addr}"),
+            after: limit,
+        }),
+    }
+}
+
+/// `redis::cmd(name)` with arguments, for brevity.
+pub(crate) fn cmd(parts: &[&str]) -> redis::Cmd {
+    let mut c = redis::cmd(parts[0]);
+    for p in &parts[1..] {
+        c.arg(*p);
+    }
+    c
+}

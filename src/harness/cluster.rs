@@ -1,0 +1,1449 @@
+//! [`LocalCluster`]: a real Redis Cluster of `redis-server` processes, one loopback IP per node.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
+
+use futures_util::future::join_all;
+use tracing::{debug, info};
+
+use super::{
+    admin::{self, cmd, Credentials, RESPONSE_TIMEOUT},
+    error::{io_context, HarnessError},
+    launch,
+    name_map::NameMap,
+    process::{self, NodeProcess, SubnetLease},
+    topology::{self, Agreed, Expected, Observation},
+    NodeInfo, Role,
+};
+
+/// How often bounded waits re-check the cluster.
+const POLL: Duration = Duration::from_millis(100);
+/// A manual failover that has not completed by then has timed out inside Redis
+/// (`CLUSTER_MF_TIMEOUT` is 5 s), so the request is sent again.
+const FAILOVER_ROUND: Duration = Duration::from_secs(6);
+/// Host numbers available in a `/24` (.1 to .254).
+const MAX_HOST: u8 = 254;
+
+/// Builder of a [`LocalCluster`]; see [`LocalCluster::builder`].
+#[derive(Clone, Debug)]
+pub struct LocalClusterBuilder {
+    shards: usize,
+    replicas: usize,
+    node_timeout: Duration,
+    config: Vec<(String, String)>,
+    password: Option<String>,
+    user: Option<(String, String)>,
+    redis_server: Option<PathBuf>,
+    timeout: Duration,
+    name_map: Option<NameMap>,
+    keep_dir: bool,
+}
+
+impl Default for LocalClusterBuilder {
+    fn default() -> Self {
+        LocalClusterBuilder {
+            shards: 3,
+            replicas: 1,
+            node_timeout: Duration::from_millis(1000),
+            config: Vec::new(),
+            password: None,
+            user: None,
+            redis_server: None,
+            timeout: Duration::from_secs(30),
+            name_map: None,
+            keep_dir: false,
+        }
+    }
+}
+
+impl LocalClusterBuilder {
+    /// Number of shards (masters), at least 1. Default 3.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// Number of replicas per shard. Default 1.
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// `cluster-node-timeout`: how long a node must be unreachable before it is suspected, which
+    /// paces automatic failovers (roughly 2–3 × this). Default 1000 ms.
+    pub fn node_timeout(mut self, node_timeout: Duration) -> Self {
+        self.node_timeout = node_timeout;
+        self
+    }
+
+    /// Adds the redis.conf line `key value` to every node, after the harness's own lines (so it
+    /// can override them). `value` is written verbatim, unquoted, so multi-word directives keep
+    /// their words, e.g. `.config("user", "app on >secret ~* +@all")`.
+    ///
+    /// Do not set `requirepass` or ACL rules that lock out the default user here: the harness's
+    /// admin connections would be refused. Use [`password`](Self::password) or
+    /// [`user`](Self::user), which the admin connections also use.
+    pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.push((key.into(), value.into()));
+        self
+    }
+
+    /// Requires `password` from the default user (`requirepass`, and `masterauth` so replicas
+    /// can sync). Admin connections and [`LocalCluster::node_urls`] use it.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Creates the ACL user `name` with `password` and all permissions on every node, used by
+    /// replication (`masteruser`/`masterauth`), admin connections and
+    /// [`LocalCluster::node_urls`]. The default user is left as it is (open unless
+    /// [`password`](Self::password) is also set).
+    pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user = Some((name.into(), password.into()));
+        self
+    }
+
+    /// The `redis-server` binary to run. Default: `TRC_REDIS_SERVER` if set, else `redis-server`
+    /// on `PATH`.
+    pub fn redis_server_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.redis_server = Some(path.into());
+        self
+    }
+
+    /// Upper bound of each operation (start, failover, replacement, waits inside them).
+    /// Default 30 s.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Registers the configuration endpoint in `map` instead of a map of its own, so several
+    /// clusters (or your own fake names) share one "DNS".
+    pub fn name_map(mut self, map: NameMap) -> Self {
+        self.name_map = Some(map);
+        self
+    }
+
+    /// Keeps the nodes' directories (configs, logs, `nodes.conf`) after the cluster is dropped,
+    /// and prints where they are. Also switched on by the environment variable
+    /// `TRC_HARNESS_KEEP_DIR=1`. Default off.
+    pub fn keep_dir(mut self, keep: bool) -> Self {
+        self.keep_dir = keep;
+        self
+    }
+
+    /// Starts the nodes, creates the cluster and waits until it is healthy and every replica is
+    /// in sync.
+    ///
+    /// Slots are split evenly over the shards (`CLUSTER ADDSLOTSRANGE`), node 1 meets everyone
+    /// (`CLUSTER MEET`), and once every node knows every other one, replicas are attached with
+    /// `CLUSTER REPLICATE`. If anything fails, the processes already started are killed.
+    pub async fn start(self) -> Result<LocalCluster, HarnessError> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let bin = process::find_redis_server(self.redis_server.as_deref())?;
+        if self.shards == 0 {
+            return Err(HarnessError::Invalid(
+                "a cluster needs at least one shard".into(),
+            ));
+        }
+        let total = self.shards * (1 + self.replicas);
+        if total > usize::from(MAX_HOST) / 2 {
+            return Err(HarnessError::Invalid(format!(
+                "{total} nodes is too many for one /24 (at most {}, leaving room for replacements)",
+                MAX_HOST / 2
+            )));
+        }
+        let lease = SubnetLease::acquire(total as u8, true)?;
+        let tempdir = tempfile::Builder::new()
+            .prefix("trc-cluster-")
+            .tempdir()
+            .map_err(|e| io_context(e, "creating the cluster's temp dir"))?;
+        let keep_dir = self.keep_dir || env_flag("TRC_HARNESS_KEEP_DIR");
+        let creds = match (&self.user, &self.password) {
+            (Some((u, p)), _) => Credentials {
+                user: Some(u.clone()),
+                password: Some(p.clone()),
+            },
+            (None, Some(p)) => Credentials {
+                user: None,
+                password: Some(p.clone()),
+            },
+            (None, None) => Credentials::default(),
+        };
+        let mut auth_lines = String::new();
+        if let Some(p) = &self.password {
+            auth_lines += &format!("requirepass {}\n", process::quote(p));
+        }
+        if let Some((u, p)) = &self.user {
+            auth_lines += &format!(
+                "user {} on {} ~* &* +@all\nmasteruser {}\n",
+                process::quote(u),
+                process::quote(&format!(">{p}")),
+                process::quote(u)
+            );
+        }
+        if let Some(p) = &creds.password {
+            auth_lines += &format!("masterauth {}\n", process::quote(p));
+        }
+        // A user who configures RDB saving wants the files kept across restarts.
+        let keep_rdb = self
+            .config
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("save"));
+        let endpoint = format!("clustercfg.trc-{:08x}.test", process::random_u64() as u32);
+        let dir_path = tempdir.path().to_path_buf();
+        let cluster = LocalCluster {
+            settings: Settings {
+                bin,
+                shards: self.shards,
+                replicas: self.replicas,
+                node_timeout: self.node_timeout,
+                extra: self.config,
+                auth_lines,
+                creds,
+                timeout: self.timeout,
+                keep_rdb,
+            },
+            endpoint,
+            names: self.name_map.unwrap_or_default(),
+            state: Mutex::new(State {
+                members: Vec::new(),
+                next_host: 1,
+                forgotten: Vec::new(),
+            }),
+            dir_path,
+            tempdir: Some(tempdir),
+            keep_dir,
+            lease,
+        };
+        info!(
+            endpoint = %cluster.endpoint,
+            subnet = %cluster.lease.ip(0),
+            port = cluster.port(),
+            shards = cluster.settings.shards,
+            replicas = cluster.settings.replicas,
+            "starting local Redis Cluster"
+        );
+
+        // All nodes start together, so their start-up times overlap.
+        let mut planned = Vec::new();
+        for i in 0..total {
+            let (role, shard) = if i < self.shards {
+                (Role::Master, i)
+            } else {
+                (Role::Replica, (i - self.shards) % self.shards)
+            };
+            let (host, addr, dir) = cluster.next_node_dir()?;
+            planned.push((host, addr, dir, role, shard));
+        }
+        let launched = join_all(
+            planned
+                .iter()
+                .map(|(host, _, dir, _, _)| cluster.start_node(*host, dir)),
+        )
+        .await;
+        // On an error, the processes not registered yet are killed as `launched` drops, and the
+        // registered ones with `cluster`.
+        for ((host, addr, dir, role, shard), proc) in planned.into_iter().zip(launched) {
+            cluster.lock().members.push(Member {
+                id: String::new(),
+                host,
+                addr,
+                dir,
+                role,
+                shard,
+                process: Some(proc?),
+            });
+        }
+        let creds = cluster.settings.creds.clone();
+
+        // Ids, distinct config epochs (as redis-cli does, so no epoch collision has to be
+        // resolved later), and slots for the masters.
+        let addrs: Vec<SocketAddr> = cluster.lock().members.iter().map(|m| m.addr).collect();
+        for (i, addr) in addrs.iter().enumerate() {
+            let id: String =
+                admin::query(*addr, &creds, &cmd(&["CLUSTER", "MYID"]), RESPONSE_TIMEOUT).await?;
+            admin::query::<()>(
+                *addr,
+                &creds,
+                &cmd(&["CLUSTER", "SET-CONFIG-EPOCH", &(i + 1).to_string()]),
+                RESPONSE_TIMEOUT,
+            )
+            .await?;
+            if i < self.shards {
+                let (start, end) = topology::shard_slots(i, self.shards);
+                admin::query::<()>(
+                    *addr,
+                    &creds,
+                    &cmd(&[
+                        "CLUSTER",
+                        "ADDSLOTSRANGE",
+                        &start.to_string(),
+                        &end.to_string(),
+                    ]),
+                    RESPONSE_TIMEOUT,
+                )
+                .await?;
+            }
+            cluster.lock().members[i].id = id;
+        }
+        for addr in &addrs[1..] {
+            admin::query::<()>(
+                addrs[0],
+                &creds,
+                &cmd(&[
+                    "CLUSTER",
+                    "MEET",
+                    &addr.ip().to_string(),
+                    &addr.port().to_string(),
+                ]),
+                RESPONSE_TIMEOUT,
+            )
+            .await?;
+        }
+        cluster.wait_known(deadline).await?;
+        let plan: Vec<(SocketAddr, String)> = {
+            let state = cluster.lock();
+            state
+                .members
+                .iter()
+                .filter(|m| m.role == Role::Replica)
+                .map(|m| {
+                    let master = state
+                        .members
+                        .iter()
+                        .find(|x| x.role == Role::Master && x.shard == m.shard)
+                        .expect("every shard has a master at creation");
+                    (m.addr, master.id.clone())
+                })
+                .collect()
+        };
+        for (replica, master_id) in plan {
+            replicate(replica, &master_id, &creds, deadline).await?;
+        }
+        cluster.publish_names();
+        cluster
+            .wait_until(
+                deadline,
+                true,
+                "the new cluster to be healthy with replicas in sync",
+            )
+            .await?;
+        info!(
+            endpoint = %cluster.endpoint,
+            elapsed = ?started.elapsed(),
+            "local Redis Cluster ready"
+        );
+        Ok(cluster)
+    }
+}
+
+/// A real Redis Cluster of local `redis-server` processes, each node on its own loopback IP and
+/// all on the same port, like a managed cluster.
+///
+/// Owns the processes: dropping it SIGKILLs and reaps every one of them (also paused ones, also
+/// while a test unwinds from a panic) and then removes the nodes' directories. See the
+/// [module documentation](super) for an overview.
+pub struct LocalCluster {
+    settings: Settings,
+    endpoint: String,
+    names: NameMap,
+    state: Mutex<State>,
+    dir_path: PathBuf,
+    // Declared after `state` so it is removed only after Drop::drop has killed the processes.
+    tempdir: Option<tempfile::TempDir>,
+    keep_dir: bool,
+    lease: SubnetLease,
+}
+
+#[derive(Debug)]
+struct Settings {
+    bin: PathBuf,
+    shards: usize,
+    replicas: usize,
+    node_timeout: Duration,
+    extra: Vec<(String, String)>,
+    auth_lines: String,
+    creds: Credentials,
+    timeout: Duration,
+    keep_rdb: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Every node that belongs to the cluster: running, or killed but not forgotten.
+    members: Vec<Member>,
+    /// Next host number of the subnet: IPs are never reused within a cluster.
+    next_host: u8,
+    /// Ids of removed nodes. A member that was stopped while a node was forgotten still has it
+    /// in its `nodes.conf`, and would reintroduce it through gossip once the others' 60 s ban
+    /// expires; so a restarted member is told to forget them too.
+    forgotten: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Member {
+    id: String,
+    host: u8,
+    addr: SocketAddr,
+    dir: PathBuf,
+    role: Role,
+    shard: usize,
+    /// `None` once the harness killed the node (`kill_node`, `stop_all`).
+    process: Option<Arc<NodeProcess>>,
+}
+
+impl Member {
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.id.clone(),
+            addr: self.addr,
+            role: self.role,
+            shard: self.shard,
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.process.is_some()
+    }
+}
+
+impl fmt::Debug for LocalCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("LocalCluster")
+            .field("config_endpoint", &self.endpoint)
+            .field("port", &self.lease.port())
+            .field("dir", &self.dir_path)
+            .field(
+                "nodes",
+                &state
+                    .members
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{} {:?} shard {}{}",
+                            m.addr,
+                            m.role,
+                            m.shard,
+                            if m.running() { "" } else { " (stopped)" }
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl LocalCluster {
+    /// A builder with the defaults: 3 shards × 1 replica, node timeout 1000 ms.
+    pub fn builder() -> LocalClusterBuilder {
+        LocalClusterBuilder::default()
+    }
+
+    /// Starts a cluster with the defaults (3 shards × 1 replica).
+    pub async fn start() -> Result<LocalCluster, HarnessError> {
+        Self::builder().start().await
+    }
+
+    /// The port every node listens on (the cluster bus is on port + 10000).
+    pub fn port(&self) -> u16 {
+        self.lease.port()
+    }
+
+    /// The configuration endpoint's name, e.g. `clustercfg.trc-1a2b3c4d.test`. It is not
+    /// resolvable by the OS: resolve it through [`name_map`](Self::name_map).
+    pub fn config_endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    /// `"<config_endpoint>:<port>"`, the seed a client of a managed cluster is configured with.
+    pub fn seed(&self) -> String {
+        format!("{}:{}", self.endpoint, self.port())
+    }
+
+    /// The name map in which [`config_endpoint`](Self::config_endpoint) points at every member
+    /// node (running, or stopped but not removed). Each operation updates it unless the name is
+    /// [frozen](NameMap::freeze).
+    pub fn name_map(&self) -> NameMap {
+        self.names.clone()
+    }
+
+    /// The running nodes as the harness knows them, by shard, master first.
+    ///
+    /// Roles are refreshed by every operation and by [`wait_healthy`](Self::wait_healthy); after
+    /// changes the harness did not make (an automatic failover after
+    /// [`kill_node`](Self::kill_node)), call `wait_healthy` first.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let state = self.lock();
+        let mut nodes: Vec<NodeInfo> = state
+            .members
+            .iter()
+            .filter(|m| m.running())
+            .map(Member::info)
+            .collect();
+        nodes.sort_by_key(|n| (n.shard, n.role != Role::Master, n.addr));
+        nodes
+    }
+
+    /// Nodes killed by [`kill_node`](Self::kill_node) or [`stop_all`](Self::stop_all) and not
+    /// started again: still members of the cluster.
+    pub fn stopped_nodes(&self) -> Vec<NodeInfo> {
+        self.lock()
+            .members
+            .iter()
+            .filter(|m| !m.running())
+            .map(Member::info)
+            .collect()
+    }
+
+    /// The running node at `addr`, if any.
+    pub fn node(&self, addr: SocketAddr) -> Option<NodeInfo> {
+        self.nodes().into_iter().find(|n| n.addr == addr)
+    }
+
+    /// The running masters, by shard.
+    pub fn masters(&self) -> Vec<NodeInfo> {
+        self.nodes()
+            .into_iter()
+            .filter(|n| n.role == Role::Master)
+            .collect()
+    }
+
+    /// The running replicas, by shard.
+    pub fn replicas(&self) -> Vec<NodeInfo> {
+        self.nodes()
+            .into_iter()
+            .filter(|n| n.role == Role::Replica)
+            .collect()
+    }
+
+    /// The master of `shard`.
+    ///
+    /// # Panics
+    /// If the shard does not exist or has no running master (use
+    /// [`nodes`](Self::nodes) to check without panicking).
+    pub fn master_of(&self, shard: usize) -> NodeInfo {
+        self.masters()
+            .into_iter()
+            .find(|n| n.shard == shard)
+            .unwrap_or_else(|| panic!("shard {shard} has no running master: {self:?}"))
+    }
+
+    /// The running replicas of `shard`.
+    pub fn replicas_of(&self, shard: usize) -> Vec<NodeInfo> {
+        self.replicas()
+            .into_iter()
+            .filter(|n| n.shard == shard)
+            .collect()
+    }
+
+    /// The addresses of the running nodes.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.nodes().into_iter().map(|n| n.addr).collect()
+    }
+
+    /// `redis://[user:password@]ip:port` of every running node, e.g. for
+    /// `redis::cluster::ClusterClient::new(cluster.node_urls())`. Credentials set with
+    /// [`password`](LocalClusterBuilder::password)/[`user`](LocalClusterBuilder::user) are
+    /// included.
+    pub fn node_urls(&self) -> Vec<String> {
+        self.addrs()
+            .into_iter()
+            .map(|a| self.settings.creds.url(a))
+            .collect()
+    }
+
+    /// Process ids of the running nodes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.lock()
+            .members
+            .iter()
+            .filter_map(|m| m.process.as_ref().map(|p| p.pid()))
+            .collect()
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.settings.shards
+    }
+
+    /// Replicas per shard the cluster was created with.
+    pub fn replicas_per_shard(&self) -> usize {
+        self.settings.replicas
+    }
+
+    /// `cluster-node-timeout` of the nodes.
+    pub fn node_timeout(&self) -> Duration {
+        self.settings.node_timeout
+    }
+
+    /// The directory holding one sub-directory per node (config, `nodes.conf`, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir_path
+    }
+
+    /// The Redis log file of the member node at `addr` (also of a stopped one).
+    pub fn log_path(&self, addr: SocketAddr) -> Option<PathBuf> {
+        self.lock()
+            .members
+            .iter()
+            .find(|m| m.addr == addr)
+            .map(|m| m.dir.join(process::REDIS_LOG))
+    }
+
+    /// Sends `cmd` to the node at `addr` over a fresh admin connection (with the cluster's
+    /// credentials) and returns its reply. Waits at most 2 s for the reply, so a paused node
+    /// yields [`HarnessError::Timeout`] rather than a hang.
+    pub async fn node_command(
+        &self,
+        addr: SocketAddr,
+        cmd: &redis::Cmd,
+    ) -> Result<redis::Value, HarnessError> {
+        self.node_command_with_timeout(addr, cmd, RESPONSE_TIMEOUT)
+            .await
+    }
+
+    /// [`node_command`](Self::node_command) with a chosen response timeout.
+    pub async fn node_command_with_timeout(
+        &self,
+        addr: SocketAddr,
+        cmd: &redis::Cmd,
+        timeout: Duration,
+    ) -> Result<redis::Value, HarnessError> {
+        admin::query(addr, &self.settings.creds, cmd, timeout).await
+    }
+
+    /// Waits until the cluster is healthy, at most `timeout`, and refreshes the roles the
+    /// harness reports.
+    ///
+    /// Healthy means, for every running node: `cluster_state:ok` with all 16384 slots assigned
+    /// and ok; every shard's slots served by one running master; all running nodes agree on who
+    /// serves each slot and on each running node's role; no running node is flagged
+    /// `fail`/`fail?`/`handshake`/`noaddr` or disconnected by another; and the nodes know
+    /// exactly the current members, so removed (forgotten) nodes are absent from every view.
+    /// Stopped members may be flagged as failed but must not serve slots. A paused node cannot
+    /// answer, so the cluster is not healthy while one is paused.
+    pub async fn wait_healthy(&self, timeout: Duration) -> Result<(), HarnessError> {
+        self.wait_until(Instant::now() + timeout, false, "the cluster to be healthy")
+            .await
+    }
+
+    /// [`wait_healthy`](Self::wait_healthy), and also every running replica reports
+    /// `master_link_status:up` towards its master with no sync in progress.
+    pub async fn wait_settled(&self, timeout: Duration) -> Result<(), HarnessError> {
+        self.wait_until(
+            Instant::now() + timeout,
+            true,
+            "the cluster to be healthy with replicas in sync",
+        )
+        .await
+    }
+
+    /// Graceful failover of `shard`: `CLUSTER FAILOVER` sent to one of its replicas (the
+    /// longest-serving one). Waits until that replica is master, the cluster is healthy and the
+    /// replicas (including the old master) are in sync; returns the new master.
+    pub async fn failover(&mut self, shard: usize) -> Result<NodeInfo, HarnessError> {
+        let started = Instant::now();
+        let deadline = started + self.settings.timeout;
+        self.check_shard(shard)?;
+        self.wait_until(
+            deadline,
+            true,
+            "the cluster to be settled before a failover",
+        )
+        .await?;
+        let replica = self.oldest_replica(shard).ok_or_else(|| {
+            HarnessError::Invalid(format!(
+                "shard {shard} has no running replica to fail over to"
+            ))
+        })?;
+        info!(endpoint = %self.endpoint, shard, to = %replica.addr, "failover");
+        self.promote(replica.addr, deadline).await?;
+        self.wait_until(deadline, true, "the cluster to be healthy after a failover")
+            .await?;
+        let new_master = self.master_of(shard);
+        info!(endpoint = %self.endpoint, shard, master = %new_master.addr, elapsed = ?started.elapsed(), "failover done");
+        Ok(new_master)
+    }
+
+    /// SIGKILLs the master of `shard` and waits for the automatic failover (one of its replicas
+    /// elected master, which takes about 2–3 × the node timeout). The dead node is then
+    /// forgotten (`CLUSTER FORGET` on every running node) and removed from the name map; returns
+    /// the new master once the cluster is healthy and in sync.
+    pub async fn kill_master(&mut self, shard: usize) -> Result<NodeInfo, HarnessError> {
+        let started = Instant::now();
+        let deadline = started + self.settings.timeout;
+        self.check_shard(shard)?;
+        self.wait_until(
+            deadline,
+            true,
+            "the cluster to be settled before killing a master",
+        )
+        .await?;
+        let master = self.master_of(shard);
+        let replicas = self.replicas_of(shard);
+        if replicas.is_empty() {
+            return Err(HarnessError::Invalid(format!(
+                "shard {shard} has no running replica: killing its master would lose its slots"
+            )));
+        }
+        info!(endpoint = %self.endpoint, shard, master = %master.addr, "killing master");
+        self.kill_process(master.addr);
+
+        let new_master = loop {
+            let checks = join_all(replicas.iter().map(|r| self.reports_master(r.addr))).await;
+            if let Some(i) = checks.iter().position(|&m| m) {
+                break replicas[i].clone();
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(
+                    started,
+                    format!(
+                        "a replica of shard {shard} to be promoted after its master was killed"
+                    ),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        debug!(shard, new_master = %new_master.addr, elapsed = ?started.elapsed(), "replica promoted");
+        self.remove_member(&master.id, deadline).await?;
+        self.wait_until(
+            deadline,
+            true,
+            "the cluster to be healthy after killing a master",
+        )
+        .await?;
+        info!(endpoint = %self.endpoint, shard, master = %new_master.addr, elapsed = ?started.elapsed(), "master killed and replaced by its replica");
+        Ok(self.node(new_master.addr).unwrap_or(new_master))
+    }
+
+    /// Replaces the node at `addr` by a new node at a new IP (same port), like a managed service
+    /// replacing a failed host.
+    ///
+    /// If the node is a running master, its shard is first failed over gracefully to another
+    /// replica, so that it is a replica. The new node is started, introduced (`CLUSTER MEET`) and
+    /// made a replica of the shard's master (`CLUSTER REPLICATE`); if the shard had no other
+    /// replica, the failover to the new node happens only now, once it is in sync. Then the old
+    /// node is killed and forgotten by every running node (all within seconds, well inside the
+    /// 60 s during which a forgotten node may not be re-learnt through gossip). Waits until the
+    /// cluster is healthy and the new replica in sync. The name map loses the old address and
+    /// gains the new one. `addr` may also be a stopped member (see [`kill_node`](Self::kill_node)).
+    pub async fn replace_node(&mut self, addr: SocketAddr) -> Result<NodeInfo, HarnessError> {
+        let started = Instant::now();
+        let deadline = started + self.settings.timeout;
+        self.wait_until(
+            deadline,
+            true,
+            "the cluster to be settled before a replacement",
+        )
+        .await?;
+        let (old, old_running) = {
+            let state = self.lock();
+            let m = state
+                .members
+                .iter()
+                .find(|m| m.addr == addr)
+                .ok_or(HarnessError::UnknownNode { addr })?;
+            (m.info(), m.running())
+        };
+        let shard = old.shard;
+        info!(endpoint = %self.endpoint, %addr, role = ?old.role, shard, "replacing node");
+
+        if old_running && old.role == Role::Master {
+            if let Some(replica) = self.oldest_replica(shard) {
+                self.promote(replica.addr, deadline).await?;
+                self.wait_until(deadline, true, "the cluster to be healthy after a failover")
+                    .await?;
+            }
+        }
+
+        let new = self.add_replica(shard, deadline).await?;
+
+        if self.node(addr).is_some_and(|n| n.role == Role::Master) {
+            // The shard had no other replica: hand it to the new node now that it is in sync.
+            self.promote(new.addr, deadline).await?;
+            self.wait_until(deadline, true, "the cluster to be healthy after a failover")
+                .await?;
+        }
+
+        self.kill_process(addr);
+        self.remove_member(&old.id, deadline).await?;
+        self.wait_until(
+            deadline,
+            true,
+            "the cluster to be healthy after a replacement",
+        )
+        .await?;
+        let new = self.node(new.addr).unwrap_or(new);
+        info!(endpoint = %self.endpoint, old = %addr, new = %new.addr, elapsed = ?started.elapsed(), "node replaced");
+        Ok(new)
+    }
+
+    /// Replaces every node of `shard` ([`replace_node`](Self::replace_node)), replicas first, then
+    /// the master; returns the new nodes.
+    pub async fn replace_shard_nodes(
+        &mut self,
+        shard: usize,
+    ) -> Result<Vec<NodeInfo>, HarnessError> {
+        self.check_shard(shard)?;
+        let mut old: Vec<NodeInfo> = self
+            .lock()
+            .members
+            .iter()
+            .filter(|m| m.shard == shard)
+            .map(Member::info)
+            .collect();
+        old.sort_by_key(|n| n.role == Role::Master);
+        let mut new = Vec::with_capacity(old.len());
+        for node in old {
+            new.push(self.replace_node(node.addr).await?);
+        }
+        Ok(new)
+    }
+
+    /// Makes the node at `addr` stop answering for `duration`: SIGSTOP now, SIGCONT after
+    /// `duration` from a background thread. Returns right after the SIGSTOP.
+    ///
+    /// A paused node keeps its TCP connections open and accepts new ones (the kernel does), but
+    /// answers nothing: clients see timeouts, not refused connections. If it stays paused longer
+    /// than the node timeout, the cluster flags it failed (and fails a master over). Dropping the
+    /// cluster kills paused nodes too.
+    pub async fn pause_node(
+        &self,
+        addr: SocketAddr,
+        duration: Duration,
+    ) -> Result<(), HarnessError> {
+        let proc = self.process_of(addr)?;
+        proc.signal("STOP")?;
+        info!(endpoint = %self.endpoint, %addr, ?duration, "node paused");
+        // A thread rather than a task: it must fire even if the test's runtime is busy, blocked
+        // or gone. It holds only the process handle; once the cluster is dropped the process is
+        // reaped and `signal` refuses, so a recycled pid can never be hit.
+        let endpoint = self.endpoint.clone();
+        std::thread::Builder::new()
+            .name(format!("trc-resume-{addr}"))
+            .spawn(move || {
+                std::thread::sleep(duration);
+                if proc.signal("CONT").is_ok() {
+                    debug!(%endpoint, %addr, "node resumed");
+                }
+            })
+            .map_err(|e| io_context(e, "spawning the resume thread"))?;
+        Ok(())
+    }
+
+    /// Resumes a node paused by [`pause_node`](Self::pause_node) before its time is up.
+    pub async fn resume_node(&self, addr: SocketAddr) -> Result<(), HarnessError> {
+        self.process_of(addr)?.signal("CONT")
+    }
+
+    /// Pauses every running node for `duration` (see [`pause_node`](Self::pause_node)): the
+    /// whole cluster hangs without closing connections.
+    pub async fn pause_all(&self, duration: Duration) -> Result<(), HarnessError> {
+        for addr in self.addrs() {
+            self.pause_node(addr, duration).await?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the node at `addr` without forgetting it: it stays a member (and in the name
+    /// map), other nodes flag it failed, and if it was a master one of its replicas takes over
+    /// after about 2–3 × the node timeout. Start it again with
+    /// [`restart_node`](Self::restart_node), or replace it with
+    /// [`replace_node`](Self::replace_node). Does not wait. Returns the node as last known.
+    pub async fn kill_node(&mut self, addr: SocketAddr) -> Result<NodeInfo, HarnessError> {
+        let info = self
+            .lock()
+            .members
+            .iter()
+            .find(|m| m.addr == addr && m.running())
+            .map(Member::info)
+            .ok_or(HarnessError::UnknownNode { addr })?;
+        info!(endpoint = %self.endpoint, %addr, role = ?info.role, "killing node");
+        self.kill_process(addr);
+        Ok(info)
+    }
+
+    /// Kills the node at `addr` (if running) and starts it again at the same IP and port with
+    /// its `nodes.conf`, so it rejoins as the same node; waits until the cluster is healthy and
+    /// in sync.
+    ///
+    /// Nodes run without persistence, so the node comes back empty (the harness also deletes an
+    /// RDB file a replica wrote during a full sync, unless `save` was configured). A master
+    /// restarted before its replicas took over therefore empties its shard, as a real crash
+    /// without persistence would; fail it over first to keep the data.
+    pub async fn restart_node(&mut self, addr: SocketAddr) -> Result<NodeInfo, HarnessError> {
+        let started = Instant::now();
+        let deadline = started + self.settings.timeout;
+        if !self.lock().members.iter().any(|m| m.addr == addr) {
+            return Err(HarnessError::UnknownNode { addr });
+        }
+        info!(endpoint = %self.endpoint, %addr, "restarting node");
+        self.kill_process(addr);
+        self.start_stopped(&[addr], deadline).await?;
+        self.wait_until(
+            deadline,
+            true,
+            "the cluster to be healthy after a node restart",
+        )
+        .await?;
+        info!(endpoint = %self.endpoint, %addr, elapsed = ?started.elapsed(), "node restarted");
+        self.node(addr).ok_or(HarnessError::UnknownNode { addr })
+    }
+
+    /// The whole cluster goes down: every node is SIGKILLed (clients get refused connections).
+    ///
+    /// Directories and `nodes.conf` files are kept and the name map still lists the nodes, so
+    /// [`start_all`](Self::start_all) brings the same cluster back. Data is lost (no
+    /// persistence). For a cluster that hangs instead of refusing, see
+    /// [`pause_all`](Self::pause_all).
+    pub async fn stop_all(&mut self) -> Result<(), HarnessError> {
+        info!(endpoint = %self.endpoint, "stopping every node");
+        for addr in self.addrs() {
+            self.kill_process(addr);
+        }
+        Ok(())
+    }
+
+    /// Starts every stopped node again at its IP with its `nodes.conf`, so the cluster re-forms
+    /// with the same node ids, roles and slots; waits until it is healthy and in sync.
+    pub async fn start_all(&mut self) -> Result<(), HarnessError> {
+        let started = Instant::now();
+        let deadline = started + self.settings.timeout;
+        let stopped: Vec<SocketAddr> = self.stopped_nodes().iter().map(|n| n.addr).collect();
+        info!(endpoint = %self.endpoint, nodes = stopped.len(), "starting stopped nodes");
+        self.start_stopped(&stopped, deadline).await?;
+        self.wait_until(deadline, true, "the restarted cluster to be healthy")
+            .await?;
+        info!(endpoint = %self.endpoint, elapsed = ?started.elapsed(), "cluster back");
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Internals
+    // -----------------------------------------------------------------------------------------
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock, but a poisoned lock must not turn Drop (which
+        // kills the processes) into a second panic.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn check_shard(&self, shard: usize) -> Result<(), HarnessError> {
+        if shard < self.settings.shards {
+            Ok(())
+        } else {
+            Err(HarnessError::InvalidShard {
+                shard,
+                shards: self.settings.shards,
+            })
+        }
+    }
+
+    fn timeout_error(&self, started: Instant, what: String) -> HarnessError {
+        HarnessError::Timeout {
+            what: format!("{what} (cluster {})", self.endpoint),
+            after: started.elapsed(),
+        }
+    }
+
+    /// The running replica of `shard` created first (lowest host number).
+    fn oldest_replica(&self, shard: usize) -> Option<NodeInfo> {
+        let state = self.lock();
+        state
+            .members
+            .iter()
+            .filter(|m| m.running() && m.role == Role::Replica && m.shard == shard)
+            .min_by_key(|m| m.host)
+            .map(Member::info)
+    }
+
+    fn process_of(&self, addr: SocketAddr) -> Result<Arc<NodeProcess>, HarnessError> {
+        self.lock()
+            .members
+            .iter()
+            .find(|m| m.addr == addr)
+            .and_then(|m| m.process.clone())
+            .ok_or(HarnessError::UnknownNode { addr })
+    }
+
+    /// Reserves the next host number and creates its directory.
+    fn next_node_dir(&self) -> Result<(u8, SocketAddr, PathBuf), HarnessError> {
+        let host = {
+            let mut state = self.lock();
+            let host = state.next_host;
+            if host > MAX_HOST {
+                return Err(HarnessError::Invalid(
+                    "no unused IP left in the cluster's /24".into(),
+                ));
+            }
+            state.next_host += 1;
+            host
+        };
+        let addr = self.lease.addr(host);
+        let dir = self.dir_path.join(format!("node-{host}"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io_context(e, format!("creating {}", dir.display())))?;
+        Ok((host, addr, dir))
+    }
+
+    /// Writes the node's redis.conf (every time: it is cheap and keeps restarts identical),
+    /// starts `redis-server` and waits until it answers.
+    async fn start_node(&self, host: u8, dir: &Path) -> Result<Arc<NodeProcess>, HarnessError> {
+        let ip = self.lease.ip(host);
+        let port = self.port();
+        let mut conf = process::base_config(ip, port, dir);
+        conf += "cluster-enabled yes\n";
+        conf += "cluster-config-file nodes.conf\n";
+        conf += &format!(
+            "cluster-node-timeout {}\n",
+            self.settings.node_timeout.as_millis()
+        );
+        conf += &format!("cluster-announce-ip {ip}\n");
+        // A replica may always fail over, however long it was disconnected: tests pause nodes.
+        conf += "cluster-replica-validity-factor 0\n";
+        // The harness decides where replicas go; Redis must not move them between shards.
+        conf += "cluster-allow-replica-migration no\n";
+        conf += &self.settings.auth_lines;
+        process::append_extra(&mut conf, &self.settings.extra);
+        let conf_path = dir.join("redis.conf");
+        std::fs::write(&conf_path, conf)
+            .map_err(|e| io_context(e, format!("writing {}", conf_path.display())))?;
+        launch::launch(
+            &self.settings.bin,
+            &conf_path,
+            dir,
+            self.lease.addr(host),
+            true,
+            &self.settings.creds,
+        )
+        .await
+    }
+
+    /// Kills the member's process (if running) and marks it stopped.
+    fn kill_process(&self, addr: SocketAddr) {
+        let proc = {
+            let mut state = self.lock();
+            state
+                .members
+                .iter_mut()
+                .find(|m| m.addr == addr)
+                .and_then(|m| m.process.take())
+        };
+        if let Some(p) = proc {
+            p.kill();
+        }
+    }
+
+    /// Starts the stopped members at `addrs` again (same dir, same `nodes.conf`), together, and
+    /// waits until each answers PING.
+    async fn start_stopped(
+        &self,
+        addrs: &[SocketAddr],
+        deadline: Instant,
+    ) -> Result<(), HarnessError> {
+        let mut planned = Vec::new();
+        for &addr in addrs {
+            let (host, dir) = {
+                let state = self.lock();
+                let m = state
+                    .members
+                    .iter()
+                    .find(|m| m.addr == addr)
+                    .ok_or(HarnessError::UnknownNode { addr })?;
+                (m.host, m.dir.clone())
+            };
+            if !self.settings.keep_rdb {
+                let _ = std::fs::remove_file(dir.join("dump.rdb"));
+            }
+            planned.push((addr, host, dir));
+        }
+        let launched = join_all(
+            planned
+                .iter()
+                .map(|(_, host, dir)| self.start_node(*host, dir)),
+        )
+        .await;
+        for ((addr, _, _), proc) in planned.iter().zip(launched) {
+            let proc = proc?;
+            if let Some(m) = self.lock().members.iter_mut().find(|m| m.addr == *addr) {
+                m.process = Some(proc);
+            }
+        }
+        let forgotten = self.lock().forgotten.clone();
+        let forgets = planned.iter().flat_map(|(addr, _, _)| {
+            forgotten
+                .iter()
+                .map(|id| self.forget_on(*addr, id, deadline))
+        });
+        join_all(forgets)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()?;
+        Ok(())
+    }
+
+    /// Starts a new node at the next IP, introduces it and makes it a replica of `shard`'s
+    /// master; returns once it is in sync.
+    async fn add_replica(&self, shard: usize, deadline: Instant) -> Result<NodeInfo, HarnessError> {
+        let creds = self.settings.creds.clone();
+        let master = self.master_of(shard);
+        let (host, addr, dir) = self.next_node_dir()?;
+        let proc = self.start_node(host, &dir).await?;
+        // Registered before anything else can fail, so that Drop kills it.
+        self.lock().members.push(Member {
+            id: String::new(),
+            host,
+            addr,
+            dir,
+            role: Role::Replica,
+            shard,
+            process: Some(proc),
+        });
+        let id: String =
+            admin::query(addr, &creds, &cmd(&["CLUSTER", "MYID"]), RESPONSE_TIMEOUT).await?;
+        if let Some(m) = self.lock().members.iter_mut().find(|m| m.addr == addr) {
+            m.id = id.clone();
+        }
+        debug!(%addr, %id, shard, "new node started");
+        admin::query::<()>(
+            addr,
+            &creds,
+            &cmd(&[
+                "CLUSTER",
+                "MEET",
+                &master.addr.ip().to_string(),
+                &master.addr.port().to_string(),
+            ]),
+            RESPONSE_TIMEOUT,
+        )
+        .await?;
+        self.wait_known(deadline).await?;
+        replicate(addr, &master.id, &creds, deadline).await?;
+        self.publish_names();
+        self.wait_until(deadline, true, "the new node to be in sync")
+            .await?;
+        Ok(self.node(addr).unwrap_or(NodeInfo {
+            id,
+            addr,
+            role: Role::Replica,
+            shard,
+        }))
+    }
+
+    /// Sends `CLUSTER FAILOVER` to the replica at `addr` until it reports itself master.
+    async fn promote(&self, addr: SocketAddr, deadline: Instant) -> Result<(), HarnessError> {
+        let started = Instant::now();
+        let creds = &self.settings.creds;
+        let mut last = String::from("no answer yet");
+        loop {
+            match admin::query::<()>(
+                addr,
+                creds,
+                &cmd(&["CLUSTER", "FAILOVER"]),
+                RESPONSE_TIMEOUT,
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(e) => last = e.to_string(),
+            }
+            let round_end = (Instant::now() + FAILOVER_ROUND).min(deadline);
+            while Instant::now() < round_end {
+                if self.reports_master(addr).await {
+                    debug!(%addr, elapsed = ?started.elapsed(), "replica promoted");
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(
+                    started,
+                    format!("{addr} to become master after CLUSTER FAILOVER (last error: {last})"),
+                ));
+            }
+            debug!(%addr, "manual failover not done yet; asking again");
+        }
+    }
+
+    /// Whether the node at `addr` says it is a master (its `myself` line in CLUSTER NODES).
+    async fn reports_master(&self, addr: SocketAddr) -> bool {
+        let Ok(text) = admin::query::<String>(
+            addr,
+            &self.settings.creds,
+            &cmd(&["CLUSTER", "NODES"]),
+            RESPONSE_TIMEOUT,
+        )
+        .await
+        else {
+            return false;
+        };
+        topology::parse_cluster_nodes(&text)
+            .ok()
+            .and_then(|v| v.into_iter().find(|e| e.myself))
+            .is_some_and(|e| e.master)
+    }
+
+    /// Forgets the (already killed) member `id` on every running node, then drops it from the
+    /// harness and the name map.
+    ///
+    /// `CLUSTER FORGET` also bans the id for 60 s, during which gossip from nodes that still
+    /// know it cannot bring it back; all nodes are told concurrently, so every ban is in place
+    /// within moments of the first. A replica refuses to forget its own master until it has
+    /// switched to the new one, hence the retries.
+    async fn remove_member(&self, id: &str, deadline: Instant) -> Result<(), HarnessError> {
+        let started = Instant::now();
+        let targets = self.addrs();
+        join_all(
+            targets
+                .iter()
+                .map(|&addr| self.forget_on(addr, id, deadline)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()?;
+        {
+            let mut state = self.lock();
+            state.members.retain(|m| m.id != id);
+            state.forgotten.push(id.to_owned());
+        }
+        self.publish_names();
+        debug!(id, elapsed = ?started.elapsed(), "node forgotten everywhere");
+        Ok(())
+    }
+
+    /// `CLUSTER FORGET id` on the node at `addr`, retried while refused; an unknown id is
+    /// already forgotten.
+    async fn forget_on(
+        &self,
+        addr: SocketAddr,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<(), HarnessError> {
+        let started = Instant::now();
+        loop {
+            match admin::query::<()>(
+                addr,
+                &self.settings.creds,
+                &cmd(&["CLUSTER", "FORGET", id]),
+                RESPONSE_TIMEOUT,
+            )
+            .await
+            {
+                Ok(()) => return Ok(()),
+                Err(HarnessError::Redis(e)) if e.to_string().contains("Unknown node") => {
+                    return Ok(())
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(HarnessError::Timeout {
+                        what: format!("{addr} to forget node {id} (last error: {e})"),
+                        after: started.elapsed(),
+                    })
+                }
+                Err(e) => {
+                    debug!(%addr, id, error = %e, "CLUSTER FORGET refused; retrying");
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        }
+    }
+
+    /// Points the configuration endpoint at every member (unless frozen).
+    fn publish_names(&self) {
+        let mut addrs: Vec<SocketAddr> = self.lock().members.iter().map(|m| m.addr).collect();
+        addrs.sort();
+        self.names.publish(&self.endpoint, addrs);
+    }
+
+    fn expected(&self) -> Vec<Expected> {
+        self.lock()
+            .members
+            .iter()
+            .map(|m| Expected {
+                id: m.id.clone(),
+                addr: m.addr,
+                running: m.running(),
+            })
+            .collect()
+    }
+
+    /// One look at the cluster: every running node's CLUSTER INFO, CLUSTER NODES and INFO
+    /// replication, evaluated together.
+    async fn observe(&self, require_sync: bool) -> Result<Agreed, String> {
+        let expected = self.expected();
+        let creds = &self.settings.creds;
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLUSTER")
+            .arg("INFO")
+            .cmd("CLUSTER")
+            .arg("NODES")
+            .cmd("INFO")
+            .arg("replication");
+        let pipe = &pipe;
+        let replies = join_all(expected.iter().filter(|e| e.running).map(|e| async move {
+            let reply: Result<(String, String, String), _> =
+                admin::query_pipe(e.addr, creds, pipe, RESPONSE_TIMEOUT).await;
+            (e.addr, reply)
+        }))
+        .await;
+        let mut observations = Vec::with_capacity(replies.len());
+        for (addr, reply) in replies {
+            let (cluster_info, cluster_nodes, replication) =
+                reply.map_err(|e| format!("{addr} did not answer: {e}"))?;
+            observations.push(Observation {
+                addr,
+                cluster_info,
+                cluster_nodes,
+                replication,
+            });
+        }
+        topology::evaluate(&expected, &observations, self.settings.shards, require_sync)
+    }
+
+    /// Polls until the cluster is healthy (and in sync with `require_sync`), then records the
+    /// agreed roles. `what` names the goal in the timeout error, with the last problem seen.
+    async fn wait_until(
+        &self,
+        deadline: Instant,
+        require_sync: bool,
+        what: &str,
+    ) -> Result<(), HarnessError> {
+        let started = Instant::now();
+        loop {
+            let problem = match self.observe(require_sync).await {
+                Ok(agreed) => {
+                    let mut state = self.lock();
+                    for m in state.members.iter_mut() {
+                        if let Some(&(role, shard)) = agreed.roles.get(&m.id) {
+                            m.role = role;
+                            m.shard = shard;
+                        }
+                    }
+                    debug!(what, elapsed = ?started.elapsed(), "reached");
+                    return Ok(());
+                }
+                Err(problem) => problem,
+            };
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(started, format!("{what}; last problem: {problem}")));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Polls until every running member knows every other running member (after `CLUSTER
+    /// MEET`): present in its CLUSTER NODES, handshake done, at the right address.
+    async fn wait_known(&self, deadline: Instant) -> Result<(), HarnessError> {
+        let started = Instant::now();
+        let creds = &self.settings.creds;
+        loop {
+            let running: Vec<Expected> =
+                self.expected().into_iter().filter(|e| e.running).collect();
+            let running = &running;
+            let views = join_all(running.iter().map(|e| async move {
+                let text = admin::query::<String>(
+                    e.addr,
+                    creds,
+                    &cmd(&["CLUSTER", "NODES"]),
+                    RESPONSE_TIMEOUT,
+                )
+                .await
+                .map_err(|err| format!("{} did not answer: {err}", e.addr))?;
+                let view = topology::parse_cluster_nodes(&text)?;
+                for other in running {
+                    let ok = view.iter().any(|v| {
+                        v.id == other.id && v.addr == Some(other.addr) && !v.handshake && !v.noaddr
+                    });
+                    if !ok {
+                        return Err(format!("{} does not know {} yet", e.addr, other.addr));
+                    }
+                }
+                Ok(())
+            }))
+            .await;
+            let problem = match views.into_iter().find_map(Result::err) {
+                None => {
+                    debug!(elapsed = ?started.elapsed(), "all nodes know each other");
+                    return Ok(());
+                }
+                Some(p) => p,
+            };
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(
+                    started,
+                    format!("every node to know every other node; last problem: {problem}"),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        // SIGKILL works on SIGSTOPped processes too; `kill` also reaps, so no zombie is left
+        // behind even if the test process lives on.
+        for m in &state.members {
+            if let Some(p) = &m.process {
+                p.kill();
+            }
+        }
+        // The name would point at dead addresses; a shared map should not keep it.
+        self.names.remove(&self.endpoint);
+        if self.keep_dir {
+            if let Some(dir) = self.tempdir.take() {
+                let path = dir.keep();
+                eprintln!("tower-redis-cluster harness: kept {}", path.display());
+            }
+        }
+        debug!(endpoint = %self.endpoint, "local Redis Cluster dropped");
+    }
+}
+
+/// `CLUSTER REPLICATE master_id` on `replica`, retried while the replica does not know the
+/// master yet.
+async fn replicate(
+    replica: SocketAddr,
+    master_id: &str,
+    creds: &Credentials,
+    deadline: Instant,
+) -> Result<(), HarnessError> {
+    let started = Instant::now();
+    loop {
+        match admin::query::<()>(
+            replica,
+            creds,
+            &cmd(&["CLUSTER", "REPLICATE", master_id]),
+            RESPONSE_TIMEOUT,
+        )
+        .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(HarnessError::Timeout {
+                    what: format!(
+                        "{replica} to accept CLUSTER REPLICATE {master_id} (last error: {e})"
+                    ),
+                    after: started.elapsed(),
+                })
+            }
+            Err(e) => {
+                debug!(%replica, error = %e, "CLUSTER REPLICATE refused; retrying");
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}

@@ -1,0 +1,137 @@
+//! The test's "DNS": names that resolve to loopback node addresses.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, PoisonError, RwLock},
+};
+
+/// A shared, in-memory name → addresses table: the "DNS" of a test.
+///
+/// A [`LocalCluster`](super::LocalCluster) registers its
+/// [`config_endpoint`](super::LocalCluster::config_endpoint) here and keeps it pointing at its
+/// member nodes as they are replaced, like the configuration endpoint of a managed cluster. The
+/// names are deliberately not resolvable by the OS (they end in `.test`), so a client only finds
+/// the cluster through this map: pass it wherever your code resolves host names, or hand it to
+/// the redis crate directly, since it implements [`redis::io::AsyncDNSResolver`].
+///
+/// Cloning is cheap and every clone sees the same table.
+#[derive(Clone, Debug, Default)]
+pub struct NameMap {
+    inner: Arc<RwLock<HashMap<String, Entry>>>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    addrs: Vec<SocketAddr>,
+    /// Set by [`NameMap::freeze`]: cluster operations leave the entry alone.
+    frozen: bool,
+}
+
+impl NameMap {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Points `name` at `addrs`, replacing what it pointed at.
+    ///
+    /// This is an explicit change by the test, so it applies even to a frozen name; only the
+    /// automatic updates of cluster operations respect [`freeze`](Self::freeze).
+    pub fn set(&self, name: &str, addrs: Vec<SocketAddr>) {
+        let mut map = self.write();
+        map.entry(name.to_owned()).or_default().addrs = addrs;
+    }
+
+    /// The addresses `name` points at; empty when the name is unknown.
+    pub fn lookup(&self, name: &str) -> Vec<SocketAddr> {
+        self.read()
+            .get(name)
+            .map(|e| e.addrs.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether `name` is registered at all (possibly with no address).
+    pub fn contains(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    /// Removes `name`.
+    pub fn remove(&self, name: &str) {
+        self.write().remove(name);
+    }
+
+    /// Freezes (`true`) or unfreezes (`false`) `name`.
+    ///
+    /// While frozen, cluster operations no longer update the name, which simulates a stale DNS
+    /// record (or a client-side DNS cache) that still points at the old IPs after nodes were
+    /// replaced. Unfreezing does not refresh the name by itself: the next cluster operation does.
+    pub fn freeze(&self, name: &str, frozen: bool) {
+        self.write().entry(name.to_owned()).or_default().frozen = frozen;
+    }
+
+    /// Whether `name` is frozen.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.read().get(name).is_some_and(|e| e.frozen)
+    }
+
+    /// The update a cluster operation makes: skipped while the name is frozen.
+    pub(crate) fn publish(&self, name: &str, addrs: Vec<SocketAddr>) {
+        let mut map = self.write();
+        let entry = map.entry(name.to_owned()).or_default();
+        if entry.frozen {
+            tracing::debug!(name, "name frozen: not updating it");
+        } else {
+            entry.addrs = addrs;
+        }
+    }
+
+    // A panic elsewhere while the lock was held cannot leave the map half-updated (every write
+    // is a single assignment), so a poisoned lock is still safe to use; ignoring the poison keeps
+    // one failed test from cascading into every later lookup.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Resolves names of the map to their IPs (with the port asked for, as DNS would), IP literals
+/// to themselves, and anything else through the OS resolver.
+///
+/// A registered name never falls through to the OS: a name that points at no address fails to
+/// resolve, as an empty DNS answer would.
+impl redis::io::AsyncDNSResolver for NameMap {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        host: &'b str,
+        port: u16,
+    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
+        let registered = {
+            let map = self.read();
+            map.get(host).map(|e| e.addrs.clone())
+        };
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = match registered {
+                Some(addrs) if addrs.is_empty() => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("name map: `{host}` resolves to no address"),
+                    )
+                    .into());
+                }
+                Some(addrs) => addrs
+                    .into_iter()
+                    .map(|a| SocketAddr::new(a.ip(), port))
+                    .collect(),
+                None => match host.parse::<IpAddr>() {
+                    Ok(ip) => vec![SocketAddr::new(ip, port)],
+                    Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
+                },
+            };
+            Ok(Box::new(addrs.into_iter()) as Box<dyn Iterator<Item = SocketAddr> + Send>)
+        })
+    }
+}
