@@ -70,9 +70,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let key = format!("demo:{task}:{}", i % 100);
-                let mut cmd = redis::cmd(if i % 2 == 0 { "GET" } else { "SET" });
+                let mut cmd = redis::cmd(if i.is_multiple_of(2) { "GET" } else { "SET" });
                 cmd.arg(&key);
-                if i % 2 == 1 {
+                if !i.is_multiple_of(2) {
                     cmd.arg(i);
                 }
                 let result = match ServiceExt::<redis::Cmd>::ready(&mut service).await {
