@@ -17,7 +17,6 @@ use crate::Error;
 pub struct JitteredBackoffMaker {
     floor: Duration,
     cap: Duration,
-    rng: HasherRng,
 }
 
 impl JitteredBackoffMaker {
@@ -31,11 +30,7 @@ impl JitteredBackoffMaker {
                 "backoff floor ({floor:?}) must not exceed its cap ({cap:?})"
             )));
         }
-        Ok(JitteredBackoffMaker {
-            floor,
-            cap,
-            rng: HasherRng::default(),
-        })
+        Ok(JitteredBackoffMaker { floor, cap })
     }
 
     /// The smallest delay.
@@ -48,13 +43,14 @@ impl JitteredBackoffMaker {
         self.cap
     }
 
-    /// A fresh sequence, starting from the floor.
+    /// A fresh sequence with its own random stream: two sequences from one maker (two callers
+    /// retrying at once) do not draw the same delays.
     pub fn make(&self) -> JitteredBackoff {
         JitteredBackoff {
             floor: self.floor,
             cap: self.cap,
             attempt: 0,
-            rng: self.rng.clone(),
+            rng: HasherRng::default(),
         }
     }
 }
@@ -86,11 +82,12 @@ pub struct JitteredBackoff {
 }
 
 impl JitteredBackoff {
-    /// The next delay, advancing the sequence.
+    /// The next delay, advancing the sequence: uniform in `[floor, min(cap, floor · 2^(n+1))]`
+    /// for the n-th delay (0-based), so even the first delays of many callers are spread.
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self
             .floor
-            .checked_mul(2u32.saturating_pow(self.attempt))
+            .checked_mul(2u32.saturating_pow(self.attempt.saturating_add(1)))
             .unwrap_or(self.cap)
             .min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
@@ -158,6 +155,19 @@ mod tests {
         assert!(
             *max - *min > Duration::from_millis(40),
             "capped delays not spread: {min:?}..{max:?}"
+        );
+    }
+
+    #[test]
+    fn sequences_from_one_maker_draw_different_delays() {
+        let maker =
+            JitteredBackoffMaker::new(Duration::from_millis(10), Duration::from_secs(1)).unwrap();
+        let firsts: std::collections::HashSet<Duration> =
+            (0..50).map(|_| maker.make().next_delay()).collect();
+        assert!(
+            firsts.len() > 40,
+            "first delays of 50 sequences: {} distinct",
+            firsts.len()
         );
     }
 

@@ -40,6 +40,7 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 pub mod backoff;
+pub mod client;
 pub mod command;
 pub mod connect;
 pub mod error;
@@ -50,6 +51,7 @@ pub mod retry;
 pub mod service;
 pub mod topology;
 
+pub use client::{Client, ClientBuilder};
 pub use command::{classify, Idempotency, IdempotencyTable};
 pub use connect::{ClusterConnector, Connect, Credentials, Seeds, TlsConfig};
 pub use error::{Error, ErrorKind, Sent};

@@ -358,7 +358,8 @@ async fn failed_connects_back_off_with_growing_jittered_delays() {
     assert_eq!(times.len(), 7);
     for (i, pair) in times.windows(2).enumerate() {
         let gap = pair[1] - pair[0];
-        let ceiling = (Duration::from_millis(100) * 2u32.pow(i as u32)).min(Duration::from_secs(1));
+        let ceiling =
+            (Duration::from_millis(100) * 2u32.pow(i as u32 + 1)).min(Duration::from_secs(1));
         assert!(gap >= Duration::from_millis(100), "gap {i}: {gap:?}");
         assert!(
             gap <= ceiling + Duration::from_millis(1),

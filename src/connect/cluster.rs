@@ -116,7 +116,8 @@ impl ClusterConnector {
             )
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks the configuration without connecting: seeds, timeouts, TLS availability.
+    pub fn validate(&self) -> Result<(), Error> {
         if self.seeds.is_empty() {
             return Err(Error::config(
                 "no seeds: give at least one host:port of the cluster",

@@ -124,7 +124,7 @@ pub struct Rebuild<C: Connect> {
 
 struct Waiting {
     deadline: Pin<Box<tokio::time::Sleep>>,
-    changed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    changed: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
 impl<C> Rebuild<C>

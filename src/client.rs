@@ -1,0 +1,479 @@
+//! [`Client`]: the ready-made stack, configured by a builder.
+//!
+//! `Client` is nothing but the public layers stacked with `ServiceBuilder` and boxed — the same
+//! stack a user can assemble by hand, layer by layer (see the crate docs):
+//!
+//! ```text
+//! Client            BoxCloneSyncService<Cmd, Value, Error> (+ one for Pipeline), Clone + Send + Sync
+//!   Timeout         one deadline for the whole call, retries included
+//!   Retry           kind × idempotency × Sent, backoff with full jitter, retry budget
+//!   ConcurrencyLimit (optional)
+//!   TopologyRefresh periodic + error-driven refresh, known nodes for rebuilds
+//!   Rebuild         single-flight rebuild of the inner client from the seed names
+//!   RedisService<ClusterConnection>
+//! ```
+
+use std::{
+    fmt,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use redis::{cluster_async::ClusterConnection, Cmd, FromRedisValue, Pipeline, Value};
+use tower::{util::BoxCloneSyncService, Service, ServiceBuilder, ServiceExt};
+
+use crate::{
+    connect::{ClusterConnector, Credentials, Resolve, Seeds, TlsConfig},
+    rebuild::{Rebuild, RebuildConfig, RebuildHandle},
+    retry::{RetryConfig, RetryLayer},
+    topology::{RefreshConfig, TopologyHandle, TopologyRefreshLayer},
+    Error, ErrorKind, RedisService,
+};
+
+/// A cheap-to-clone handle to a Redis Cluster that survives failovers and node replacements.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_redis_cluster::Client;
+///
+/// # async fn run() -> Result<(), tower_redis_cluster::Error> {
+/// let client = Client::builder()
+///     .seed("clustercfg.my-cluster.example.com:6379") // kept as a name, resolved at every connect
+///     .timeout(Duration::from_millis(500))
+///     .build()
+///     .await?;
+/// let mut set = redis::cmd("SET");
+/// set.arg("greeting").arg("hello");
+/// client.query::<()>(&set).await?;
+/// let mut get = redis::cmd("GET");
+/// get.arg("greeting");
+/// let value: String = client.query(&get).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    commands: BoxCloneSyncService<Cmd, Value, Error>,
+    pipelines: BoxCloneSyncService<Pipeline, Vec<Value>, Error>,
+    rebuild: RebuildHandle,
+    topology: Option<TopologyHandle>,
+    summary: Arc<str>,
+    deadline: Option<Duration>,
+}
+
+impl Client {
+    /// Starts configuring a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Runs `call` — readiness and call together — within the overall deadline. (tower's
+    /// `Timeout` covers only the response future; waiting for a rebuild happens in `poll_ready`.)
+    async fn within_deadline<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        match self.deadline {
+            Some(deadline) => tokio::time::timeout(deadline, call)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::timeout(format!(
+                        "the call did not finish within its deadline ({deadline:?})"
+                    )))
+                }),
+            None => call.await,
+        }
+    }
+
+    /// Sends a command and converts its reply.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, Error> {
+        let value = self
+            .within_deadline(self.commands.clone().oneshot(cmd.clone()))
+            .await?;
+        redis::from_redis_value(value).map_err(|e| {
+            Error::new(
+                ErrorKind::Command,
+                "the reply does not convert to the requested type",
+            )
+            .with_source(e)
+        })
+    }
+
+    /// Sends a command, taking it by value (no clone), and returns the raw reply.
+    pub async fn send(&self, cmd: Cmd) -> Result<Value, Error> {
+        self.within_deadline(self.commands.clone().oneshot(cmd))
+            .await
+    }
+
+    /// Sends a pipeline and converts its replies (one per command not ignored).
+    pub async fn query_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, Error> {
+        let values = self
+            .within_deadline(self.pipelines.clone().oneshot(pipeline.clone()))
+            .await?;
+        redis::from_redis_value(Value::Array(values)).map_err(|e| {
+            Error::new(
+                ErrorKind::Command,
+                "the replies do not convert to the requested type",
+            )
+            .with_source(e)
+        })
+    }
+
+    /// The handle of the rebuild layer: generation, manual rebuilds.
+    pub fn rebuild_handle(&self) -> &RebuildHandle {
+        &self.rebuild
+    }
+
+    /// The handle of the topology refresh layer, when it is on.
+    pub fn topology(&self) -> Option<&TopologyHandle> {
+        self.topology.as_ref()
+    }
+
+    /// The generation of the inner cluster client (0 until the first connect).
+    pub fn generation(&self) -> u64 {
+        self.rebuild.generation()
+    }
+
+    /// Waits, at most `timeout`, until the first inner client is connected.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
+        self.rebuild
+            .wait_for_generation(1, timeout)
+            .await
+            .map(|_| ())
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.summary)
+            .field("generation", &self.rebuild.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<Cmd> for Client {
+    type Response = Value;
+    type Error = Error;
+    type Future = <BoxCloneSyncService<Cmd, Value, Error> as Service<Cmd>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.commands.poll_ready(cx)
+    }
+
+    fn call(&mut self, cmd: Cmd) -> Self::Future {
+        self.commands.call(cmd)
+    }
+}
+
+impl Service<Pipeline> for Client {
+    type Response = Vec<Value>;
+    type Error = Error;
+    type Future = <BoxCloneSyncService<Pipeline, Vec<Value>, Error> as Service<Pipeline>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.pipelines.poll_ready(cx)
+    }
+
+    fn call(&mut self, pipeline: Pipeline) -> Self::Future {
+        self.pipelines.call(pipeline)
+    }
+}
+
+/// Configures a [`Client`]. Each layer can be configured or turned off; nothing is hidden.
+#[derive(Default)]
+pub struct ClientBuilder {
+    seeds: Vec<String>,
+    credentials: Option<Credentials>,
+    tls: Option<TlsConfig>,
+    resolver: Option<Arc<dyn Resolve>>,
+    connection_timeout: Option<Duration>,
+    response_timeout: Option<Duration>,
+    timeout: Option<Option<Duration>>,
+    retry: Option<Option<RetryConfig>>,
+    refresh: Option<Option<RefreshConfig>>,
+    rebuild: Option<RebuildConfig>,
+    read_from_replicas: bool,
+    concurrency_limit: Option<usize>,
+    inner_retries: Option<u32>,
+}
+
+impl ClientBuilder {
+    /// Adds a seed: `host:port`, `host`, or a `redis://` / `rediss://` URL. Host names are kept
+    /// and resolved again at every connect.
+    pub fn seed(mut self, seed: impl Into<String>) -> Self {
+        self.seeds.push(seed.into());
+        self
+    }
+
+    /// Adds several seeds.
+    pub fn seeds<I, S>(mut self, seeds: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.seeds.extend(seeds.into_iter().map(Into::into));
+        self
+    }
+
+    /// ACL user and password (redacted in `Debug` and logs).
+    pub fn credentials(
+        mut self,
+        username: impl Into<String>,
+        password: impl Into<crate::connect::Secret>,
+    ) -> Self {
+        self.credentials = Some(Credentials::new(username, password));
+        self
+    }
+
+    /// A password for the `default` user.
+    pub fn password(mut self, password: impl Into<crate::connect::Secret>) -> Self {
+        self.credentials = Some(Credentials::password(password));
+        self
+    }
+
+    /// Connect over TLS (feature `tls`).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Resolve seed names with this resolver instead of the system's.
+    pub fn resolver(mut self, resolver: impl Resolve) -> Self {
+        self.resolver = Some(Arc::new(resolver));
+        self
+    }
+
+    /// How long one TCP/TLS connect may take (default 1 s).
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = Some(timeout);
+        self
+    }
+
+    /// How long one attempt waits for its reply (default 500 ms).
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = Some(timeout);
+        self
+    }
+
+    /// The overall deadline of a call, retries and waits included (default 5 s; `None`: off).
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.timeout = Some(timeout.into());
+        self
+    }
+
+    /// Retry configuration (default [`RetryConfig::default`]).
+    pub fn retry(mut self, config: RetryConfig) -> Self {
+        self.retry = Some(Some(config));
+        self
+    }
+
+    /// No retry layer.
+    pub fn no_retry(mut self) -> Self {
+        self.retry = Some(None);
+        self
+    }
+
+    /// Topology refresh configuration (default [`RefreshConfig::default`]).
+    pub fn topology_refresh(mut self, config: RefreshConfig) -> Self {
+        self.refresh = Some(Some(config));
+        self
+    }
+
+    /// No topology refresh layer.
+    pub fn no_topology_refresh(mut self) -> Self {
+        self.refresh = Some(None);
+        self
+    }
+
+    /// Rebuild configuration (default [`RebuildConfig::default`]).
+    pub fn rebuild(mut self, config: RebuildConfig) -> Self {
+        self.rebuild = Some(config);
+        self
+    }
+
+    /// Route read-only commands to replicas (passed to the inner cluster client).
+    pub fn read_from_replicas(mut self, enabled: bool) -> Self {
+        self.read_from_replicas = enabled;
+        self
+    }
+
+    /// At most `limit` calls in flight per client (and its clones); further callers wait in
+    /// `poll_ready`.
+    pub fn concurrency_limit(mut self, limit: usize) -> Self {
+        self.concurrency_limit = Some(limit);
+        self
+    }
+
+    /// The inner cluster client's own retries (default 2: a redirect and a reconnect).
+    pub fn inner_retries(mut self, retries: u32) -> Self {
+        self.inner_retries = Some(retries);
+        self
+    }
+
+    /// Validates the configuration and builds the stack. Does not wait for the cluster: the
+    /// first connect runs in the background and calls wait for it, bounded (see
+    /// [`Client::wait_connected`]). Fails only on invalid configuration, with a `Config` error
+    /// that says what to fix.
+    pub async fn build(self) -> Result<Client, Error> {
+        let seeds = Seeds::parse(&self.seeds)?;
+        for (name, value) in [
+            ("connection_timeout", self.connection_timeout),
+            ("response_timeout", self.response_timeout),
+            ("timeout", self.timeout.flatten()),
+        ] {
+            if value.is_some_and(|d| d.is_zero()) {
+                return Err(Error::config(format!("{name} must be greater than zero")));
+            }
+        }
+        if self.concurrency_limit == Some(0) {
+            return Err(Error::config("concurrency_limit must be at least 1"));
+        }
+
+        let mut connector = ClusterConnector::new(seeds);
+        if let Some(c) = self.credentials {
+            connector = connector.credentials(c);
+        }
+        if let Some(t) = self.tls {
+            connector = connector.tls(t);
+        }
+        if let Some(r) = self.resolver {
+            connector = connector.resolver(r);
+        }
+        if let Some(d) = self.connection_timeout {
+            connector = connector.connection_timeout(d);
+        }
+        if let Some(d) = self.response_timeout {
+            connector = connector.response_timeout(d);
+        }
+        if let Some(n) = self.inner_retries {
+            connector = connector.inner_retries(n);
+        }
+        connector = connector.read_from_replicas(self.read_from_replicas);
+        connector.validate()?;
+
+        let timeout = self.timeout.unwrap_or(Some(Duration::from_secs(5)));
+        let retry = self.retry.unwrap_or_else(|| Some(RetryConfig::default()));
+        // The retry layer must not start an attempt that the overall deadline would cut off.
+        let retry = retry.map(|r| match (timeout, r.deadline) {
+            (Some(t), Some(d)) if d <= t => r,
+            (Some(t), _) => r.deadline(t),
+            (None, _) => r,
+        });
+        let refresh = self
+            .refresh
+            .unwrap_or_else(|| Some(RefreshConfig::default()));
+
+        let summary: Arc<str> = Arc::from(format!(
+            "{connector:?}, timeout {timeout:?}, retry {}, topology refresh {}, concurrency limit {:?}",
+            if retry.is_some() { "on" } else { "off" },
+            if refresh.is_some() { "on" } else { "off" },
+            self.concurrency_limit
+        ));
+
+        let source = connector.topology_source();
+        let mut rebuild_config = self.rebuild.unwrap_or_default();
+        // A caller of the Service interface waits for a rebuild in poll_ready, which the
+        // Timeout layer does not cover: keep that wait inside the deadline too.
+        if let Some(t) = timeout {
+            if rebuild_config.max_wait > t {
+                rebuild_config = rebuild_config.max_wait(t);
+            }
+        }
+        let rebuild = Rebuild::new(connector, rebuild_config);
+        let rebuild_handle = rebuild.handle();
+        match refresh {
+            Some(config) => {
+                let layer = TopologyRefreshLayer::new(source, config)
+                    .rebuild_handle(rebuild_handle.clone());
+                let refreshed = tower::Layer::layer(&layer, rebuild);
+                let topology = refreshed.handle();
+                let (commands, pipelines) =
+                    outer_stack(refreshed, retry, timeout, self.concurrency_limit);
+                Ok(Client {
+                    commands,
+                    pipelines,
+                    rebuild: rebuild_handle,
+                    topology: Some(topology),
+                    summary,
+                    deadline: timeout,
+                })
+            }
+            None => {
+                let (commands, pipelines) =
+                    outer_stack(rebuild, retry, timeout, self.concurrency_limit);
+                Ok(Client {
+                    commands,
+                    pipelines,
+                    rebuild: rebuild_handle,
+                    topology: None,
+                    summary,
+                    deadline: timeout,
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("seeds", &redacted_seeds(&self.seeds))
+            .field("credentials", &self.credentials)
+            .field("tls", &self.tls)
+            .field("timeout", &self.timeout)
+            .field("read_from_replicas", &self.read_from_replicas)
+            .field("concurrency_limit", &self.concurrency_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seeds as typed, with any `user:password@` of a URL hidden.
+fn redacted_seeds(seeds: &[String]) -> Vec<String> {
+    seeds
+        .iter()
+        .map(|s| match (s.find("://"), s.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}<redacted>@{}", &s[..scheme + 3], &s[at + 1..])
+            }
+            _ => s.clone(),
+        })
+        .collect()
+}
+
+type Commands = BoxCloneSyncService<Cmd, Value, Error>;
+type Pipelines = BoxCloneSyncService<Pipeline, Vec<Value>, Error>;
+
+/// Timeout → Retry → ConcurrencyLimit around `inner`, boxed once for commands and once for
+/// pipelines (the two boxes share the inner state: the same rebuild, refresher and budget).
+fn outer_stack<S>(
+    inner: S,
+    retry: Option<RetryConfig>,
+    timeout: Option<Duration>,
+    limit: Option<usize>,
+) -> (Commands, Pipelines)
+where
+    S: Service<Cmd, Response = Value, Error = Error>
+        + Service<Pipeline, Response = Vec<Value>, Error = Error>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    <S as Service<Cmd>>::Future: Send + 'static,
+    <S as Service<Pipeline>>::Future: Send + 'static,
+{
+    let stack = ServiceBuilder::new()
+        .map_err(Error::from)
+        .option_layer(timeout.map(tower::timeout::TimeoutLayer::new))
+        .map_err(|e: Error| -> tower::BoxError { Box::new(e) })
+        .option_layer(retry.map(RetryLayer::new))
+        .option_layer(limit.map(tower::limit::ConcurrencyLimitLayer::new))
+        .service(inner);
+    (
+        BoxCloneSyncService::<Cmd, Value, Error>::new(stack.clone()),
+        BoxCloneSyncService::<Pipeline, Vec<Value>, Error>::new(stack),
+    )
+}
+
+/// The boxed inner service type of a `Client`, for users who want the same stack by hand.
+pub type InnerService = RedisService<ClusterConnection>;

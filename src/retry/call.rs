@@ -1,0 +1,252 @@
+//! [`CallPolicy`]: one call's retry state, driving a [`RetryPolicy`] through tower's
+//! [`Policy`] trait.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use pin_project_lite::pin_project;
+use redis::{Cmd, Pipeline};
+use tokio::time::{Instant, Sleep};
+use tower::retry::Policy;
+
+use super::{Action, Attempt, RetryPolicy};
+use crate::{Error, Idempotency, Sent};
+
+/// The retry state of **one** call, as a [`tower::retry::Policy`] for `Cmd` and `Pipeline`.
+///
+/// It wraps the call's own clone of a [`RetryPolicy`] and keeps what the decisions need across
+/// attempts: when the call started and its deadline, the attempt number, the redirections met,
+/// the request's idempotency (classified once, at the first failure) and whether any attempt
+/// may have taken effect.
+///
+/// [`Retry`](super::Retry) makes one in every `call()`. Do not hand one to tower's own
+/// `tower::retry::Retry`: that service keeps a single policy value and clones it into each
+/// response future, so the start time, deadline and counters would belong to no call in
+/// particular.
+///
+/// What it enforces whatever the decision policy says:
+/// * a retry whose delay would end at or after the deadline is not made;
+/// * when it gives up after an attempt that may have taken effect, the error it leaves in the
+///   result says [`Sent::Maybe`], even if the last attempt's own error said [`Sent::No`] — the
+///   caller must not take a retried `SET` that timed out first for one that never ran.
+pub struct CallPolicy<P> {
+    policy: P,
+    started: Instant,
+    deadline: Option<Instant>,
+    attempt: u32,
+    redirects: u32,
+    idempotency: Option<Idempotency>,
+    maybe_applied: bool,
+}
+
+impl<P: RetryPolicy> CallPolicy<P> {
+    /// Starts a call: `policy` is the call's own clone. Calls [`RetryPolicy::on_call`] and
+    /// starts the deadline clock.
+    pub fn new(mut policy: P) -> Self {
+        policy.on_call();
+        let started = Instant::now();
+        let deadline = policy.deadline().map(|d| started + d);
+        CallPolicy {
+            policy,
+            started,
+            deadline,
+            attempt: 1,
+            redirects: 0,
+            idempotency: None,
+            maybe_applied: false,
+        }
+    }
+
+    /// The call's decision policy.
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
+    /// The number of the current attempt (1 for the first; redirections followed with
+    /// [`Action::Follow`] do not count).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Redirections met so far.
+    pub fn redirects(&self) -> u32 {
+        self.redirects
+    }
+
+    /// When the call started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// When the call's deadline passes, if it has one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Whether an attempt that was retried may have taken effect.
+    pub fn maybe_applied(&self) -> bool {
+        self.maybe_applied
+    }
+
+    /// The error the caller gets when the call ends with `error`: [`Sent::Maybe`] if any earlier
+    /// attempt may have taken effect.
+    pub fn final_error(&self, error: Error) -> Error {
+        if self.maybe_applied && error.sent() == Sent::No {
+            error.with_sent(Sent::Maybe)
+        } else {
+            error
+        }
+    }
+
+    fn decide<T>(
+        &mut self,
+        result: &mut Result<T, Error>,
+        classify: impl FnOnce(&P) -> Idempotency,
+    ) -> Option<Delay> {
+        let Err(error) = result else {
+            return None;
+        };
+        let idempotency = *self
+            .idempotency
+            .get_or_insert_with(|| classify(&self.policy));
+        if error.kind().is_redirect() {
+            self.redirects += 1;
+        }
+        let now = Instant::now();
+        let remaining = self.deadline.map(|d| d.saturating_duration_since(now));
+        let action = self.policy.retry(&Attempt {
+            error,
+            idempotency,
+            attempt: self.attempt,
+            redirects: self.redirects,
+            elapsed: now.saturating_duration_since(self.started),
+            remaining,
+        });
+        let (delay, follow) = match action {
+            Action::Retry => (Duration::ZERO, false),
+            Action::RetryAfter(delay) => (delay, false),
+            Action::Follow => (Duration::ZERO, true),
+            Action::Stop => {
+                *error = self.final_error(error.clone());
+                return None;
+            }
+        };
+        if remaining.is_some_and(|left| delay >= left) {
+            tracing::debug!(
+                kind = %error.kind(),
+                attempt = self.attempt,
+                ?delay,
+                ?remaining,
+                "no retry: it would start after the call's deadline"
+            );
+            *error = self.final_error(error.clone());
+            return None;
+        }
+        if error.sent() != Sent::No {
+            self.maybe_applied = true;
+        }
+        tracing::debug!(
+            kind = %error.kind(),
+            sent = ?error.sent(),
+            idempotency = %idempotency,
+            generation = error.generation(),
+            attempt = self.attempt,
+            redirects = self.redirects,
+            follow,
+            delay_ms = delay.as_secs_f64() * 1000.0,
+            "retrying"
+        );
+        if !follow {
+            self.attempt += 1;
+        }
+        Some(Delay::new(delay))
+    }
+}
+
+impl<P: fmt::Debug> fmt::Debug for CallPolicy<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallPolicy")
+            .field("policy", &self.policy)
+            .field("started", &self.started)
+            .field("deadline", &self.deadline)
+            .field("attempt", &self.attempt)
+            .field("redirects", &self.redirects)
+            .field("idempotency", &self.idempotency)
+            .field("maybe_applied", &self.maybe_applied)
+            .finish()
+    }
+}
+
+impl<P: RetryPolicy, T> Policy<Cmd, T, Error> for CallPolicy<P> {
+    type Future = Delay;
+
+    fn retry(&mut self, req: &mut Cmd, result: &mut Result<T, Error>) -> Option<Delay> {
+        self.decide(result, |policy| policy.idempotency(req))
+    }
+
+    fn clone_request(&mut self, req: &Cmd) -> Option<Cmd> {
+        // Any attempt may need a successor, and the request is gone once sent.
+        Some(req.clone())
+    }
+}
+
+impl<P: RetryPolicy, T> Policy<Pipeline, T, Error> for CallPolicy<P> {
+    type Future = Delay;
+
+    fn retry(&mut self, req: &mut Pipeline, result: &mut Result<T, Error>) -> Option<Delay> {
+        self.decide(result, |policy| policy.pipeline_idempotency(req))
+    }
+
+    fn clone_request(&mut self, req: &Pipeline) -> Option<Pipeline> {
+        Some(req.clone())
+    }
+}
+
+pin_project! {
+    /// The wait before a resend: none for an immediate one, the backoff otherwise.
+    pub struct Delay {
+        duration: Duration,
+        #[pin]
+        sleep: Option<Sleep>,
+    }
+}
+
+impl Delay {
+    fn new(duration: Duration) -> Self {
+        Delay {
+            duration,
+            // No timer for an immediate resend: even an elapsed `Sleep` would register with
+            // the timer wheel.
+            sleep: (!duration.is_zero()).then(|| tokio::time::sleep(duration)),
+        }
+    }
+
+    /// How long this delay lasts.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+}
+
+impl Future for Delay {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.project().sleep.as_pin_mut() {
+            Some(sleep) => sleep.poll(cx),
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+impl fmt::Debug for Delay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delay")
+            .field("duration", &self.duration)
+            .finish()
+    }
+}

@@ -1,0 +1,121 @@
+//! Knobs of the standard retry policy.
+
+use std::{sync::Arc, time::Duration};
+
+use tower::retry::budget::TpsBudget;
+
+use crate::{backoff::JitteredBackoffMaker, Error, IdempotencyTable};
+
+/// Configuration of [`StandardRetryPolicy`](super::StandardRetryPolicy). Every choice is a
+/// setter; nothing is hidden.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::retry::budget::TpsBudget;
+/// use tower_redis_cluster::{retry::RetryConfig, Idempotency, IdempotencyTable};
+///
+/// # fn main() -> Result<(), tower_redis_cluster::Error> {
+/// let config = RetryConfig::new()
+///     .max_retries(5)
+///     .backoff(Duration::from_millis(50), Duration::from_secs(2))?
+///     .deadline(Duration::from_secs(3))
+///     // Retries may add at most 10 % to the load, plus 5 per second while traffic is low.
+///     .budget(TpsBudget::new(Duration::from_secs(10), 5, 0.1))
+///     // Our one script overwrites a key with a fixed value: safe to send again.
+///     .idempotency(IdempotencyTable::new().with_override("EVALSHA", Idempotency::Idempotent));
+/// # let _ = config; Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RetryConfig {
+    pub(crate) max_retries: u32,
+    pub(crate) max_redirects: u32,
+    pub(crate) backoff: JitteredBackoffMaker,
+    pub(crate) idempotency: IdempotencyTable,
+    pub(crate) budget: Option<Arc<TpsBudget>>,
+    pub(crate) deadline: Option<Duration>,
+}
+
+impl RetryConfig {
+    /// At most 8 retries per call, backing off from 20 ms to 1 s with full jitter (about 2 s
+    /// in all on average: enough to ride out an automatic failover); at most 5
+    /// redirections followed per call; the built-in idempotency table; tower's default
+    /// [`TpsBudget`] (retries may add 20 % to the calls of the last 10 s, plus 10 per second);
+    /// and a deadline of 5 s per call.
+    pub fn new() -> Self {
+        RetryConfig {
+            max_retries: 8,
+            max_redirects: 5,
+            backoff: JitteredBackoffMaker::new(Duration::from_millis(20), Duration::from_secs(1))
+                .expect("valid default backoff"),
+            idempotency: IdempotencyTable::new(),
+            budget: Some(Arc::new(TpsBudget::default())),
+            deadline: Some(Duration::from_secs(5)),
+        }
+    }
+
+    /// How many times a call may be sent again after failures. Following a redirection does
+    /// not count (see [`max_redirects`](Self::max_redirects)). 0 disables retries of failures.
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// How many `MOVED`/`ASK` redirections a call follows, on top of its retries.
+    ///
+    /// The inner cluster client follows redirections itself; one that reaches the retry layer
+    /// means the client ran out of its own retries while slots were moving, so it is resent at
+    /// once, without backoff and without spending budget. This bound keeps a redirection loop
+    /// (two nodes that disagree about a slot) from spinning. A redirection to the same target
+    /// as the call's previous one is not followed but retried, as a failure
+    /// (see [`StandardRetryPolicy`](super::StandardRetryPolicy)).
+    pub fn max_redirects(mut self, redirects: u32) -> Self {
+        self.max_redirects = redirects;
+        self
+    }
+
+    /// Delays between retries: exponential from `floor` to `cap`, full jitter. Fails when
+    /// `floor > cap` or `cap` is zero.
+    pub fn backoff(mut self, floor: Duration, cap: Duration) -> Result<Self, Error> {
+        self.backoff = JitteredBackoffMaker::new(floor, cap)?;
+        Ok(self)
+    }
+
+    /// Which commands are safe to send again: the built-in table plus your overrides.
+    pub fn idempotency(mut self, table: IdempotencyTable) -> Self {
+        self.idempotency = table;
+        self
+    }
+
+    /// The retry budget, shared by every clone of the service and by every service made from
+    /// this configuration. Each call deposits into it; each retry of a failure withdraws. Pass
+    /// an `Arc<TpsBudget>` to share one budget with other layers or to observe it.
+    pub fn budget(mut self, budget: impl Into<Arc<TpsBudget>>) -> Self {
+        self.budget = Some(budget.into());
+        self
+    }
+
+    /// No budget: retries are limited only per call. During a cluster-wide outage every call
+    /// is then sent up to `max_retries + 1` times.
+    pub fn without_budget(mut self) -> Self {
+        self.budget = None;
+        self
+    }
+
+    /// The overall deadline of one call — every attempt and every backoff — counted from the
+    /// moment the call is made; `None` for none.
+    ///
+    /// A retry whose backoff would end at or after the deadline is not started: the caller
+    /// gets the last error at once. A retry in flight at the deadline is abandoned with a
+    /// `Timeout` error. The first attempt is not cut (that is a timeout layer's job, outside
+    /// the retry layer); set the timeout layer's duration at least as long as this deadline.
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.deadline = deadline.into();
+        self
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig::new()
+    }
+}

@@ -1,0 +1,195 @@
+//! The response future of [`Retry`](super::Retry).
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower::{retry::Policy, Service};
+use tracing::Span;
+
+use super::{CallPolicy, Delay, RetryPolicy};
+use crate::Error;
+
+pin_project! {
+    /// One call through [`Retry`](super::Retry): its first attempt, and the backoffs and
+    /// retries its [`CallPolicy`] asks for.
+    pub struct ResponseFuture<S, P, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        // Armed when the first retry is decided, so calls that succeed at once never touch
+        // the timer.
+        #[pin]
+        deadline: Option<Sleep>,
+        // The service clone that sent the last attempt; it sends the retries.
+        service: S,
+        policy: CallPolicy<P>,
+        // A copy of the request for the next attempt.
+        request: Option<Req>,
+        // The error of the attempt being retried, returned if the retry cannot be sent.
+        last_error: Option<Error>,
+        span: Span,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called {
+            #[pin]
+            future: F,
+        },
+        Waiting {
+            #[pin]
+            delay: Delay,
+        },
+        Readying,
+    }
+}
+
+impl<S, P, Req> ResponseFuture<S, P, Req>
+where
+    S: Service<Req>,
+{
+    pub(super) fn new(
+        future: S::Future,
+        service: S,
+        policy: CallPolicy<P>,
+        request: Option<Req>,
+        span: Span,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            deadline: None,
+            service,
+            policy,
+            request,
+            last_error: None,
+            span,
+        }
+    }
+}
+
+impl<S, P, Req> Future for ResponseFuture<S, P, Req>
+where
+    S: Service<Req, Error = Error>,
+    P: RetryPolicy,
+    CallPolicy<P>: Policy<Req, S::Response, Error, Future = Delay>,
+{
+    type Output = Result<S::Response, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    let mut result = match future.poll(cx) {
+                        Poll::Ready(result) => result,
+                        Poll::Pending => {
+                            // Only retries are cut at the deadline: the first attempt is what
+                            // the caller would have had without this layer.
+                            if deadline_passed(this.deadline.as_mut(), cx) {
+                                let error = Error::timeout(format!(
+                                    "attempt {} was still running at the call's deadline",
+                                    this.policy.attempt()
+                                ));
+                                let error = match this.last_error.take() {
+                                    Some(previous) => error.with_source(previous),
+                                    None => error,
+                                };
+                                tracing::debug!("deadline passed during a retry");
+                                record_attempts(this.span, this.policy);
+                                return Poll::Ready(Err(this.policy.final_error(error)));
+                            }
+                            return Poll::Pending;
+                        }
+                    };
+                    let Some(request) = this.request.as_mut() else {
+                        return Poll::Ready(result);
+                    };
+                    match this.policy.retry(request, &mut result) {
+                        Some(delay) => {
+                            if this.deadline.is_none() {
+                                if let Some(at) = this.policy.deadline() {
+                                    this.deadline.set(Some(tokio::time::sleep_until(at)));
+                                }
+                            }
+                            *this.last_error = result.err();
+                            this.state.set(State::Waiting { delay });
+                        }
+                        None => {
+                            record_attempts(this.span, this.policy);
+                            return Poll::Ready(result);
+                        }
+                    }
+                }
+                StateProj::Waiting { delay } => {
+                    // `CallPolicy` hands out no delay that ends past the deadline.
+                    ready!(delay.poll(cx));
+                    this.state.set(State::Readying);
+                }
+                StateProj::Readying => {
+                    // Checked before sending, not only while waiting: timers fire on whole
+                    // milliseconds, so a backoff that ends just before the deadline may be
+                    // woken in the same tick as the deadline.
+                    // A service that cannot take the retry (a rebuild in progress) must not
+                    // hold the caller past the deadline either.
+                    if deadline_passed(this.deadline.as_mut(), cx) {
+                        tracing::debug!("deadline passed before the retry could be sent");
+                        record_attempts(this.span, this.policy);
+                        let error = this.last_error.take().unwrap_or_else(|| {
+                            Error::timeout("the call's deadline passed before a retry")
+                        });
+                        return Poll::Ready(Err(this.policy.final_error(error)));
+                    }
+                    let ready = ready!(this.service.poll_ready(cx));
+                    if let Err(error) = ready {
+                        record_attempts(this.span, this.policy);
+                        return Poll::Ready(Err(this.policy.final_error(error)));
+                    }
+                    let request = this
+                        .request
+                        .take()
+                        .expect("a retry is only decided with a request copy at hand");
+                    *this.request = this.policy.clone_request(&request);
+                    let future = this.service.call(request);
+                    this.state.set(State::Called { future });
+                }
+            }
+        }
+    }
+}
+
+/// Puts the counts on the call's span, when there is more than the first attempt to tell.
+fn record_attempts<P: RetryPolicy>(span: &Span, policy: &CallPolicy<P>) {
+    if policy.attempt() > 1 || policy.redirects() > 0 {
+        span.record("attempts", policy.attempt());
+        span.record("redirects", policy.redirects());
+    }
+}
+
+fn deadline_passed(deadline: Pin<&mut Option<Sleep>>, cx: &mut Context<'_>) -> bool {
+    deadline
+        .as_pin_mut()
+        .is_some_and(|sleep| sleep.poll(cx).is_ready())
+}
+
+impl<S, P, Req> fmt::Debug for ResponseFuture<S, P, Req>
+where
+    S: Service<Req>,
+    P: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,204 @@
+//! The ready-made `Client` against real clusters. Requires the `test-util` feature.
+
+mod support;
+
+use std::{
+    io::Write,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::Duration,
+};
+
+use support::{assert_documented_kinds, first_success, Load};
+use tower_redis_cluster::{harness::LocalCluster, Client, ErrorKind};
+
+#[tokio::test]
+async fn invalid_configuration_fails_build_with_a_config_error_that_says_what_to_fix() {
+    let cases: Vec<(tower_redis_cluster::ClientBuilder, &str)> = vec![
+        (Client::builder(), "no seeds"),
+        (Client::builder().seed("http://h:1"), "scheme"),
+        (Client::builder().seed("h:99999"), "port"),
+        (
+            Client::builder().seed("h:1").timeout(Duration::ZERO),
+            "timeout",
+        ),
+        (
+            Client::builder()
+                .seed("h:1")
+                .response_timeout(Duration::ZERO),
+            "response_timeout",
+        ),
+        (
+            Client::builder()
+                .seed("h:1")
+                .connection_timeout(Duration::ZERO),
+            "connection_timeout",
+        ),
+        (
+            Client::builder().seed("h:1").concurrency_limit(0),
+            "concurrency_limit",
+        ),
+        (
+            Client::builder()
+                .seed("h:1")
+                .tls(tower_redis_cluster::TlsConfig::custom_ca("not pem")),
+            if cfg!(feature = "tls") { "PEM" } else { "tls" },
+        ),
+    ];
+    for (builder, needle) in cases {
+        let err = builder.build().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(err.to_string().contains(needle), "{needle:?} not in {err}");
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+#[tokio::test]
+async fn rediss_without_the_tls_feature_is_a_config_error() {
+    let err = Client::builder()
+        .seed("rediss://h:1")
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("`tls` feature"), "{err}");
+}
+
+#[tokio::test]
+async fn building_succeeds_while_the_cluster_is_unreachable_and_calls_fail_within_the_deadline() {
+    let client = Client::builder()
+        .seed("127.0.0.1:1")
+        .timeout(Duration::from_millis(400))
+        .build()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = client.send(redis::cmd("PING")).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(err.kind(), ErrorKind::Unreachable | ErrorKind::Timeout),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_pipelines_and_a_replace_failover_through_the_client() {
+    let mut cluster = LocalCluster::builder()
+        .shards(3)
+        .replicas(1)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .seed(cluster.seed())
+        .resolver(cluster.name_map())
+        .build()
+        .await
+        .unwrap();
+    client
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let mut set = redis::cmd("SET");
+    set.arg("client:k").arg("v1");
+    client.query::<()>(&set).await.unwrap();
+    let mut get = redis::cmd("GET");
+    get.arg("client:k");
+    assert_eq!(client.query::<String>(&get).await.unwrap(), "v1");
+    let wrong: Result<Vec<i64>, _> = client.query(&get).await;
+    assert_eq!(wrong.unwrap_err().kind(), ErrorKind::Command);
+
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg("{p}a").arg(1).ignore();
+    pipe.cmd("INCR").arg("{p}a");
+    pipe.cmd("GET").arg("{p}a");
+    let (incr, got): (i64, String) = client.query_pipeline(&pipe).await.unwrap();
+    assert_eq!((incr, got.as_str()), (2, "2"));
+
+    let load = Load::start(client.clone(), 8);
+    let master = cluster.master_of(1);
+    cluster.replace_node(master.addr).await.unwrap();
+    first_success(&client, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let stats = load.stop().await;
+    assert_documented_kinds(&stats.errors());
+    println!(
+        "client through a master replacement: {} ok, errors {:?}",
+        stats.ok.load(Ordering::SeqCst),
+        stats.errors()
+    );
+    assert_eq!(client.query::<String>(&get).await.unwrap(), "v1");
+    assert!(client.topology().unwrap().current().is_some());
+}
+
+/// Collects everything tracing writes.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_debug_or_tracing_output() {
+    const SECRET: &str = "s3cr3t-Pa55w0rd";
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("trace")
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let cluster = LocalCluster::builder()
+        .shards(1)
+        .replicas(0)
+        .user("app", SECRET)
+        .start()
+        .await
+        .unwrap();
+    let builder = Client::builder()
+        .seed(format!("redis://app:{SECRET}@{}", cluster.seed()))
+        .resolver(cluster.name_map());
+    let builder_debug = format!("{builder:?}");
+    let client = builder.build().await.unwrap();
+    client
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut set = redis::cmd("SET");
+    set.arg("secret:k").arg("v");
+    client.query::<()>(&set).await.unwrap();
+    // A failing login too: its error must not echo the password either.
+    let bad = Client::builder()
+        .seed(format!("redis://app:{SECRET}-wrong@{}", cluster.seed()))
+        .resolver(cluster.name_map())
+        .timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let err = bad.send(redis::cmd("PING")).await.unwrap_err();
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(!logs.is_empty(), "tracing captured nothing");
+    for (what, text) in [
+        ("builder Debug", builder_debug),
+        ("client Debug", format!("{client:?}")),
+        ("error Display", err.to_string()),
+        ("error Debug", format!("{err:?}")),
+        ("tracing output", logs),
+    ] {
+        assert!(!text.contains(SECRET), "{what} leaks the password: {text}");
+    }
+}
