@@ -48,6 +48,8 @@ pub enum ErrorKind {
     Unreachable,
     /// Authentication or authorisation failed (`NOAUTH`, `WRONGPASS`, `NOPERM`).
     Auth,
+    /// The TLS handshake failed: an untrusted or mismatched certificate, or a protocol error.
+    Tls,
     /// The server rejected the command itself (`WRONGTYPE`, syntax, `CROSSSLOT`, script errors).
     Command,
     /// The configuration cannot work (no seeds, bad URL, unsupported option).
@@ -71,6 +73,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Unreachable => "unreachable",
             ErrorKind::Auth => "auth",
+            ErrorKind::Tls => "tls",
             ErrorKind::Command => "command",
             ErrorKind::Config => "config",
             ErrorKind::Closed => "closed",
@@ -83,11 +86,16 @@ impl ErrorKind {
     }
 
     /// Whether the condition usually passes by itself (failover, migration, network blip), so that
-    /// the same command may succeed later. `Auth`, `Command`, `Config` and `Closed` never do.
+    /// the same command may succeed later. `Auth`, `Tls`, `Command`, `Config` and `Closed`
+    /// never do.
     pub fn is_transient(self) -> bool {
         !matches!(
             self,
-            ErrorKind::Auth | ErrorKind::Command | ErrorKind::Config | ErrorKind::Closed
+            ErrorKind::Auth
+                | ErrorKind::Tls
+                | ErrorKind::Command
+                | ErrorKind::Config
+                | ErrorKind::Closed
         )
     }
 
@@ -104,6 +112,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timed out",
             ErrorKind::Unreachable => "no node of the cluster is reachable",
             ErrorKind::Auth => "authentication failed",
+            ErrorKind::Tls => "TLS handshake failed (check the CA and the server name)",
             ErrorKind::Command => "command rejected by the server",
             ErrorKind::Config => "invalid configuration",
             ErrorKind::Closed => "service closed",
@@ -492,7 +501,9 @@ fn classify_redis(err: &RedisError) -> (ErrorKind, Sent) {
         // `Client` covers caller mistakes (empty command) and TLS failures; the latter carry a
         // source and happen while connecting, before any command is written.
         K::Client => {
-            if StdError::source(err).is_some() {
+            if is_tls_failure(&err.to_string()) {
+                (ErrorKind::Tls, Sent::No)
+            } else if StdError::source(err).is_some() {
                 (ErrorKind::Connection, Sent::No)
             } else {
                 (ErrorKind::Command, Sent::No)
@@ -502,7 +513,28 @@ fn classify_redis(err: &RedisError) -> (ErrorKind, Sent) {
     }
 }
 
+/// rustls failures reach us flattened into I/O or client errors, so they are recognised by
+/// their text (the redis crate keeps the inner error behind an `Arc<dyn Error>`).
+fn is_tls_failure(text: &str) -> bool {
+    const MARKERS: [&str; 7] = [
+        "invalid peer certificate",
+        "InvalidCertificate",
+        "UnknownIssuer",
+        "NotValidForName",
+        "received fatal alert",
+        "HandshakeFailure",
+        "certificate verify failed",
+    ];
+    MARKERS.iter().any(|m| text.contains(m))
+}
+
 fn classify_io(err: &RedisError) -> (ErrorKind, Sent) {
+    let text = err.to_string();
+    // Checked first: "every initial node failed" because of a certificate is a TLS problem,
+    // not an unreachable cluster.
+    if is_tls_failure(&text) {
+        return (ErrorKind::Tls, Sent::No);
+    }
     // The cluster client reports "every initial node failed" as a generic I/O error; it is the
     // unreachable-cluster condition, and the detail names the last node's failure.
     if err
@@ -708,6 +740,17 @@ mod tests {
 
         let elapsed: tower::BoxError = Box::new(tower::timeout::error::Elapsed::new());
         assert_eq!(Error::from(elapsed).kind(), ErrorKind::Timeout);
+    }
+
+    #[test]
+    fn tls_failures_are_their_own_kind_even_inside_initial_connection_errors() {
+        let initial = Error::from(RedisError::from((
+            redis::ErrorKind::Io,
+            "Failed to create initial connections",
+            "invalid peer certificate: UnknownIssuer".to_string(),
+        )));
+        assert_eq!((initial.kind(), initial.sent()), (ErrorKind::Tls, Sent::No));
+        assert!(!ErrorKind::Tls.is_transient());
     }
 
     #[test]

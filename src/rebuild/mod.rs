@@ -223,6 +223,14 @@ where
                     }
                 }
             }
+            // A connect that failed for a reason that does not pass by itself (wrong password,
+            // untrusted certificate, bad configuration) is reported at once rather than after
+            // max_wait; the rebuild keeps trying in the background in case it gets fixed.
+            if let Some(cause) = self.shared.last_error().filter(|e| !e.kind().is_transient()) {
+                self.waiting = None;
+                self.failed = Some(cause);
+                return Poll::Ready(Ok(()));
+            }
             // No client can serve: make sure one is being made (lazy start, or a retired
             // client whose rebuild was asked for outside a runtime), then wait, bounded.
             if !self.shared.is_rebuilding() {

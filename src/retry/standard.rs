@@ -101,7 +101,11 @@ impl StandardRetryPolicy {
             | ErrorKind::Timeout
             | ErrorKind::Unreachable => true,
             // The same request would be rejected again, or the service is gone.
-            ErrorKind::Command | ErrorKind::Auth | ErrorKind::Config | ErrorKind::Closed => false,
+            ErrorKind::Command
+            | ErrorKind::Auth
+            | ErrorKind::Tls
+            | ErrorKind::Config
+            | ErrorKind::Closed => false,
             // Followed without counting, or retried when repeated; see `retry`.
             ErrorKind::Moved | ErrorKind::Ask => false,
         }
