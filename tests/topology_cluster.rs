@@ -277,3 +277,62 @@ async fn a_node_that_was_cut_off_does_not_impose_its_old_view() {
     assert!(!snapshot.masters().contains(&old.addr), "{snapshot:?}");
     assert!(snapshot.agreed_by * 2 > snapshot.answered, "{snapshot:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_resharding_under_load_reaches_no_caller() {
+    init_tracing();
+    let cluster = LocalCluster::builder().shards(3).replicas(0).start().await.unwrap();
+    let client = tower_redis_cluster::Client::builder()
+        .seed(cluster.seed())
+        .resolver(cluster.name_map())
+        .build()
+        .await
+        .unwrap();
+    client.wait_connected(Duration::from_secs(10)).await.unwrap();
+    let topology = client.topology().unwrap().clone();
+    wait_snapshot(&topology, Duration::from_secs(10), |s| s.shards.len() == 3).await;
+    // Keys in every shard, so that the moved slots hold keys being read and written.
+    let load = Load::start(client.clone(), 8);
+
+    let from = cluster.master_of(0);
+    let to = cluster.master_of(1);
+    let started = Instant::now();
+    let output = tokio::process::Command::new("redis-cli")
+        .args([
+            "--cluster",
+            "reshard",
+            &from.addr.to_string(),
+            "--cluster-from",
+            &from.id,
+            "--cluster-to",
+            &to.id,
+            "--cluster-slots",
+            "2000",
+            "--cluster-yes",
+            "--cluster-pipeline",
+            "5",
+        ])
+        .output()
+        .await
+        .expect("redis-cli is installed with redis-server");
+    assert!(
+        output.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let resharded = started.elapsed();
+    // The refresher learns the new slot map (it is told by MOVED/ASK or its timer).
+    topology.refresh();
+    wait_snapshot(&topology, Duration::from_secs(10), |s| {
+        s.shard_for_slot(0).and_then(|sh| sh.master.as_ref()).map(|m| m.addr) == Some(to.addr)
+    })
+    .await;
+    let stats = load.stop().await;
+    println!(
+        "resharded 2000 slots in {resharded:?} under load: {} ok, errors {:?}",
+        stats.ok.load(Ordering::SeqCst),
+        stats.errors()
+    );
+    assert_eq!(stats.error_total(), 0, "errors reached the callers: {:?}", stats.errors());
+    assert!(stats.ok.load(Ordering::SeqCst) > 1000);
+}
