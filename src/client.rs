@@ -470,9 +470,21 @@ where
         .option_layer(limit.map(tower::limit::ConcurrencyLimitLayer::new))
         .service(inner);
     (
-        BoxCloneSyncService::<Cmd, Value, Error>::new(stack.clone()),
-        BoxCloneSyncService::<Pipeline, Vec<Value>, Error>::new(stack),
+        BoxCloneSyncService::new(ServiceExt::<Cmd>::map_result(
+            stack.clone(),
+            record::<Value>,
+        )),
+        BoxCloneSyncService::new(ServiceExt::<Pipeline>::map_result(
+            stack,
+            record::<Vec<Value>>,
+        )),
     )
+}
+
+/// Counts a finished call (a no-op without the `metrics` feature).
+fn record<T>(result: Result<T, Error>) -> Result<T, Error> {
+    crate::metrics::call_finished(result.as_ref().map(|_| ()).map_err(Error::kind));
+    result
 }
 
 /// The boxed inner service type of a `Client`, for users who want the same stack by hand.

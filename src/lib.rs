@@ -46,6 +46,7 @@ pub mod connect;
 pub mod error;
 #[cfg(feature = "test-util")]
 pub mod harness;
+pub mod metrics;
 pub mod rebuild;
 pub mod retry;
 pub mod service;

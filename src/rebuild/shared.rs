@@ -225,6 +225,7 @@ where
         });
         self.config.policy.on_rebuilt();
         self.status.send_replace(control.status.clone());
+        crate::metrics::rebuilt(generation);
         tracing::info!(
             generation,
             attempts,
@@ -234,6 +235,7 @@ where
     }
 
     fn record_failure(&self, error: Error, attempt: u32, delay: Duration) {
+        crate::metrics::connect_failed(error.kind());
         tracing::warn!(
             error = %error,
             attempt,

@@ -132,6 +132,7 @@ impl StandardRetryPolicy {
                 .last_budget_warning_ms
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
+        crate::metrics::budget_exhausted();
         if warn {
             tracing::warn!(
                 kind = %error.kind(),

@@ -34,6 +34,7 @@ pub(crate) struct Refresher {
     pub(crate) signal: Arc<Signal>,
     started: AtomicBool,
     triggers: AtomicU64,
+    last_change: Mutex<Option<std::time::Instant>>,
     /// The nodes seen right after the inner client of a generation was made.
     generation_nodes: Mutex<Option<(u64, HashSet<SocketAddr>)>>,
 }
@@ -60,6 +61,7 @@ impl Refresher {
             signal: Arc::default(),
             started: AtomicBool::new(false),
             triggers: AtomicU64::new(0),
+            last_change: Mutex::new(None),
             generation_nodes: Mutex::new(None),
         })
     }
@@ -95,6 +97,7 @@ impl Refresher {
             Ok(f) => f,
             Err(e) => {
                 stats.failures += 1;
+                crate::metrics::refreshed(false, false, *self.last_change());
                 stats.last_error = Some(e.clone());
                 self.stats.send_replace(stats);
                 return Err(e);
@@ -126,6 +129,10 @@ impl Refresher {
         }
         stats.last_error = None;
         if changed {
+            *self.last_change() = Some(std::time::Instant::now());
+        }
+        crate::metrics::refreshed(true, changed && previous.is_some(), *self.last_change());
+        if changed {
             stats.published += 1;
             tracing::debug!(
                 sequence,
@@ -138,6 +145,10 @@ impl Refresher {
         }
         self.stats.send_replace(stats);
         Ok(())
+    }
+
+    fn last_change(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.last_change.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The redis crate's client follows slot moves and new masters by itself, as long as one of

@@ -1,0 +1,123 @@
+//! Counters and gauges reach the `metrics` recorder (features `metrics` + `test-util`).
+
+use std::time::Duration;
+
+use metrics_util::{
+    debugging::{DebugValue, DebuggingRecorder},
+    CompositeKey,
+};
+use tower_redis_cluster::{harness::LocalCluster, topology::RefreshConfig, Client};
+
+type Snapshot = Vec<(
+    CompositeKey,
+    Option<metrics::Unit>,
+    Option<metrics::SharedString>,
+    DebugValue,
+)>;
+
+fn counter(snapshot: &Snapshot, name: &str, label: Option<(&str, &str)>) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(key, _, _, _)| {
+            key.key().name() == name
+                && label
+                    .is_none_or(|(k, v)| key.key().labels().any(|l| l.key() == k && l.value() == v))
+        })
+        .map(|(_, _, _, value)| match value {
+            DebugValue::Counter(c) => *c,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn gauge(snapshot: &Snapshot, name: &str) -> Option<f64> {
+    snapshot
+        .iter()
+        .find(|(key, _, _, _)| key.key().name() == name)
+        .and_then(|(_, _, _, value)| match value {
+            DebugValue::Gauge(g) => Some(g.into_inner()),
+            _ => None,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_errors_rebuilds_and_refreshes_are_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder of this test binary");
+
+    let cluster = LocalCluster::builder()
+        .shards(1)
+        .replicas(0)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .seed(cluster.seed())
+        .resolver(cluster.name_map())
+        .topology_refresh(RefreshConfig::default().every(Duration::from_millis(200)))
+        .build()
+        .await
+        .unwrap();
+    client
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    for i in 0..10 {
+        let mut set = redis::cmd("SET");
+        set.arg(format!("m:{i}")).arg(i);
+        client.send(set).await.unwrap();
+    }
+    let mut wrong = redis::cmd("LPUSH");
+    wrong.arg("m:1").arg("x");
+    assert!(client.send(wrong).await.is_err());
+
+    let handle = client.rebuild_handle();
+    handle.rebuild();
+    handle
+        .wait_for_generation(2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    client
+        .topology()
+        .unwrap()
+        .refresh_and_wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    // One snapshot: taking one drains the recorder's counters.
+    let snapshot: Snapshot = snapshotter.snapshot().into_vec();
+    let snapshotter = &snapshot;
+    assert_eq!(
+        counter(
+            snapshotter,
+            "redis_cluster_calls_total",
+            Some(("outcome", "ok"))
+        ),
+        10
+    );
+    assert_eq!(
+        counter(
+            snapshotter,
+            "redis_cluster_calls_total",
+            Some(("outcome", "command"))
+        ),
+        1
+    );
+    assert_eq!(
+        counter(snapshotter, "redis_cluster_rebuilds_total", None),
+        2
+    );
+    assert_eq!(gauge(snapshotter, "redis_cluster_generation"), Some(2.0));
+    assert!(
+        counter(
+            snapshotter,
+            "redis_cluster_topology_refreshes_total",
+            Some(("outcome", "ok"))
+        ) >= 1
+    );
+    assert!(gauge(snapshotter, "redis_cluster_topology_seconds_since_change").is_some());
+}
