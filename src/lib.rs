@@ -28,7 +28,8 @@
 //!     .service(ClusterConnector::new(seeds));
 //! let mut set = redis::cmd("SET");
 //! set.arg("greeting").arg("hello");
-//! redis.ready().await?.call(set).await?;
+//! // `oneshot` = ready + call; the request type picks `Service<Cmd>` over `Service<Pipeline>`.
+//! redis.oneshot(set).await?;
 //! # Ok(()) }
 //! ```
 //!

@@ -32,7 +32,10 @@
 //!     .service(connector);
 //! let handle = service.handle();
 //!
-//! let reply = service.ready().await?.call(redis::cmd("PING")).await?;
+//! let reply = ServiceExt::<redis::Cmd>::ready(&mut service)
+//!     .await?
+//!     .call(redis::cmd("PING"))
+//!     .await?;
 //! println!("{reply:?} from client generation {}", handle.generation());
 //! # Ok(()) }
 //! ```
@@ -226,7 +229,11 @@ where
             // A connect that failed for a reason that does not pass by itself (wrong password,
             // untrusted certificate, bad configuration) is reported at once rather than after
             // max_wait; the rebuild keeps trying in the background in case it gets fixed.
-            if let Some(cause) = self.shared.last_error().filter(|e| !e.kind().is_transient()) {
+            if let Some(cause) = self
+                .shared
+                .last_error()
+                .filter(|e| !e.kind().is_transient())
+            {
                 self.waiting = None;
                 self.failed = Some(cause);
                 return Poll::Ready(Ok(()));

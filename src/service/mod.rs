@@ -10,7 +10,7 @@
 //! use tower::{Service, ServiceBuilder, ServiceExt};
 //! use tower_redis_cluster::RedisService;
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn run() -> Result<(), tower::BoxError> {
 //! let client = redis::cluster::ClusterClient::new(vec!["redis://127.0.0.1:7000"])?;
 //! let connection = client.get_async_connection().await?;
 //!
@@ -20,7 +20,7 @@
 //!
 //! let mut set = redis::cmd("SET");
 //! set.arg("greeting").arg("hello");
-//! service.ready().await?.call(set).await?;
+//! ServiceExt::<redis::Cmd>::ready(&mut service).await?.call(set).await?;
 //! # Ok(()) }
 //! ```
 
