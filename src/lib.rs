@@ -48,6 +48,7 @@ pub mod error;
 #[cfg(feature = "test-util")]
 pub mod harness;
 pub mod metrics;
+pub mod observability;
 pub mod rebuild;
 pub mod retry;
 pub mod service;

@@ -1,0 +1,48 @@
+//! What the layers report, in one place.
+//!
+//! # Tracing
+//!
+//! Every layer emits [`tracing`](https://docs.rs/tracing) events under its module path (filter
+//! with e.g. `RUST_LOG=tower_redis_cluster=info`). Fields carry command *names*, error kinds,
+//! generations and node addresses — never keys, arguments, passwords or tokens.
+//!
+//! | target | level | event | fields |
+//! |---|---|---|---|
+//! | `retry` | DEBUG span `redis_retry` | one per call through the retry layer | `command` (name only) or `commands` (pipeline length), `attempts`, `redirects` |
+//! | `retry` | DEBUG | `retrying` | `kind`, `sent`, `idempotency`, `generation`, `attempt`, `redirects`, `follow`, `delay_ms` |
+//! | `retry` | DEBUG | no retry: the deadline would pass | `kind`, `attempt`, `delay`, `remaining` |
+//! | `retry` | WARN (at most once a second) / DEBUG | retry budget exhausted | `kind`, `attempt` |
+//! | `rebuild` | INFO | rebuilding the inner client | `from_generation`, `reason`, `action` |
+//! | `rebuild` | WARN | connecting a new inner client failed | `error`, `attempt`, `retry_in_ms` |
+//! | `rebuild` | INFO | inner client rebuilt | `generation`, `attempts`, `elapsed_ms` |
+//! | `rebuild` | DEBUG | rebuild policy asked for a new client | `error`, `generation`, `action` |
+//! | `topology` | INFO | cluster topology changed | `change` (master changed, node added/removed, slots moved) |
+//! | `topology` | INFO | none of the nodes the inner client was made with remain; rebuilding | `generation` |
+//! | `topology` | WARN | topology refresh failed | `error` |
+//! | `topology` | DEBUG | publishing topology snapshot | `sequence`, `shards`, `agreed_by`, `answered` |
+//! | `connect` | DEBUG | resolved seed name | `host`, `port`, `addrs` |
+//!
+//! The `redis` crate logs through the `log` facade; its messages appear next to ours when a
+//! `tracing-log` bridge (as `tracing-subscriber`'s default) is installed.
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature, counters and gauges go through the
+//! [`metrics`](https://docs.rs/metrics) facade to whatever recorder the application installs
+//! (Prometheus exporter, StatsD, ...). The names and labels are listed in [`crate::metrics`].
+//!
+//! # Watching the cluster
+//!
+//! [`TopologyHandle::subscribe`](crate::topology::TopologyHandle::subscribe) yields every new
+//! [`TopologySnapshot`](crate::topology::TopologySnapshot);
+//! [`RebuildHandle::subscribe`](crate::rebuild::RebuildHandle::subscribe) every
+//! [`RebuildStatus`](crate::rebuild::RebuildStatus) — handy to log a failover or expose the
+//! current generation.
+//!
+//! # Secrets
+//!
+//! Passwords live in [`Secret`](crate::connect::Secret), whose `Debug` prints `<redacted>`;
+//! `Credentials`, `ClusterConnector`, `ClientBuilder` and `Client` print through it, URL seeds
+//! are shown with `user:password@` replaced, and TLS keys are never printed. A test captures
+//! all tracing output at TRACE level plus every `Debug` and error text of a session with an
+//! ACL user and asserts the password appears nowhere.
