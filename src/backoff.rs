@@ -132,8 +132,8 @@ mod tests {
             let mut b = maker.make();
             for attempt in 0..12u32 {
                 let d = b.next_delay();
-                let ceiling =
-                    (Duration::from_millis(10) * 2u32.pow(attempt)).min(Duration::from_millis(500));
+                let ceiling = (Duration::from_millis(10) * 2u32.pow(attempt + 1))
+                    .min(Duration::from_millis(500));
                 assert!(d >= Duration::from_millis(10), "{d:?} below floor");
                 assert!(d <= ceiling, "attempt {attempt}: {d:?} above {ceiling:?}");
             }

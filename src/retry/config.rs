@@ -36,11 +36,11 @@ pub struct RetryConfig {
 }
 
 impl RetryConfig {
-    /// At most 8 retries per call, backing off from 20 ms to 1 s with full jitter (about 2 s
-    /// in all on average: enough to ride out an automatic failover); at most 5
-    /// redirections followed per call; the built-in idempotency table; tower's default
-    /// [`TpsBudget`] (retries may add 20 % to the calls of the last 10 s, plus 10 per second);
-    /// and a deadline of 5 s per call.
+    /// At most 8 retries per call, backing off from 20 ms to 1 s with full jitter (about 2.2 s
+    /// of backoff in all on average, 4.24 s at most: enough to ride out a 1–3 s automatic
+    /// failover within the deadline); at most 5 redirections followed per call; the built-in
+    /// idempotency table; tower's default [`TpsBudget`] (retries may add 20 % to the calls of
+    /// the last 10 s, plus 10 per second); and a deadline of 5 s per call.
     pub fn new() -> Self {
         RetryConfig {
             max_retries: 8,
@@ -73,8 +73,11 @@ impl RetryConfig {
         self
     }
 
-    /// Delays between retries: exponential from `floor` to `cap`, full jitter. Fails when
-    /// `floor > cap` or `cap` is zero.
+    /// Delays between retries: exponential from `floor` to `cap`, full jitter. The n-th retry
+    /// of a call (1-based) waits a delay drawn uniformly from `[floor, min(cap, floor · 2^n)]`
+    /// — the first one from `[floor, 2 · floor]`, so not exactly `floor` — and every call draws
+    /// from its own random stream, so calls that failed together do not retry together.
+    /// Fails when `floor > cap` or `cap` is zero.
     pub fn backoff(mut self, floor: Duration, cap: Duration) -> Result<Self, Error> {
         self.backoff = JitteredBackoffMaker::new(floor, cap)?;
         Ok(self)
