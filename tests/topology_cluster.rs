@@ -281,14 +281,22 @@ async fn a_node_that_was_cut_off_does_not_impose_its_old_view() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_resharding_under_load_reaches_no_caller() {
     init_tracing();
-    let cluster = LocalCluster::builder().shards(3).replicas(0).start().await.unwrap();
+    let cluster = LocalCluster::builder()
+        .shards(3)
+        .replicas(0)
+        .start()
+        .await
+        .unwrap();
     let client = tower_redis_cluster::Client::builder()
         .seed(cluster.seed())
         .resolver(cluster.name_map())
         .build()
         .await
         .unwrap();
-    client.wait_connected(Duration::from_secs(10)).await.unwrap();
+    client
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
     let topology = client.topology().unwrap().clone();
     wait_snapshot(&topology, Duration::from_secs(10), |s| s.shards.len() == 3).await;
     // Keys in every shard, so that the moved slots hold keys being read and written.
@@ -324,7 +332,10 @@ async fn live_resharding_under_load_reaches_no_caller() {
     // The refresher learns the new slot map (it is told by MOVED/ASK or its timer).
     topology.refresh();
     wait_snapshot(&topology, Duration::from_secs(10), |s| {
-        s.shard_for_slot(0).and_then(|sh| sh.master.as_ref()).map(|m| m.addr) == Some(to.addr)
+        s.shard_for_slot(0)
+            .and_then(|sh| sh.master.as_ref())
+            .map(|m| m.addr)
+            == Some(to.addr)
     })
     .await;
     let stats = load.stop().await;
@@ -333,6 +344,11 @@ async fn live_resharding_under_load_reaches_no_caller() {
         stats.ok.load(Ordering::SeqCst),
         stats.errors()
     );
-    assert_eq!(stats.error_total(), 0, "errors reached the callers: {:?}", stats.errors());
+    assert_eq!(
+        stats.error_total(),
+        0,
+        "errors reached the callers: {:?}",
+        stats.errors()
+    );
     assert!(stats.ok.load(Ordering::SeqCst) > 1000);
 }
