@@ -77,9 +77,15 @@ impl Client {
             Some(deadline) => tokio::time::timeout(deadline, call)
                 .await
                 .unwrap_or_else(|_| {
-                    Err(Error::timeout(format!(
+                    let mut error = Error::timeout(format!(
                         "the call did not finish within its deadline ({deadline:?})"
-                    )))
+                    ));
+                    // While no inner client serves, the reason is the last connect failure.
+                    let status = self.rebuild.status();
+                    if let (false, Some(cause)) = (status.serving, status.last_error) {
+                        error = error.with_source(cause);
+                    }
+                    Err(error)
                 }),
             None => call.await,
         }

@@ -535,6 +535,13 @@ fn classify_io(err: &RedisError) -> (ErrorKind, Sent) {
     if is_tls_failure(&text) {
         return (ErrorKind::Tls, Sent::No);
     }
+    // Likewise a refused login: retrying it until the deadline would only hide the cause.
+    if ["AuthenticationFailed", "WRONGPASS", "NOAUTH", "NOPERM"]
+        .iter()
+        .any(|m| text.contains(m))
+    {
+        return (ErrorKind::Auth, Sent::No);
+    }
     // The cluster client reports "every initial node failed" as a generic I/O error; it is the
     // unreachable-cluster condition, and the detail names the last node's failure.
     if err
@@ -751,6 +758,12 @@ mod tests {
         )));
         assert_eq!((initial.kind(), initial.sent()), (ErrorKind::Tls, Sent::No));
         assert!(!ErrorKind::Tls.is_transient());
+        let login = Error::from(RedisError::from((
+            redis::ErrorKind::Io,
+            "Failed to create initial connections",
+            "Io: Password authentication failed - AuthenticationFailed".to_string(),
+        )));
+        assert_eq!((login.kind(), login.sent()), (ErrorKind::Auth, Sent::No));
     }
 
     #[test]

@@ -1,24 +1,27 @@
 //! Admin connections to single nodes: always bounded in time.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use redis::{
-    aio::MultiplexedConnection, AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo,
-    RedisConnectionInfo,
+    aio::MultiplexedConnection, AsyncConnectionConfig, ConnectionAddr, FromRedisValue,
+    IntoConnectionInfo, RedisConnectionInfo,
 };
 
-use super::error::HarnessError;
+use super::{error::HarnessError, tls::AdminTls};
 
 /// How long establishing an admin connection (TCP + AUTH) may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an admin command may wait for its reply.
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The credentials admin connections (and `node_urls`) use.
+/// How admin connections (and `node_urls`) reach and log into nodes.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Credentials {
     pub(crate) user: Option<String>,
     pub(crate) password: Option<String>,
+    /// Set on TLS nodes, which have no plaintext port: the CA that verifies them and the
+    /// harness's client certificate.
+    pub(crate) tls: Option<Arc<AdminTls>>,
 }
 
 impl Credentials {
@@ -30,14 +33,41 @@ impl Credentials {
         if let Some(password) = &self.password {
             redis = redis.set_password(password);
         }
-        // A (String, u16) pair never fails to convert.
-        (addr.ip().to_string(), addr.port())
+        let host = addr.ip().to_string();
+        // With TLS the IP is also the name the node's certificate is checked against (each node
+        // certificate carries its IP).
+        let target = if self.tls.is_some() {
+            ConnectionAddr::TcpTls {
+                host,
+                port: addr.port(),
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(host, addr.port())
+        };
+        // An address never fails to convert.
+        target
             .into_connection_info()
-            .expect("host/port pair is a valid connection info")
+            .expect("an address is a valid connection info")
             .set_redis_settings(redis)
     }
 
-    /// `redis://[user:pass@]ip:port`, with the credentials percent-encoded.
+    /// A client for the node at `addr`, over TLS when the nodes use it.
+    fn client(&self, addr: SocketAddr) -> Result<redis::Client, HarnessError> {
+        let info = self.connection_info(addr);
+        match &self.tls {
+            None => Ok(redis::Client::open(info)?),
+            #[cfg(feature = "tls")]
+            Some(tls) => Ok(redis::Client::build_with_tls(info, tls.certificates())?),
+            // The builders refuse TLS without the feature; this only keeps that promise local.
+            #[cfg(not(feature = "tls"))]
+            Some(_) => Err(super::tls::feature_missing("an admin connection")),
+        }
+    }
+
+    /// `redis://[user:pass@]ip:port` (`rediss://` on TLS nodes), with the credentials
+    /// percent-encoded.
     pub(crate) fn url(&self, addr: SocketAddr) -> String {
         let auth = match (&self.user, &self.password) {
             (Some(u), Some(p)) => format!("{}:{}@", percent_encode(u), percent_encode(p)),
@@ -45,7 +75,12 @@ impl Credentials {
             (Some(u), None) => format!("{}@", percent_encode(u)),
             (None, None) => String::new(),
         };
-        format!("redis://{auth}{addr}")
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{auth}{addr}")
     }
 }
 
@@ -71,7 +106,7 @@ pub(crate) async fn connect(
     connect_timeout: Duration,
     response_timeout: Duration,
 ) -> Result<MultiplexedConnection, HarnessError> {
-    let client = redis::Client::open(creds.connection_info(addr))?;
+    let client = creds.client(addr)?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(connect_timeout))
         .set_response_timeout(Some(response_timeout));

@@ -2,7 +2,7 @@
 
 use std::{
     fmt,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
@@ -17,6 +17,7 @@ use super::{
     launch,
     name_map::NameMap,
     process::{self, NodeProcess, SubnetLease},
+    tls::{self, ServerTls},
     topology::{self, Agreed, Expected, Observation},
     NodeInfo, Role,
 };
@@ -42,6 +43,8 @@ pub struct LocalClusterBuilder {
     timeout: Duration,
     name_map: Option<NameMap>,
     keep_dir: bool,
+    tls: bool,
+    require_client_certs: bool,
 }
 
 impl Default for LocalClusterBuilder {
@@ -57,6 +60,8 @@ impl Default for LocalClusterBuilder {
             timeout: Duration::from_secs(30),
             name_map: None,
             keep_dir: false,
+            tls: false,
+            require_client_certs: false,
         }
     }
 }
@@ -138,6 +143,28 @@ impl LocalClusterBuilder {
         self
     }
 
+    /// Serves clients over TLS only (needs the crate's `tls` feature). Default off.
+    ///
+    /// The cluster gets a CA of its own ([`LocalCluster::ca_pem`]) and every node — also each
+    /// node started later at a new IP — a certificate from it naming the node's IP and the
+    /// [configuration endpoint](LocalCluster::config_endpoint). Nodes listen with TLS on the
+    /// cluster's port and have no plaintext port; the cluster bus and replication use TLS too.
+    /// Clients need the CA (e.g. `TlsConfig::custom_ca(cluster.ca_pem().unwrap())`) and can
+    /// connect to [`seed_url`](LocalCluster::seed_url). Client certificates are verified when
+    /// offered but not required, unless [`require_client_certs`](Self::require_client_certs).
+    pub fn tls(mut self, enabled: bool) -> Self {
+        self.tls = enabled;
+        self
+    }
+
+    /// With [`tls`](Self::tls): nodes refuse clients that present no certificate from the
+    /// cluster's CA (`tls-auth-clients yes`), i.e. mutual TLS; use
+    /// [`LocalCluster::client_identity`]. Default off (`tls-auth-clients optional`).
+    pub fn require_client_certs(mut self, required: bool) -> Self {
+        self.require_client_certs = required;
+        self
+    }
+
     /// Starts the nodes, creates the cluster and waits until it is healthy and every replica is
     /// in sync.
     ///
@@ -147,6 +174,14 @@ impl LocalClusterBuilder {
     pub async fn start(self) -> Result<LocalCluster, HarnessError> {
         let started = Instant::now();
         let deadline = started + self.timeout;
+        if self.tls && !cfg!(feature = "tls") {
+            return Err(tls::feature_missing("LocalClusterBuilder::tls(true)"));
+        }
+        if self.require_client_certs && !self.tls {
+            return Err(HarnessError::Invalid(
+                "require_client_certs(true) needs tls(true)".into(),
+            ));
+        }
         let bin = process::find_redis_server(self.redis_server.as_deref())?;
         if self.shards == 0 {
             return Err(HarnessError::Invalid(
@@ -166,17 +201,29 @@ impl LocalClusterBuilder {
             .tempdir()
             .map_err(|e| io_context(e, "creating the cluster's temp dir"))?;
         let keep_dir = self.keep_dir || env_flag("TRC_HARNESS_KEEP_DIR");
-        let creds = match (&self.user, &self.password) {
+        let endpoint = format!("clustercfg.trc-{:08x}.test", process::random_u64() as u32);
+        let server_tls = if self.tls {
+            Some(ServerTls::new(
+                vec![endpoint.clone()],
+                self.require_client_certs,
+            )?)
+        } else {
+            None
+        };
+        let mut creds = match (&self.user, &self.password) {
             (Some((u, p)), _) => Credentials {
                 user: Some(u.clone()),
                 password: Some(p.clone()),
+                ..Credentials::default()
             },
             (None, Some(p)) => Credentials {
                 user: None,
                 password: Some(p.clone()),
+                ..Credentials::default()
             },
             (None, None) => Credentials::default(),
         };
+        creds.tls = server_tls.as_ref().map(|t| t.admin.clone());
         let mut auth_lines = String::new();
         if let Some(p) = &self.password {
             auth_lines += &format!("requirepass {}\n", process::quote(p));
@@ -197,7 +244,6 @@ impl LocalClusterBuilder {
             .config
             .iter()
             .any(|(k, _)| k.eq_ignore_ascii_case("save"));
-        let endpoint = format!("clustercfg.trc-{:08x}.test", process::random_u64() as u32);
         let dir_path = tempdir.path().to_path_buf();
         let cluster = LocalCluster {
             settings: Settings {
@@ -210,6 +256,7 @@ impl LocalClusterBuilder {
                 creds,
                 timeout: self.timeout,
                 keep_rdb,
+                tls: server_tls,
             },
             endpoint,
             names: self.name_map.unwrap_or_default(),
@@ -374,6 +421,8 @@ struct Settings {
     creds: Credentials,
     timeout: Duration,
     keep_rdb: bool,
+    /// `Some` on a TLS cluster.
+    tls: Option<ServerTls>,
 }
 
 #[derive(Debug)]
@@ -421,6 +470,7 @@ impl fmt::Debug for LocalCluster {
         f.debug_struct("LocalCluster")
             .field("config_endpoint", &self.endpoint)
             .field("port", &self.lease.port())
+            .field("tls", &self.settings.tls.is_some())
             .field("dir", &self.dir_path)
             .field(
                 "nodes",
@@ -467,6 +517,32 @@ impl LocalCluster {
     /// `"<config_endpoint>:<port>"`, the seed a client of a managed cluster is configured with.
     pub fn seed(&self) -> String {
         format!("{}:{}", self.endpoint, self.port())
+    }
+
+    /// The seed as a URL: `rediss://<config_endpoint>:<port>` on a [TLS](LocalClusterBuilder::tls)
+    /// cluster, else `redis://<config_endpoint>:<port>`. Carries no credentials (give them to
+    /// the client separately); resolve the name through [`name_map`](Self::name_map).
+    pub fn seed_url(&self) -> String {
+        let scheme = if self.is_tls() { "rediss" } else { "redis" };
+        format!("{scheme}://{}", self.seed())
+    }
+
+    /// Whether the nodes serve TLS only ([`LocalClusterBuilder::tls`]).
+    pub fn is_tls(&self) -> bool {
+        self.settings.tls.is_some()
+    }
+
+    /// The PEM certificate of the CA that signed every node's certificate, on a TLS cluster: what
+    /// a client must trust.
+    pub fn ca_pem(&self) -> Option<Vec<u8>> {
+        self.settings.tls.as_ref().map(ServerTls::ca_pem)
+    }
+
+    /// A client certificate and key (PEM), signed by the cluster's CA, for mutual TLS (see
+    /// [`require_client_certs`](LocalClusterBuilder::require_client_certs)); `None` without TLS.
+    /// The same pair on every call; the harness's own connections use another one.
+    pub fn client_identity(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.settings.tls.as_ref().map(ServerTls::client_identity)
     }
 
     /// The name map in which [`config_endpoint`](Self::config_endpoint) points at every member
@@ -553,7 +629,8 @@ impl LocalCluster {
     /// `redis://[user:password@]ip:port` of every running node, e.g. for
     /// `redis::cluster::ClusterClient::new(cluster.node_urls())`. Credentials set with
     /// [`password`](LocalClusterBuilder::password)/[`user`](LocalClusterBuilder::user) are
-    /// included.
+    /// included. On a TLS cluster they are `rediss://` URLs, and a client also needs
+    /// [`ca_pem`](Self::ca_pem) (the system roots do not trust the cluster's CA).
     pub fn node_urls(&self) -> Vec<String> {
         self.addrs()
             .into_iter()
@@ -1000,7 +1077,7 @@ impl LocalCluster {
     async fn start_node(&self, host: u8, dir: &Path) -> Result<Arc<NodeProcess>, HarnessError> {
         let ip = self.lease.ip(host);
         let port = self.port();
-        let mut conf = process::base_config(ip, port, dir);
+        let mut conf = process::base_config(ip, port, dir, self.settings.tls.is_some());
         conf += "cluster-enabled yes\n";
         conf += "cluster-config-file nodes.conf\n";
         conf += &format!(
@@ -1012,6 +1089,9 @@ impl LocalCluster {
         conf += "cluster-replica-validity-factor 0\n";
         // The harness decides where replicas go; Redis must not move them between shards.
         conf += "cluster-allow-replica-migration no\n";
+        if let Some(tls) = &self.settings.tls {
+            conf += &tls.node_config(IpAddr::V4(ip), dir, true)?;
+        }
         conf += &self.settings.auth_lines;
         process::append_extra(&mut conf, &self.settings.extra);
         let conf_path = dir.join("redis.conf");

@@ -22,6 +22,14 @@
 //! utility, and `redis-server` 7.0 or later, on `PATH` or named by `TRC_REDIS_SERVER`
 //! (Debian/Ubuntu: `apt-get install -y redis-server`, macOS: `brew install redis`).
 //!
+//! # TLS
+//! [`LocalClusterBuilder::tls`] (crate feature `tls`) makes a TLS-only cluster: a throwaway
+//! [`TestCa`] per cluster, a certificate per node naming its IP and the configuration endpoint
+//! (a node started later at a new IP gets its own), no plaintext port, and TLS on the cluster bus
+//! and for replication. [`LocalCluster::ca_pem`], [`LocalCluster::client_identity`] and
+//! [`LocalCluster::seed_url`] (`rediss://…`) give a client what it needs;
+//! [`LocalClusterBuilder::require_client_certs`] turns on mutual TLS.
+//!
 //! # Isolation
 //! Every cluster or standalone server takes a random `127.A.B.0/24` (A in 2..=254, so never
 //! `127.0.0.1`) and a random port in 20000..=39999 (cluster bus: port + 10000), checked free by
@@ -56,6 +64,7 @@ mod launch;
 mod name_map;
 mod process;
 mod standalone;
+mod tls;
 mod topology;
 
 use std::net::SocketAddr;
@@ -64,6 +73,7 @@ pub use cluster::{LocalCluster, LocalClusterBuilder};
 pub use error::HarnessError;
 pub use name_map::NameMap;
 pub use standalone::{StandaloneServer, StandaloneServerBuilder};
+pub use tls::TestCa;
 
 /// Environment variable that names the `redis-server` binary the harness runs (when no
 /// `redis_server_path` is given to a builder).

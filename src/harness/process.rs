@@ -217,11 +217,19 @@ pub(crate) fn quote(value: &str) -> String {
 }
 
 /// The settings every harness node (cluster or standalone) gets.
-pub(crate) fn base_config(ip: Ipv4Addr, port: u16, dir: &Path) -> String {
+///
+/// A `tls` node listens with TLS on `port` and has no plaintext port at all (`port 0`), so a
+/// client that forgets TLS fails instead of quietly connecting in the clear.
+pub(crate) fn base_config(ip: Ipv4Addr, port: u16, dir: &Path, tls: bool) -> String {
     let mut c = String::new();
     let dir = quote(&dir.to_string_lossy());
     let _ = writeln!(c, "bind {ip}");
-    let _ = writeln!(c, "port {port}");
+    if tls {
+        let _ = writeln!(c, "port 0");
+        let _ = writeln!(c, "tls-port {port}");
+    } else {
+        let _ = writeln!(c, "port {port}");
+    }
     let _ = writeln!(c, "dir {dir}");
     let _ = writeln!(c, "logfile {}", quote(REDIS_LOG));
     let _ = writeln!(c, "daemonize no");

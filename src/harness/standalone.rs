@@ -1,7 +1,7 @@
 //! [`StandaloneServer`]: one plain (non-cluster) `redis-server` on its own loopback IP.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -11,6 +11,7 @@ use super::{
     error::{io_context, HarnessError},
     launch,
     process::{self, NodeProcess, SubnetLease},
+    tls::{self, ServerTls},
 };
 
 /// Builder of a [`StandaloneServer`]; see [`StandaloneServer::builder`].
@@ -19,6 +20,8 @@ pub struct StandaloneServerBuilder {
     config: Vec<(String, String)>,
     redis_server: Option<PathBuf>,
     keep_dir: bool,
+    tls: bool,
+    require_client_certs: bool,
 }
 
 impl StandaloneServerBuilder {
@@ -42,8 +45,31 @@ impl StandaloneServerBuilder {
         self
     }
 
+    /// Serves TLS only, with a CA of its own (needs the crate's `tls` feature); see
+    /// [`LocalClusterBuilder::tls`](super::LocalClusterBuilder::tls). The certificate names the
+    /// server's IP.
+    pub fn tls(mut self, enabled: bool) -> Self {
+        self.tls = enabled;
+        self
+    }
+
+    /// With [`tls`](Self::tls): require a client certificate from the server's CA
+    /// (`tls-auth-clients yes`).
+    pub fn require_client_certs(mut self, required: bool) -> Self {
+        self.require_client_certs = required;
+        self
+    }
+
     /// Starts the server and waits (at most 10 s) until it answers.
     pub async fn start(self) -> Result<StandaloneServer, HarnessError> {
+        if self.tls && !cfg!(feature = "tls") {
+            return Err(tls::feature_missing("StandaloneServerBuilder::tls(true)"));
+        }
+        if self.require_client_certs && !self.tls {
+            return Err(HarnessError::Invalid(
+                "require_client_certs(true) needs tls(true)".into(),
+            ));
+        }
         let bin = process::find_redis_server(self.redis_server.as_deref())?;
         let lease = SubnetLease::acquire(1, false)?;
         let tempdir = tempfile::Builder::new()
@@ -52,16 +78,29 @@ impl StandaloneServerBuilder {
             .map_err(|e| io_context(e, "creating the server's temp dir"))?;
         let addr = lease.addr(1);
         let dir = tempdir.path().to_path_buf();
-        let mut conf = process::base_config(lease.ip(1), lease.port(), &dir);
+        let server_tls = if self.tls {
+            Some(ServerTls::new(Vec::new(), self.require_client_certs)?)
+        } else {
+            None
+        };
+        let mut conf = process::base_config(lease.ip(1), lease.port(), &dir, self.tls);
+        if let Some(tls) = &server_tls {
+            conf += &tls.node_config(IpAddr::V4(lease.ip(1)), &dir, false)?;
+        }
         process::append_extra(&mut conf, &self.config);
         let conf_path = dir.join("redis.conf");
         std::fs::write(&conf_path, conf)
             .map_err(|e| io_context(e, format!("writing {}", conf_path.display())))?;
-        // Readiness only needs *a* reply: NOAUTH from a locked-down default user counts.
-        let process =
-            launch::launch(&bin, &conf_path, &dir, addr, false, &Credentials::default()).await?;
+        // Readiness only needs *a* reply: NOAUTH from a locked-down default user counts. TLS is
+        // still needed to get one.
+        let creds = Credentials {
+            tls: server_tls.as_ref().map(|t| t.admin.clone()),
+            ..Credentials::default()
+        };
+        let process = launch::launch(&bin, &conf_path, &dir, addr, false, &creds).await?;
         let server = StandaloneServer {
             addr,
+            tls: server_tls,
             process,
             dir,
             tempdir: Some(tempdir),
@@ -80,6 +119,7 @@ impl StandaloneServerBuilder {
 #[derive(Debug)]
 pub struct StandaloneServer {
     addr: SocketAddr,
+    tls: Option<ServerTls>,
     process: Arc<NodeProcess>,
     dir: PathBuf,
     tempdir: Option<tempfile::TempDir>,
@@ -103,9 +143,24 @@ impl StandaloneServer {
         self.addr
     }
 
-    /// `redis://ip:port` (no credentials).
+    /// `redis://ip:port`, or `rediss://ip:port` with TLS (no credentials).
     pub fn url(&self) -> String {
-        format!("redis://{}", self.addr)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The PEM certificate of the CA that signed the server's certificate, with TLS.
+    pub fn ca_pem(&self) -> Option<Vec<u8>> {
+        self.tls.as_ref().map(ServerTls::ca_pem)
+    }
+
+    /// A client certificate and key (PEM) signed by the server's CA, with TLS.
+    pub fn client_identity(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.tls.as_ref().map(ServerTls::client_identity)
     }
 
     /// The server's process id.

@@ -256,9 +256,16 @@ where
             });
             let changed = waiting.changed.get_or_insert_with(|| {
                 let mut slot = self.slot.clone();
+                // A failed connect changes only the status: waking on it lets a non-transient
+                // failure (above) reach the caller at once.
+                let mut status = self.shared.status_receiver();
                 Box::pin(async move {
-                    // An error means every sender is gone; the deadline still ends the wait.
-                    if slot.changed().await.is_err() {
+                    let ended = tokio::select! {
+                        r = slot.changed() => r.is_err(),
+                        r = status.changed() => r.is_err(),
+                    };
+                    // Every sender is gone; the deadline still ends the wait.
+                    if ended {
                         std::future::pending::<()>().await;
                     }
                 })
