@@ -18,6 +18,14 @@ use crate::{Error, RedisService};
 /// [`ConnectHints::extra_seeds`] as further initial nodes. The inner client's own retries are
 /// kept low — by default 2, enough to follow a `MOVED` and an `ASK` — so that the retry layer
 /// above is the one policy that decides; its per-request response timeout bounds every attempt.
+///
+/// With inner retries above zero the redis crate may resend a command after a dropped
+/// connection and report only its last error, so the service it makes marks every error
+/// [`Sent::Maybe`](crate::Sent::Maybe) (see [`RedisService::resends_internally`]): idempotent
+/// commands are still retried, non-idempotent ones (`INCR`) are not. With
+/// [`inner_retries(0)`](Self::inner_retries) errors keep their precise `Sent` and `INCR` can be
+/// retried safely after `MOVED`/`CLUSTERDOWN`, but an `ASK` during a live slot migration is no
+/// longer followed by the inner client.
 #[derive(Clone)]
 pub struct ClusterConnector {
     seeds: Seeds,
@@ -200,12 +208,13 @@ impl Connect for ClusterConnector {
             .and_then(|()| self.builder(hints))
             .and_then(|b| b.build().map_err(Error::from_redis));
         let target = describe_targets(&self.seeds, hints);
+        let resends = self.inner_retries > 0;
         Box::pin(async move {
             let client = prepared?;
             let connection = client.get_async_connection().await.map_err(|e| {
                 Error::from_redis(e).context(format_args!("connecting to {target}"))
             })?;
-            Ok(RedisService::new(connection))
+            Ok(RedisService::new(connection).resends_internally(resends))
         })
     }
 }

@@ -43,12 +43,26 @@ use crate::Error;
 #[derive(Clone, Debug)]
 pub struct RedisService<C> {
     connection: C,
+    resends: bool,
 }
 
 impl<C> RedisService<C> {
-    /// Wraps a connection.
+    /// Wraps a connection that sends each command once.
     pub fn new(connection: C) -> Self {
-        RedisService { connection }
+        RedisService {
+            connection,
+            resends: false,
+        }
+    }
+
+    /// Declares that the connection may send a command again by itself — the `redis` crate's
+    /// cluster client does, after a dropped connection, when its retries are above zero — and
+    /// then reports only its *last* error. That error cannot prove the command was not applied,
+    /// so every error is marked [`Sent::Maybe`](crate::Sent::Maybe) and a non-idempotent command
+    /// is never retried on its word.
+    pub fn resends_internally(mut self, resends: bool) -> Self {
+        self.resends = resends;
+        self
     }
 
     /// The wrapped connection.
@@ -83,6 +97,7 @@ where
 
     fn call(&mut self, cmd: Cmd) -> Self::Future {
         let mut connection = self.connection.clone();
+        let resends = self.resends;
         ResponseFuture::new(Box::pin(async move {
             // Error replies arrive as `Value::ServerError` inside `Ok`; they are failures of the
             // command and must be classified like any other error (MOVED, WRONGTYPE, ...).
@@ -90,7 +105,7 @@ where
                 .req_packed_command(&cmd)
                 .await
                 .and_then(Value::extract_error)
-                .map_err(Error::from_redis)
+                .map_err(|e| mark_resent(Error::from_redis(e), resends))
         }))
     }
 }
@@ -109,13 +124,86 @@ where
 
     fn call(&mut self, pipeline: Pipeline) -> Self::Future {
         let mut connection = self.connection.clone();
+        let resends = self.resends;
         PipelineFuture::new(Box::pin(async move {
             // `query_async` unwraps MULTI/EXEC and drops ignored replies, so the caller gets one
             // value per command it did not ignore, for plain and atomic pipelines alike.
             pipeline
                 .query_async::<Vec<Value>>(&mut connection)
                 .await
-                .map_err(|e| Error::from_redis_pipeline(e, pipeline.len()))
+                .map_err(|e| mark_resent(Error::from_redis_pipeline(e, pipeline.len()), resends))
         }))
+    }
+}
+
+fn mark_resent(error: Error, resends: bool) -> Error {
+    if resends {
+        error.with_sent(crate::Sent::Maybe)
+    } else {
+        error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// Answers every command with a MOVED error reply.
+    #[derive(Clone)]
+    struct AlwaysMoved;
+
+    impl ConnectionLike for AlwaysMoved {
+        fn req_packed_command<'a>(&'a mut self, _: &'a Cmd) -> redis::RedisFuture<'a, Value> {
+            Box::pin(async { Ok(redis::parse_redis_value(b"-MOVED 1 127.0.0.2:7000\r\n")?) })
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a Pipeline,
+            _: usize,
+            _: usize,
+        ) -> redis::RedisFuture<'a, Vec<Value>> {
+            Box::pin(async {
+                Ok(vec![redis::parse_redis_value(
+                    b"-MOVED 1 127.0.0.2:7000\r\n",
+                )?])
+            })
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_resends_internally_never_claims_not_sent() {
+        let precise = RedisService::new(AlwaysMoved)
+            .oneshot(redis::cmd("INCR"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (precise.kind(), precise.sent()),
+            (crate::ErrorKind::Moved, crate::Sent::No)
+        );
+
+        let resending = RedisService::new(AlwaysMoved)
+            .resends_internally(true)
+            .oneshot(redis::cmd("INCR"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (resending.kind(), resending.sent()),
+            (crate::ErrorKind::Moved, crate::Sent::Maybe)
+        );
+
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR").arg("k");
+        let pipeline = RedisService::new(AlwaysMoved)
+            .resends_internally(true)
+            .oneshot(pipe)
+            .await
+            .unwrap_err();
+        assert_eq!(pipeline.sent(), crate::Sent::Maybe);
     }
 }
