@@ -311,7 +311,11 @@ impl ClientBuilder {
         self
     }
 
-    /// The inner cluster client's own retries (default 2: a redirect and a reconnect).
+    /// The inner cluster client's own retries. Default: 0 when the retry layer is on, 2 when it
+    /// is off. The redis crate resends a command by itself after a dropped connection and
+    /// reports only its last outcome, so with inner retries an `INCR` can be applied twice
+    /// behind a single `Ok`; at 0 every send is the retry layer's, which follows `MOVED`/`ASK`
+    /// and knows which commands are safe to send again.
     pub fn inner_retries(mut self, retries: u32) -> Self {
         self.inner_retries = Some(retries);
         self
@@ -352,9 +356,9 @@ impl ClientBuilder {
         if let Some(d) = self.response_timeout {
             connector = connector.response_timeout(d);
         }
-        if let Some(n) = self.inner_retries {
-            connector = connector.inner_retries(n);
-        }
+        let retry_on = !matches!(self.retry, Some(None));
+        connector =
+            connector.inner_retries(self.inner_retries.unwrap_or(if retry_on { 0 } else { 2 }));
         connector = connector.read_from_replicas(self.read_from_replicas);
         connector.validate()?;
 

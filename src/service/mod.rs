@@ -155,7 +155,7 @@ mod tests {
 
     impl ConnectionLike for AlwaysMoved {
         fn req_packed_command<'a>(&'a mut self, _: &'a Cmd) -> redis::RedisFuture<'a, Value> {
-            Box::pin(async { Ok(redis::parse_redis_value(b"-MOVED 1 127.0.0.2:7000\r\n")?) })
+            Box::pin(async { redis::parse_redis_value(b"-MOVED 1 127.0.0.2:7000\r\n") })
         }
 
         fn req_packed_commands<'a>(
