@@ -852,6 +852,9 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 100_000 } else { 1_000 });
 
+    if !benching {
+        println!("layers: smoke run (no --bench, test profile): the figures below mean nothing");
+    }
     let since = SystemTime::now();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -86,7 +86,8 @@ impl Refresher {
         }
     }
 
-    async fn refresh(&self) -> Result<(), Error> {
+    /// One refresh; returns whether the topology changed since the previous snapshot.
+    async fn refresh(&self) -> Result<bool, Error> {
         let previous = self.snapshot.borrow().clone();
         let known = previous.as_ref().map(|s| s.addrs()).unwrap_or_default();
         let fetched = self.source.fetch(&known).await;
@@ -144,7 +145,7 @@ impl Refresher {
             self.snapshot.send_replace(Some(Arc::new(snapshot)));
         }
         self.stats.send_replace(stats);
-        Ok(())
+        Ok(changed && previous.is_some())
     }
 
     fn last_change(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
@@ -194,6 +195,10 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
     let mut last_refresh: Option<Instant> = None;
     // The first refresh runs at once: a snapshot is useful before anything fails.
     let mut due_now = true;
+    // After a change, the cluster usually keeps moving for a while (a failover is followed by a
+    // replacement node joining): look again soon, backing off, until a refresh sees no change.
+    // Without this, a second failover before the next period could find every known node gone.
+    let mut settle: Option<Duration> = None;
     loop {
         if signal.closed.load(Ordering::Acquire) {
             return;
@@ -203,8 +208,13 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
             None => return,
         };
         if !due_now {
+            let wait = match (settle, every) {
+                (Some(s), Some(e)) => Some(s.min(e)),
+                (Some(s), None) => Some(s),
+                (None, e) => e,
+            };
             let periodic = async {
-                match every {
+                match wait {
                     Some(d) => tokio::time::sleep(jittered(d, jitter, &mut rng)).await,
                     None => std::future::pending().await,
                 }
@@ -227,8 +237,13 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
             return;
         };
         last_refresh = Some(Instant::now());
-        if let Err(e) = refresher.refresh().await {
-            tracing::warn!(error = %e, "topology refresh failed");
+        match refresher.refresh().await {
+            Ok(true) => {
+                let first = min_interval.max(Duration::from_secs(1));
+                settle = Some(settle.map_or(first, |s| s * 2));
+            }
+            Ok(false) => settle = None,
+            Err(e) => tracing::warn!(error = %e, "topology refresh failed"),
         }
         // Triggers that arrived while this refresh ran are kept as one follow-up refresh (after
         // the minimum interval): they may report a change that happened after this refresh read

@@ -275,3 +275,34 @@ async fn invalid_configuration_is_a_typed_error() {
     assert_eq!(err.kind(), ErrorKind::Config);
     assert_eq!(source.count(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_change_the_refresher_looks_again_soon_until_things_settle() {
+    let source = FakeSource::new(Duration::ZERO);
+    let config = RefreshConfig::default()
+        .every(Duration::from_secs(30))
+        .jitter(0.0)
+        .min_interval(Duration::from_secs(1));
+    let _svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Command),
+        Arc::new(source.clone()),
+        config,
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(source.count(), 2, "start + one period, nothing changed");
+
+    // A failover: the next periodic refresh sees it...
+    *source.nodes.lock().unwrap() = (
+        "127.0.0.2:7000".parse().unwrap(),
+        "127.0.0.3:7000".parse().unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(source.count(), 3);
+    // ...and the refresher looks again after 1 s (a replacement may be joining), then 2 s
+    // later, and stops settling once a refresh sees no change.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(source.count(), 4, "a settle refresh 1 s after the change");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(source.count(), 4, "no change seen: back to the 30 s period");
+}
