@@ -39,7 +39,10 @@ use axum::{
     Router,
 };
 use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
-use tower_redis_cluster::{harness::LocalCluster, Client, Error, ErrorKind, Sent};
+use tower_redis_cluster::{Client, Error, ErrorKind, Sent};
+
+#[path = "common/mod.rs"]
+mod common;
 
 /// A backstop for the whole HTTP request. The client's own deadline (2 s in `main`) is shorter,
 /// so a slow cluster shows up as a `503` from [`ApiError`] rather than as this timeout.
@@ -167,39 +170,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A client for `REDIS_CLUSTER_SEEDS`, or for a new local cluster (returned too: it stops when
-/// dropped).
-async fn connect() -> Result<(Client, Option<LocalCluster>), Box<dyn std::error::Error>> {
-    let builder = Client::builder().timeout(Duration::from_secs(2));
-    let (builder, cluster) = match std::env::var("REDIS_CLUSTER_SEEDS") {
-        Ok(seeds) if !seeds.trim().is_empty() => {
-            let mut builder = builder.seeds(seeds.split(',').map(str::trim));
-            if let Ok(password) = std::env::var("REDIS_PASSWORD") {
-                builder = match std::env::var("REDIS_USERNAME") {
-                    Ok(user) => builder.credentials(user, password),
-                    Err(_) => builder.password(password),
-                };
-            }
-            println!("using the Redis Cluster at {seeds}");
-            (builder, None)
-        }
-        _ => {
-            println!("starting a local Redis Cluster: 3 shards × (master + replica)");
-            let cluster = LocalCluster::builder()
-                .shards(3)
-                .replicas(1)
-                .start()
-                .await?;
-            println!("cluster up at {}", cluster.seed());
-            let builder = builder.seed(cluster.seed()).resolver(cluster.name_map());
-            (builder, Some(cluster))
-        }
-    };
-    let client = builder.build().await?;
-    client.wait_connected(Duration::from_secs(10)).await?;
-    Ok((client, cluster))
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -208,7 +178,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| "info,tower_http=debug".into()),
         )
         .init();
-    let (client, _cluster) = connect().await?;
+    let (client, _cluster) = common::connect().await?;
     let port: u16 = match std::env::var("PORT") {
         Ok(port) => port.parse()?,
         Err(_) => 0,

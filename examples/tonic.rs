@@ -46,7 +46,7 @@ use tower_http::{
     classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier},
     trace::TraceLayer,
 };
-use tower_redis_cluster::{harness::LocalCluster, Client, Error, ErrorKind};
+use tower_redis_cluster::{Client, Error, ErrorKind};
 
 /// The messages of `examples/proto/kv.proto`, written by hand.
 pub mod proto {
@@ -99,6 +99,9 @@ pub mod proto {
 }
 
 use proto::{GetReply, GetRequest, IncrReply, IncrRequest, SetReply, SetRequest};
+
+#[path = "common/mod.rs"]
+mod common;
 
 const SERVICE: &str = "kv.KeyValue";
 const GET: &str = "/kv.KeyValue/Get";
@@ -314,39 +317,6 @@ pub async fn serve(
         .await
 }
 
-/// A client for `REDIS_CLUSTER_SEEDS`, or for a new local cluster (returned too: it stops when
-/// dropped).
-async fn connect() -> Result<(Client, Option<LocalCluster>), Box<dyn std::error::Error>> {
-    let builder = Client::builder().timeout(Duration::from_secs(2));
-    let (builder, cluster) = match std::env::var("REDIS_CLUSTER_SEEDS") {
-        Ok(seeds) if !seeds.trim().is_empty() => {
-            let mut builder = builder.seeds(seeds.split(',').map(str::trim));
-            if let Ok(password) = std::env::var("REDIS_PASSWORD") {
-                builder = match std::env::var("REDIS_USERNAME") {
-                    Ok(user) => builder.credentials(user, password),
-                    Err(_) => builder.password(password),
-                };
-            }
-            println!("using the Redis Cluster at {seeds}");
-            (builder, None)
-        }
-        _ => {
-            println!("starting a local Redis Cluster: 3 shards × (master + replica)");
-            let cluster = LocalCluster::builder()
-                .shards(3)
-                .replicas(1)
-                .start()
-                .await?;
-            println!("cluster up at {}", cluster.seed());
-            let builder = builder.seed(cluster.seed()).resolver(cluster.name_map());
-            (builder, Some(cluster))
-        }
-    };
-    let client = builder.build().await?;
-    client.wait_connected(Duration::from_secs(10)).await?;
-    Ok((client, cluster))
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -355,7 +325,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| "info,tower_http=debug".into()),
         )
         .init();
-    let (client, _cluster) = connect().await?;
+    let (client, _cluster) = common::connect().await?;
     let port: u16 = match std::env::var("PORT") {
         Ok(port) => port.parse()?,
         Err(_) => 0,
