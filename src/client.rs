@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use redis::{cluster_async::ClusterConnection, Cmd, FromRedisValue, Pipeline, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, Value};
 use tower::{util::BoxCloneSyncService, Service, ServiceBuilder, ServiceExt};
 
 use crate::{
@@ -28,7 +28,7 @@ use crate::{
     rebuild::{Rebuild, RebuildConfig, RebuildHandle},
     retry::{RetryConfig, RetryLayer},
     topology::{RefreshConfig, TopologyHandle, TopologyRefreshLayer},
-    Error, ErrorKind, RedisService,
+    Error, ErrorKind,
 };
 
 /// A cheap-to-clone handle to a Redis Cluster that survives failovers and node replacements.
@@ -428,7 +428,14 @@ impl ClientBuilder {
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientBuilder")
-            .field("seeds", &redacted_seeds(&self.seeds))
+            .field(
+                "seeds",
+                &self
+                    .seeds
+                    .iter()
+                    .map(|s| crate::connect::redact_userinfo(s))
+                    .collect::<Vec<_>>(),
+            )
             .field("credentials", &self.credentials)
             .field("tls", &self.tls)
             .field("timeout", &self.timeout)
@@ -436,19 +443,6 @@ impl fmt::Debug for ClientBuilder {
             .field("concurrency_limit", &self.concurrency_limit)
             .finish_non_exhaustive()
     }
-}
-
-/// Seeds as typed, with any `user:password@` of a URL hidden.
-fn redacted_seeds(seeds: &[String]) -> Vec<String> {
-    seeds
-        .iter()
-        .map(|s| match (s.find("://"), s.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}<redacted>@{}", &s[..scheme + 3], &s[at + 1..])
-            }
-            _ => s.clone(),
-        })
-        .collect()
 }
 
 type Commands = BoxCloneSyncService<Cmd, Value, Error>;
@@ -496,6 +490,3 @@ fn record<T>(result: Result<T, Error>) -> Result<T, Error> {
     crate::metrics::call_finished(result.as_ref().map(|_| ()).map_err(Error::kind));
     result
 }
-
-/// The boxed inner service type of a `Client`, for users who want the same stack by hand.
-pub type InnerService = RedisService<ClusterConnection>;

@@ -163,7 +163,7 @@ async fn start_gives_a_healthy_cluster_with_one_ip_per_node() {
     write_keys(c.node_urls(), 50).await;
     read_keys(c.node_urls(), 50).await;
     let client = redis::cluster::ClusterClientBuilder::new(vec![format!("redis://{}", c.seed())])
-        .async_dns_resolver(c.name_map())
+        .async_dns_resolver(tower_redis_cluster::connect::DnsAdapter(c.name_map()))
         .build()
         .unwrap();
     let mut con = client.get_async_connection().await.unwrap();
@@ -385,8 +385,9 @@ async fn frozen_name_keeps_the_old_addresses_after_a_replacement() {
     assert_eq!(names.lookup(&endpoint), before, "a frozen name is stale");
     assert!(!names.lookup(&endpoint).contains(&new.addr));
     // The resolver the redis crate uses gives the stale answer too.
+    let adapter = tower_redis_cluster::connect::DnsAdapter(names.clone());
     let resolved: Vec<SocketAddr> =
-        redis::io::AsyncDNSResolver::resolve(&names, &endpoint, c.port())
+        redis::io::AsyncDNSResolver::resolve(&adapter, &endpoint, c.port())
             .await
             .unwrap()
             .collect();

@@ -7,7 +7,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use super::{
-    Connect, ConnectFuture, ConnectHints, Credentials, RedisResolver, Resolve, Seed, Seeds,
+    Connect, ConnectFuture, ConnectHints, Credentials, DnsAdapter, Resolve, Seed, Seeds,
     SystemResolver, TlsConfig,
 };
 use crate::{Error, RedisService};
@@ -164,7 +164,7 @@ impl ClusterConnector {
             // backs off is ours.
             .min_retry_wait(10)
             .max_retry_wait(100)
-            .async_dns_resolver(RedisResolver(self.resolver.clone()));
+            .async_dns_resolver(DnsAdapter(self.resolver.clone()));
         if let Some(c) = &self.credentials {
             if let Some(user) = &c.username {
                 builder = builder.username(user);

@@ -13,8 +13,9 @@ use std::{fmt, future::Future, pin::Pin};
 
 pub(crate) use cluster::node_addr as cluster_node_addr;
 pub use cluster::ClusterConnector;
-pub(crate) use resolve::RedisResolver;
+pub use resolve::DnsAdapter;
 pub use resolve::{Resolve, ResolveFuture, StaticResolver, SystemResolver};
+pub(crate) use seeds::redact_userinfo;
 pub use seeds::{Credentials, Secret, Seed, Seeds, DEFAULT_PORT};
 pub use tls::TlsConfig;
 

@@ -122,11 +122,15 @@ impl Resolve for StaticResolver {
 }
 
 /// The harness's name map is the tests' DNS: its configuration endpoint follows the live nodes
-/// (or stays stale when frozen).
+/// (or stays stale when frozen). Like DNS, it answers with IPs; the port is the one asked for.
 #[cfg(feature = "test-util")]
 impl Resolve for crate::harness::NameMap {
-    fn resolve<'a>(&'a self, host: &'a str, _port: u16) -> ResolveFuture<'a> {
-        let addrs = self.lookup(host);
+    fn resolve<'a>(&'a self, host: &'a str, port: u16) -> ResolveFuture<'a> {
+        let addrs: Vec<SocketAddr> = self
+            .lookup(host)
+            .into_iter()
+            .map(|a| SocketAddr::new(a.ip(), port))
+            .collect();
         Box::pin(async move {
             if addrs.is_empty() {
                 Err(io::Error::new(
@@ -140,11 +144,21 @@ impl Resolve for crate::harness::NameMap {
     }
 }
 
-/// Adapts a [`Resolve`] to the `redis` crate's resolver trait, passing IP literals through.
-#[derive(Clone)]
-pub(crate) struct RedisResolver(pub(crate) Arc<dyn Resolve>);
+/// Any [`Resolve`] as the `redis` crate's resolver, passing IP literals through — for a client
+/// of the redis crate used directly.
+///
+/// ```no_run
+/// use tower_redis_cluster::connect::{DnsAdapter, StaticResolver};
+///
+/// let names = StaticResolver::new().with("cfg.test", ["127.0.0.2:7000".parse().unwrap()]);
+/// let client = redis::cluster::ClusterClientBuilder::new(vec!["redis://cfg.test:7000"])
+///     .async_dns_resolver(DnsAdapter(names))
+///     .build();
+/// ```
+#[derive(Clone, Debug)]
+pub struct DnsAdapter<R>(pub R);
 
-impl redis::io::AsyncDNSResolver for RedisResolver {
+impl<R: Resolve> redis::io::AsyncDNSResolver for DnsAdapter<R> {
     fn resolve<'a, 'b: 'a>(
         &'a self,
         host: &'b str,
@@ -204,7 +218,7 @@ mod tests {
 
     #[tokio::test]
     async fn adapter_passes_ip_literals_and_names_the_host_on_failure() {
-        let adapter = RedisResolver(Arc::new(StaticResolver::new()));
+        let adapter = DnsAdapter(StaticResolver::new());
         let ips: Vec<_> = adapter.resolve("127.0.0.5", 7001).await.unwrap().collect();
         assert_eq!(ips, vec!["127.0.0.5:7001".parse::<SocketAddr>().unwrap()]);
         let v6: Vec<_> = adapter.resolve("::1", 7001).await.unwrap().collect();

@@ -364,7 +364,7 @@ fn percent_decode(s: &str) -> Result<String, Error> {
 }
 
 /// The input with any `user:password@` removed, for error messages.
-fn redact_userinfo(input: &str) -> String {
+pub(crate) fn redact_userinfo(input: &str) -> String {
     match (input.find("://"), input.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}<redacted>@{}", &input[..scheme + 3], &input[at + 1..])

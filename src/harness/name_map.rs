@@ -2,7 +2,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, PoisonError, RwLock},
 };
 
@@ -12,8 +12,9 @@ use std::{
 /// [`config_endpoint`](super::LocalCluster::config_endpoint) here and keeps it pointing at its
 /// member nodes as they are replaced, like the configuration endpoint of a managed cluster. The
 /// names are deliberately not resolvable by the OS (they end in `.test`), so a client only finds
-/// the cluster through this map: pass it wherever your code resolves host names, or hand it to
-/// the redis crate directly, since it implements [`redis::io::AsyncDNSResolver`].
+/// the cluster through this map: it implements [`Resolve`](crate::connect::Resolve) (give it to
+/// `ClusterConnector::resolver` or `ClientBuilder::resolver`), and
+/// [`DnsAdapter`](crate::connect::DnsAdapter) hands it to the redis crate directly.
 ///
 /// Cloning is cheap and every clone sees the same table.
 #[derive(Clone, Debug, Default)]
@@ -95,43 +96,5 @@ impl NameMap {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
         self.inner.write().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Resolves names of the map to their IPs (with the port asked for, as DNS would), IP literals
-/// to themselves, and anything else through the OS resolver.
-///
-/// A registered name never falls through to the OS: a name that points at no address fails to
-/// resolve, as an empty DNS answer would.
-impl redis::io::AsyncDNSResolver for NameMap {
-    fn resolve<'a, 'b: 'a>(
-        &'a self,
-        host: &'b str,
-        port: u16,
-    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
-        let registered = {
-            let map = self.read();
-            map.get(host).map(|e| e.addrs.clone())
-        };
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> = match registered {
-                Some(addrs) if addrs.is_empty() => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("name map: `{host}` resolves to no address"),
-                    )
-                    .into());
-                }
-                Some(addrs) => addrs
-                    .into_iter()
-                    .map(|a| SocketAddr::new(a.ip(), port))
-                    .collect(),
-                None => match host.parse::<IpAddr>() {
-                    Ok(ip) => vec![SocketAddr::new(ip, port)],
-                    Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
-                },
-            };
-            Ok(Box::new(addrs.into_iter()) as Box<dyn Iterator<Item = SocketAddr> + Send>)
-        })
     }
 }

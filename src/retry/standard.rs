@@ -91,24 +91,8 @@ impl StandardRetryPolicy {
     /// is moving (`TryAgain`, `ClusterDown`, `Loading`, `MasterDown`, `ReadOnly`) or the network
     /// failed (`Connection`, `Timeout`, `Unreachable`). Redirections are handled apart.
     pub fn is_retryable(kind: ErrorKind) -> bool {
-        match kind {
-            ErrorKind::TryAgain
-            | ErrorKind::ClusterDown
-            | ErrorKind::Loading
-            | ErrorKind::MasterDown
-            | ErrorKind::ReadOnly
-            | ErrorKind::Connection
-            | ErrorKind::Timeout
-            | ErrorKind::Unreachable => true,
-            // The same request would be rejected again, or the service is gone.
-            ErrorKind::Command
-            | ErrorKind::Auth
-            | ErrorKind::Tls
-            | ErrorKind::Config
-            | ErrorKind::Closed => false,
-            // Followed without counting, or retried when repeated; see `retry`.
-            ErrorKind::Moved | ErrorKind::Ask => false,
-        }
+        // Redirections are followed without counting (or retried when repeated); see `retry`.
+        kind.is_transient() && !kind.is_redirect()
     }
 
     fn next_delay(&mut self) -> Duration {
