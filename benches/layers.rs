@@ -862,6 +862,22 @@ fn main() {
         .expect("a tokio runtime");
     let configs = configs(&rt);
 
+    // `LAYERS_PROFILE=<config> [LAYERS_PROFILE_CALLS=n]`: only run that configuration's calls,
+    // e.g. under `valgrind --tool=callgrind`, which counts instructions per function.
+    if let Ok(name) = std::env::var("LAYERS_PROFILE") {
+        let n = std::env::var("LAYERS_PROFILE_CALLS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let config = configs
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no configuration named {name}"));
+        config.caller.call_many(&rt, n);
+        println!("layers: ran {n} calls of {name}");
+        return;
+    }
+
     let mut criterion = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))

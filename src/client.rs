@@ -15,6 +15,8 @@
 
 use std::{
     fmt,
+    future::Future,
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
@@ -53,8 +55,12 @@ use crate::{
 /// ```
 #[derive(Clone)]
 pub struct Client {
+    /// The stack behind the `Service` interface: the Timeout layer on top.
     commands: BoxCloneSyncService<Cmd, Value, Error>,
     pipelines: BoxCloneSyncService<Pipeline, Vec<Value>, Error>,
+    /// The same layers (shared state, not copies) without the Timeout layer, for `query`,
+    /// `send` and `query_pipeline`: their one deadline covers readiness and call together.
+    dispatch: Arc<dyn Dispatch>,
     rebuild: RebuildHandle,
     topology: Option<TopologyHandle>,
     summary: Arc<str>,
@@ -69,11 +75,8 @@ impl Client {
 
     /// Runs `call` — readiness and call together — within the overall deadline. (tower's
     /// `Timeout` covers only the response future; waiting for a rebuild happens in `poll_ready`.)
-    async fn within_deadline<T>(
-        &self,
-        call: impl std::future::Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
-        match self.deadline {
+    async fn within_deadline<T>(&self, call: BoxedCall<T>) -> Result<T, Error> {
+        let result = match self.deadline {
             Some(deadline) => tokio::time::timeout(deadline, call)
                 .await
                 .unwrap_or_else(|_| {
@@ -88,13 +91,14 @@ impl Client {
                     Err(error)
                 }),
             None => call.await,
-        }
+        };
+        record(result)
     }
 
     /// Sends a command and converts its reply.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, Error> {
         let value = self
-            .within_deadline(self.commands.clone().oneshot(cmd.clone()))
+            .within_deadline(self.dispatch.command(cmd.clone()))
             .await?;
         redis::from_redis_value(value).map_err(|e| {
             Error::new(
@@ -107,14 +111,13 @@ impl Client {
 
     /// Sends a command, taking it by value (no clone), and returns the raw reply.
     pub async fn send(&self, cmd: Cmd) -> Result<Value, Error> {
-        self.within_deadline(self.commands.clone().oneshot(cmd))
-            .await
+        self.within_deadline(self.dispatch.command(cmd)).await
     }
 
     /// Sends a pipeline and converts its replies (one per command not ignored).
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, Error> {
         let values = self
-            .within_deadline(self.pipelines.clone().oneshot(pipeline.clone()))
+            .within_deadline(self.dispatch.pipeline(pipeline.clone()))
             .await?;
         redis::from_redis_value(Value::Array(values)).map_err(|e| {
             Error::new(
@@ -392,36 +395,30 @@ impl ClientBuilder {
         }
         let rebuild = Rebuild::new(connector, rebuild_config);
         let rebuild_handle = rebuild.handle();
-        match refresh {
+        let layers = Layers {
+            retry,
+            timeout,
+            limit: self.concurrency_limit,
+        };
+        let (stacks, topology) = match refresh {
             Some(config) => {
                 let layer = TopologyRefreshLayer::new(source, config)
                     .rebuild_handle(rebuild_handle.clone());
                 let refreshed = tower::Layer::layer(&layer, rebuild);
                 let topology = refreshed.handle();
-                let (commands, pipelines) =
-                    outer_stack(refreshed, retry, timeout, self.concurrency_limit);
-                Ok(Client {
-                    commands,
-                    pipelines,
-                    rebuild: rebuild_handle,
-                    topology: Some(topology),
-                    summary,
-                    deadline: timeout,
-                })
+                (layers.stack(refreshed), Some(topology))
             }
-            None => {
-                let (commands, pipelines) =
-                    outer_stack(rebuild, retry, timeout, self.concurrency_limit);
-                Ok(Client {
-                    commands,
-                    pipelines,
-                    rebuild: rebuild_handle,
-                    topology: None,
-                    summary,
-                    deadline: timeout,
-                })
-            }
-        }
+            None => (layers.stack(rebuild), None),
+        };
+        Ok(Client {
+            commands: stacks.commands,
+            pipelines: stacks.pipelines,
+            dispatch: stacks.dispatch,
+            rebuild: rebuild_handle,
+            topology,
+            summary,
+            deadline: timeout,
+        })
     }
 }
 
@@ -445,17 +442,15 @@ impl fmt::Debug for ClientBuilder {
     }
 }
 
-type Commands = BoxCloneSyncService<Cmd, Value, Error>;
-type Pipelines = BoxCloneSyncService<Pipeline, Vec<Value>, Error>;
+type BoxedCall<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
 
-/// Timeout → Retry → ConcurrencyLimit around `inner`, boxed once for commands and once for
-/// pipelines (the two boxes share the inner state: the same rebuild, refresher and budget).
-fn outer_stack<S>(
-    inner: S,
-    retry: Option<RetryConfig>,
-    timeout: Option<Duration>,
-    limit: Option<usize>,
-) -> (Commands, Pipelines)
+/// Sends through a clone of the concrete stack, without cloning a boxed service per call.
+trait Dispatch: Send + Sync {
+    fn command(&self, cmd: Cmd) -> BoxedCall<Value>;
+    fn pipeline(&self, pipeline: Pipeline) -> BoxedCall<Vec<Value>>;
+}
+
+impl<S> Dispatch for S
 where
     S: Service<Cmd, Response = Value, Error = Error>
         + Service<Pipeline, Response = Vec<Value>, Error = Error>
@@ -466,23 +461,68 @@ where
     <S as Service<Cmd>>::Future: Send + 'static,
     <S as Service<Pipeline>>::Future: Send + 'static,
 {
-    let stack = ServiceBuilder::new()
-        .map_err(Error::from)
-        .option_layer(timeout.map(tower::timeout::TimeoutLayer::new))
-        .map_err(|e: Error| -> tower::BoxError { Box::new(e) })
-        .option_layer(retry.map(RetryLayer::new))
-        .option_layer(limit.map(tower::limit::ConcurrencyLimitLayer::new))
-        .service(inner);
-    (
-        BoxCloneSyncService::new(ServiceExt::<Cmd>::map_result(
-            stack.clone(),
-            record::<Value>,
-        )),
-        BoxCloneSyncService::new(ServiceExt::<Pipeline>::map_result(
-            stack,
-            record::<Vec<Value>>,
-        )),
-    )
+    fn command(&self, cmd: Cmd) -> BoxedCall<Value> {
+        Box::pin(ServiceExt::<Cmd>::oneshot(self.clone(), cmd))
+    }
+
+    fn pipeline(&self, pipeline: Pipeline) -> BoxedCall<Vec<Value>> {
+        Box::pin(ServiceExt::<Pipeline>::oneshot(self.clone(), pipeline))
+    }
+}
+
+/// The layers `Client` puts above the topology refresh (or rebuild) layer.
+struct Layers {
+    retry: Option<RetryConfig>,
+    timeout: Option<Duration>,
+    limit: Option<usize>,
+}
+
+struct Stacks {
+    commands: BoxCloneSyncService<Cmd, Value, Error>,
+    pipelines: BoxCloneSyncService<Pipeline, Vec<Value>, Error>,
+    dispatch: Arc<dyn Dispatch>,
+}
+
+impl Layers {
+    /// Retry → ConcurrencyLimit around `inner` for the helpers, and Timeout above that for the
+    /// `Service` interface, boxed once for commands and once for pipelines. Every entry point
+    /// shares the same inner state: one rebuild, refresher, budget and concurrency limit.
+    fn stack<S>(self, inner: S) -> Stacks
+    where
+        S: Service<Cmd, Response = Value, Error = Error>
+            + Service<Arc<Cmd>, Response = Value, Error = Error>
+            + Service<Pipeline, Response = Vec<Value>, Error = Error>
+            + Service<Arc<Pipeline>, Response = Vec<Value>, Error = Error>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <S as Service<Cmd>>::Future: Send + 'static,
+        <S as Service<Arc<Cmd>>>::Future: Send + 'static,
+        <S as Service<Pipeline>>::Future: Send + 'static,
+        <S as Service<Arc<Pipeline>>>::Future: Send + 'static,
+    {
+        let core = ServiceBuilder::new()
+            .option_layer(self.retry.map(RetryLayer::new))
+            .option_layer(self.limit.map(tower::limit::ConcurrencyLimitLayer::new))
+            .service(inner);
+        let timed = ServiceBuilder::new()
+            .map_err(Error::from)
+            .option_layer(self.timeout.map(tower::timeout::TimeoutLayer::new))
+            .map_err(|e: Error| -> tower::BoxError { Box::new(e) })
+            .service(core.clone());
+        Stacks {
+            commands: BoxCloneSyncService::new(ServiceExt::<Cmd>::map_result(
+                timed.clone(),
+                record::<Value>,
+            )),
+            pipelines: BoxCloneSyncService::new(ServiceExt::<Pipeline>::map_result(
+                timed,
+                record::<Vec<Value>>,
+            )),
+            dispatch: Arc::new(core),
+        }
+    }
 }
 
 /// Counts a finished call (a no-op without the `metrics` feature).

@@ -56,9 +56,9 @@ impl<S> Counted<S> {
     }
 }
 
-impl<S> Service<Cmd> for Counted<S>
+impl<S, Req> Service<Req> for Counted<S>
 where
-    S: Service<Cmd, Response = Value, Error = Error>,
+    S: Service<Req, Response = Value, Error = Error>,
     S::Future: Send + 'static,
 {
     type Response = Value;
@@ -69,7 +69,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, cmd: Cmd) -> Self::Future {
+    fn call(&mut self, cmd: Req) -> Self::Future {
         self.counts.calls.fetch_add(1, Ordering::SeqCst);
         let counts = self.counts.clone();
         let call = self.inner.call(cmd);
@@ -298,7 +298,7 @@ async fn a_cluster_down_for_ten_seconds_costs_no_more_than_the_budget_and_no_cal
     const RETRY_SHARE: u64 = 4;
     let budget = Arc::new(TpsBudget::new(Duration::from_secs(60), 0, 0.25));
     let deadline = Duration::from_secs(2);
-    let retry = RetryConfig::default().budget(budget).deadline(deadline);
+    let retry = RetryConfig::default().shared_budget(budget).deadline(deadline);
     let rebuild = RebuildConfig::default()
         .max_wait(Duration::from_millis(500))
         .backoff(Duration::from_millis(50), Duration::from_millis(500))

@@ -154,7 +154,8 @@ fn key_of(cmd: &Cmd) -> String {
     }
 }
 
-impl Service<Cmd> for Fake {
+/// The retry layer shares its request with the layers below it.
+impl Service<Arc<Cmd>> for Fake {
     type Response = Value;
     type Error = Error;
     type Future = Pin<Box<dyn Future<Output = Result<Value, Error>> + Send>>;
@@ -163,13 +164,13 @@ impl Service<Cmd> for Fake {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, cmd: Cmd) -> Self::Future {
+    fn call(&mut self, cmd: Arc<Cmd>) -> Self::Future {
         let answer = self.answer(key_of(&cmd));
         Box::pin(async move { answer.await.map(|()| Value::Okay) })
     }
 }
 
-impl Service<Pipeline> for Fake {
+impl Service<Arc<Pipeline>> for Fake {
     type Response = Vec<Value>;
     type Error = Error;
     type Future = Pin<Box<dyn Future<Output = Result<Vec<Value>, Error>> + Send>>;
@@ -178,7 +179,7 @@ impl Service<Pipeline> for Fake {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, pipeline: Pipeline) -> Self::Future {
+    fn call(&mut self, pipeline: Arc<Pipeline>) -> Self::Future {
         let n = pipeline.len();
         let answer = self.answer(String::from("pipeline"));
         Box::pin(async move { answer.await.map(|()| vec![Value::Okay; n]) })
@@ -325,7 +326,7 @@ async fn backoff_delays_stay_within_floor_and_growing_ceiling_over_many_draws() 
     for _ in 0..500 {
         // Driven through tower's `Policy` trait, as the service does.
         let mut call = CallPolicy::new(template.clone());
-        let mut request = cmd("GET k");
+        let mut request = Arc::new(cmd("GET k"));
         for retry in 1..=10u32 {
             let mut result: Result<Value, Error> =
                 Err(Error::new(ErrorKind::TryAgain, "x").with_sent(Sent::No));
@@ -429,7 +430,7 @@ async fn an_empty_budget_returns_the_original_error_and_stops_retrying() {
             .max_retries(3)
             .backoff(Duration::from_millis(1), Duration::from_millis(5))
             .unwrap()
-            .budget(budget.clone()),
+            .shared_budget(budget.clone()),
     );
     let mut attempts_per_call = Vec::new();
     for _ in 0..20 {
@@ -572,7 +573,7 @@ async fn a_retry_in_flight_at_the_deadline_is_abandoned_as_maybe_applied() {
 
 #[tokio::test(start_paused = true)]
 async fn waiting_for_readiness_before_a_retry_ends_at_the_deadline_with_the_original_error() {
-    let (mock, mut handle) = tower_test::mock::pair::<Cmd, Value>();
+    let (mock, mut handle) = tower_test::mock::pair::<Arc<Cmd>, Value>();
     handle.allow(1);
     fn ours(error: tower::BoxError) -> Error {
         Error::from(error)

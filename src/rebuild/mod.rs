@@ -117,12 +117,31 @@ where
 /// A service whose inner client is made by a [`Connect`] and remade when it cannot serve.
 pub struct Rebuild<C: Connect> {
     shared: Arc<Shared<C>>,
-    slot: watch::Receiver<shared::Slot<C::Service>>,
-    /// The inner service this clone reserved in `poll_ready`, with its generation.
-    reserved: Option<(C::Service, u64)>,
+    /// The serving inner service this clone last saw; checked against the shared slot's
+    /// version (one atomic load) at every `poll_ready`.
+    current: Option<Current<C::Service>>,
+    /// Whether `current` was made ready for the next call.
+    reserved: bool,
     /// Set when waiting for a client timed out: the next call fails with it.
     failed: Option<Error>,
     waiting: Option<Waiting>,
+}
+
+struct Current<S> {
+    service: S,
+    generation: u64,
+    /// The slot version this was read at.
+    version: u64,
+}
+
+impl<S: Clone> Clone for Current<S> {
+    fn clone(&self) -> Self {
+        Current {
+            service: self.service.clone(),
+            generation: self.generation,
+            version: self.version,
+        }
+    }
 }
 
 struct Waiting {
@@ -145,11 +164,10 @@ where
         if eager && invalid.is_none() {
             shared.request(RebuildAction::Replace, None, Vec::new(), Reason::Start);
         }
-        let slot = shared.slot.subscribe();
         Rebuild {
             shared,
-            slot,
-            reserved: None,
+            current: None,
+            reserved: false,
             failed: invalid,
             waiting: None,
         }
@@ -176,13 +194,15 @@ where
 impl<C> Clone for Rebuild<C>
 where
     C: Connect,
+    C::Service: Clone,
 {
     fn clone(&self) -> Self {
-        // Readiness is per clone: a clone starts unreserved (tower's rule for `Clone`).
+        // Readiness is per clone: a clone starts unreserved (tower's rule for `Clone`). The
+        // cached service comes along, so a fresh clone is ready without reading the slot.
         Rebuild {
             shared: self.shared.clone(),
-            slot: self.slot.clone(),
-            reserved: None,
+            current: self.current.clone(),
+            reserved: false,
             failed: None,
             waiting: None,
         }
@@ -193,7 +213,8 @@ impl<C: Connect> fmt::Debug for Rebuild<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rebuild")
             .field("shared", &self.shared)
-            .field("reserved_generation", &self.reserved.as_ref().map(|r| r.1))
+            .field("generation", &self.current.as_ref().map(|c| c.generation))
+            .field("reserved", &self.reserved)
             .finish_non_exhaustive()
     }
 }
@@ -209,18 +230,30 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
-            if let Some((service, _)) = &mut self.reserved {
-                return service.poll_ready(cx);
-            }
             if self.failed.is_some() {
                 // The call reports the failure; readiness errors would be fatal to tower.
                 return Poll::Ready(Ok(()));
             }
+            if let Some(current) = &mut self.current {
+                // A reservation stands even if the slot changed since: tower's contract.
+                if self.reserved || current.version == self.shared.slot_version() {
+                    let ready = current.service.poll_ready(cx);
+                    self.reserved = matches!(ready, Poll::Ready(Ok(())));
+                    return ready;
+                }
+                self.current = None;
+            }
             {
-                let slot = self.slot.borrow_and_update();
+                // The version first: a change after this read bumps it again.
+                let version = self.shared.slot_version();
+                let slot = self.shared.slot.borrow();
                 if slot.serving {
                     if let Some(service) = &slot.service {
-                        self.reserved = Some((service.clone(), slot.generation));
+                        self.current = Some(Current {
+                            service: service.clone(),
+                            generation: slot.generation,
+                            version,
+                        });
                         self.waiting = None;
                         continue;
                     }
@@ -254,12 +287,17 @@ where
                 deadline: Box::pin(tokio::time::sleep(max_wait)),
                 changed: None,
             });
-            let changed = waiting.changed.get_or_insert_with(|| {
-                let mut slot = self.slot.clone();
+            if waiting.changed.is_none() {
+                // Subscribed, then looked at: a change before the subscription is seen here, a
+                // later one wakes the wait.
+                let mut slot = self.shared.slot.subscribe();
+                if slot.borrow_and_update().serving {
+                    continue;
+                }
                 // A failed connect changes only the status: waking on it lets a non-transient
                 // failure (above) reach the caller at once.
                 let mut status = self.shared.status_receiver();
-                Box::pin(async move {
+                waiting.changed = Some(Box::pin(async move {
                     let ended = tokio::select! {
                         r = slot.changed() => r.is_err(),
                         r = status.changed() => r.is_err(),
@@ -268,8 +306,9 @@ where
                     if ended {
                         std::future::pending::<()>().await;
                     }
-                })
-            });
+                }));
+            }
+            let changed = waiting.changed.as_mut().expect("made above");
             if changed.as_mut().poll(cx).is_ready() {
                 waiting.changed = None;
                 continue;
@@ -293,12 +332,13 @@ where
         if let Some(error) = self.failed.take() {
             return ResponseFuture::failed(error);
         }
-        match self.reserved.take() {
-            Some((mut service, generation)) => {
-                let inner = service.call(request);
-                ResponseFuture::called(inner, self.shared.clone(), generation)
+        match &mut self.current {
+            Some(current) if self.reserved => {
+                self.reserved = false;
+                let inner = current.service.call(request);
+                ResponseFuture::called(inner, self.shared.clone(), current.generation)
             }
-            None => ResponseFuture::failed(Error::new(
+            _ => ResponseFuture::failed(Error::new(
                 ErrorKind::Closed,
                 "Rebuild::call was invoked without a successful poll_ready",
             )),

@@ -2,7 +2,10 @@
 
 use std::{
     fmt,
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, Weak,
+    },
     time::Duration,
 };
 
@@ -35,6 +38,9 @@ pub(crate) struct Shared<C: Connect> {
     connector: C,
     pub(crate) config: RebuildConfig,
     pub(crate) slot: watch::Sender<Slot<C::Service>>,
+    /// Bumped after every change of `slot`, so callers can tell with one load whether the
+    /// service they cached is still the one to use.
+    slot_version: AtomicU64,
     status: watch::Sender<RebuildStatus>,
     control: Mutex<Control>,
 }
@@ -61,6 +67,16 @@ where
     C: Connect,
     C::Service: Send + Sync + 'static,
 {
+    /// The version of `slot`: read it *before* reading the slot, and a cache made from that
+    /// read is refreshed after any later change (the bump follows the change).
+    pub(crate) fn slot_version(&self) -> u64 {
+        self.slot_version.load(Ordering::Acquire)
+    }
+
+    fn slot_changed(&self) {
+        self.slot_version.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub(crate) fn new(connector: C, config: RebuildConfig) -> Arc<Self> {
         let (slot, _) = watch::channel(Slot {
             service: None,
@@ -72,6 +88,7 @@ where
             connector,
             config,
             slot,
+            slot_version: AtomicU64::new(0),
             status,
             control: Mutex::new(Control {
                 rebuilding: false,
@@ -150,13 +167,16 @@ where
             }
         }
         if action == RebuildAction::Replace {
-            self.slot.send_if_modified(|slot| {
+            let retired = self.slot.send_if_modified(|slot| {
                 let retire = slot.serving && slot.generation == current;
                 if retire {
                     slot.serving = false;
                 }
                 retire
             });
+            if retired {
+                self.slot_changed();
+            }
             control.status.serving = false;
         }
         if control.rebuilding {
@@ -223,6 +243,7 @@ where
             generation,
             serving: true,
         });
+        self.slot_changed();
         self.config.policy.on_rebuilt();
         self.status.send_replace(control.status.clone());
         crate::metrics::rebuilt(generation);

@@ -5,6 +5,7 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -183,27 +184,27 @@ impl<P: fmt::Debug> fmt::Debug for CallPolicy<P> {
     }
 }
 
-impl<P: RetryPolicy, T> Policy<Cmd, T, Error> for CallPolicy<P> {
+/// Requests are shared (`Arc`): cloning one for a retry copies no command.
+impl<P: RetryPolicy, T> Policy<Arc<Cmd>, T, Error> for CallPolicy<P> {
     type Future = Delay;
 
-    fn retry(&mut self, req: &mut Cmd, result: &mut Result<T, Error>) -> Option<Delay> {
+    fn retry(&mut self, req: &mut Arc<Cmd>, result: &mut Result<T, Error>) -> Option<Delay> {
         self.decide(result, |policy| policy.idempotency(req))
     }
 
-    fn clone_request(&mut self, req: &Cmd) -> Option<Cmd> {
-        // Any attempt may need a successor, and the request is gone once sent.
+    fn clone_request(&mut self, req: &Arc<Cmd>) -> Option<Arc<Cmd>> {
         Some(req.clone())
     }
 }
 
-impl<P: RetryPolicy, T> Policy<Pipeline, T, Error> for CallPolicy<P> {
+impl<P: RetryPolicy, T> Policy<Arc<Pipeline>, T, Error> for CallPolicy<P> {
     type Future = Delay;
 
-    fn retry(&mut self, req: &mut Pipeline, result: &mut Result<T, Error>) -> Option<Delay> {
+    fn retry(&mut self, req: &mut Arc<Pipeline>, result: &mut Result<T, Error>) -> Option<Delay> {
         self.decide(result, |policy| policy.pipeline_idempotency(req))
     }
 
-    fn clone_request(&mut self, req: &Pipeline) -> Option<Pipeline> {
+    fn clone_request(&mut self, req: &Arc<Pipeline>) -> Option<Arc<Pipeline>> {
         Some(req.clone())
     }
 }

@@ -1,37 +1,44 @@
 //! Knobs of the standard retry policy.
 
-use std::{sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
-use tower::retry::budget::TpsBudget;
+use tower::retry::budget::Budget;
 
+use super::RetryBudget;
 use crate::{backoff::JitteredBackoffMaker, Error, IdempotencyTable};
+
+/// A retry budget shared by every clone of the retry layer.
+pub type SharedBudget = Arc<dyn Budget + Send + Sync>;
 
 /// Configuration of [`StandardRetryPolicy`](super::StandardRetryPolicy). Every choice is a
 /// setter; nothing is hidden.
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower::retry::budget::TpsBudget;
-/// use tower_redis_cluster::{retry::RetryConfig, Idempotency, IdempotencyTable};
+/// use tower_redis_cluster::{
+///     retry::{RetryBudget, RetryConfig},
+///     Idempotency, IdempotencyTable,
+/// };
 ///
 /// # fn main() -> Result<(), tower_redis_cluster::Error> {
 /// let config = RetryConfig::new()
 ///     .max_retries(5)
 ///     .backoff(Duration::from_millis(50), Duration::from_secs(2))?
 ///     .deadline(Duration::from_secs(3))
-///     // Retries may add at most 10 % to the load, plus 5 per second while traffic is low.
-///     .budget(TpsBudget::new(Duration::from_secs(10), 5, 0.1))
+///     // Retries may add at most 10 % to the load, plus 5 per second while traffic is low,
+///     // after a burst of at most 50.
+///     .budget(RetryBudget::new(5, 0.1, 50)?)
 ///     // Our one script overwrites a key with a fixed value: safe to send again.
 ///     .idempotency(IdempotencyTable::new().with_override("EVALSHA", Idempotency::Idempotent));
 /// # let _ = config; Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RetryConfig {
     pub(crate) max_retries: u32,
     pub(crate) max_redirects: u32,
     pub(crate) backoff: JitteredBackoffMaker,
     pub(crate) idempotency: IdempotencyTable,
-    pub(crate) budget: Option<Arc<TpsBudget>>,
+    pub(crate) budget: Option<SharedBudget>,
     pub(crate) deadline: Option<Duration>,
 }
 
@@ -39,8 +46,8 @@ impl RetryConfig {
     /// At most 8 retries per call, backing off from 20 ms to 1 s with full jitter (about 2.2 s
     /// of backoff in all on average, 4.24 s at most: enough to ride out a 1–3 s automatic
     /// failover within the deadline); at most 5 redirections followed per call; the built-in
-    /// idempotency table; tower's default [`TpsBudget`] (retries may add 20 % to the calls of
-    /// the last 10 s, plus 10 per second); and a deadline of 5 s per call.
+    /// idempotency table; the default [`RetryBudget`] (a burst of 100 retries, then retries may
+    /// add 20 % to the calls, plus 10 per second); and a deadline of 5 s per call.
     pub fn new() -> Self {
         RetryConfig {
             max_retries: 8,
@@ -48,7 +55,7 @@ impl RetryConfig {
             backoff: JitteredBackoffMaker::new(Duration::from_millis(20), Duration::from_secs(1))
                 .expect("valid default backoff"),
             idempotency: IdempotencyTable::new(),
-            budget: Some(Arc::new(TpsBudget::default())),
+            budget: Some(Arc::new(RetryBudget::default())),
             deadline: Some(Duration::from_secs(5)),
         }
     }
@@ -90,10 +97,19 @@ impl RetryConfig {
     }
 
     /// The retry budget, shared by every clone of the service and by every service made from
-    /// this configuration. Each call deposits into it; each retry of a failure withdraws. Pass
-    /// an `Arc<TpsBudget>` to share one budget with other layers or to observe it.
-    pub fn budget(mut self, budget: impl Into<Arc<TpsBudget>>) -> Self {
-        self.budget = Some(budget.into());
+    /// this configuration. Each call deposits into it; each retry of a failure withdraws. Any
+    /// [`Budget`] fits: a [`RetryBudget`] (the default's type), tower's `TpsBudget`, your own.
+    pub fn budget<B>(self, budget: B) -> Self
+    where
+        B: Budget + Send + Sync + 'static,
+    {
+        self.shared_budget(Arc::new(budget))
+    }
+
+    /// A budget you keep a handle on, to share it with other layers or to observe it (an
+    /// `Arc<RetryBudget>` coerces).
+    pub fn shared_budget(mut self, budget: SharedBudget) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -114,6 +130,19 @@ impl RetryConfig {
     pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
         self.deadline = deadline.into();
         self
+    }
+}
+
+impl fmt::Debug for RetryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryConfig")
+            .field("max_retries", &self.max_retries)
+            .field("max_redirects", &self.max_redirects)
+            .field("backoff", &self.backoff)
+            .field("idempotency", &self.idempotency)
+            .field("budget", &self.budget.as_ref().map(|_| "shared"))
+            .field("deadline", &self.deadline)
+            .finish()
     }
 }
 

@@ -4,6 +4,7 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{ready, Context, Poll},
 };
 
@@ -20,22 +21,39 @@ pin_project! {
     /// retries its [`CallPolicy`] asks for.
     pub struct ResponseFuture<S, P, Req>
     where
-        S: Service<Req>,
+        S: Service<Arc<Req>>,
     {
         #[pin]
         state: State<S::Future>,
-        // Armed when the first retry is decided, so calls that succeed at once never touch
-        // the timer.
-        #[pin]
-        deadline: Option<Sleep>,
         // The service clone that sent the last attempt; it sends the retries.
         service: S,
         policy: CallPolicy<P>,
-        // A copy of the request for the next attempt.
-        request: Option<Req>,
+        // The request, shared with the attempt in flight.
+        request: Arc<Req>,
+        // What only a call that failed needs, made at its first retry: calls that succeed at
+        // once never touch the timer or carry its weight.
+        retrying: Option<Pin<Box<Retrying>>>,
+        span: Span,
+    }
+}
+
+pin_project! {
+    struct Retrying {
+        // The call's deadline, if it has one.
+        #[pin]
+        deadline: Option<Sleep>,
         // The error of the attempt being retried, returned if the retry cannot be sent.
         last_error: Option<Error>,
-        span: Span,
+    }
+}
+
+impl Retrying {
+    /// Whether the deadline has passed (registering the waker if not).
+    fn deadline_passed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        self.project()
+            .deadline
+            .as_pin_mut()
+            .is_some_and(|sleep| sleep.poll(cx).is_ready())
     }
 }
 
@@ -56,22 +74,21 @@ pin_project! {
 
 impl<S, P, Req> ResponseFuture<S, P, Req>
 where
-    S: Service<Req>,
+    S: Service<Arc<Req>>,
 {
     pub(super) fn new(
         future: S::Future,
         service: S,
         policy: CallPolicy<P>,
-        request: Option<Req>,
+        request: Arc<Req>,
         span: Span,
     ) -> Self {
         ResponseFuture {
             state: State::Called { future },
-            deadline: None,
             service,
             policy,
             request,
-            last_error: None,
+            retrying: None,
             span,
         }
     }
@@ -79,9 +96,9 @@ where
 
 impl<S, P, Req> Future for ResponseFuture<S, P, Req>
 where
-    S: Service<Req, Error = Error>,
+    S: Service<Arc<Req>, Error = Error>,
     P: RetryPolicy,
-    CallPolicy<P>: Policy<Req, S::Response, Error, Future = Delay>,
+    CallPolicy<P>: Policy<Arc<Req>, S::Response, Error, Future = Delay>,
 {
     type Output = Result<S::Response, Error>;
 
@@ -96,33 +113,35 @@ where
                         Poll::Pending => {
                             // Only retries are cut at the deadline: the first attempt is what
                             // the caller would have had without this layer.
-                            if deadline_passed(this.deadline.as_mut(), cx) {
-                                let error = Error::timeout(format!(
-                                    "attempt {} was still running at the call's deadline",
-                                    this.policy.attempt()
-                                ));
-                                let error = match this.last_error.take() {
-                                    Some(previous) => error.with_source(previous),
-                                    None => error,
-                                };
-                                tracing::debug!("deadline passed during a retry");
-                                record_attempts(this.span, this.policy);
-                                return Poll::Ready(Err(this.policy.final_error(error)));
+                            let Some(retrying) = this.retrying.as_mut() else {
+                                return Poll::Pending;
+                            };
+                            if !retrying.as_mut().deadline_passed(cx) {
+                                return Poll::Pending;
                             }
-                            return Poll::Pending;
+                            let error = Error::timeout(format!(
+                                "attempt {} was still running at the call's deadline",
+                                this.policy.attempt()
+                            ));
+                            let error = match retrying.as_mut().project().last_error.take() {
+                                Some(previous) => error.with_source(previous),
+                                None => error,
+                            };
+                            tracing::debug!("deadline passed during a retry");
+                            record_attempts(this.span, this.policy);
+                            return Poll::Ready(Err(this.policy.final_error(error)));
                         }
                     };
-                    let Some(request) = this.request.as_mut() else {
-                        return Poll::Ready(result);
-                    };
-                    match this.policy.retry(request, &mut result) {
+                    match this.policy.retry(this.request, &mut result) {
                         Some(delay) => {
-                            if this.deadline.is_none() {
-                                if let Some(at) = this.policy.deadline() {
-                                    this.deadline.set(Some(tokio::time::sleep_until(at)));
-                                }
-                            }
-                            *this.last_error = result.err();
+                            let deadline = this.policy.deadline();
+                            let retrying = this.retrying.get_or_insert_with(|| {
+                                Box::pin(Retrying {
+                                    deadline: deadline.map(tokio::time::sleep_until),
+                                    last_error: None,
+                                })
+                            });
+                            *retrying.as_mut().project().last_error = result.err();
                             this.state.set(State::Waiting { delay });
                         }
                         None => {
@@ -137,17 +156,26 @@ where
                     this.state.set(State::Readying);
                 }
                 StateProj::Readying => {
+                    let retrying = this
+                        .retrying
+                        .as_mut()
+                        .expect("a retry is only decided with its state at hand");
                     // Checked before sending, not only while waiting: timers fire on whole
                     // milliseconds, so a backoff that ends just before the deadline may be
                     // woken in the same tick as the deadline.
                     // A service that cannot take the retry (a rebuild in progress) must not
                     // hold the caller past the deadline either.
-                    if deadline_passed(this.deadline.as_mut(), cx) {
+                    if retrying.as_mut().deadline_passed(cx) {
                         tracing::debug!("deadline passed before the retry could be sent");
                         record_attempts(this.span, this.policy);
-                        let error = this.last_error.take().unwrap_or_else(|| {
-                            Error::timeout("the call's deadline passed before a retry")
-                        });
+                        let error = retrying
+                            .as_mut()
+                            .project()
+                            .last_error
+                            .take()
+                            .unwrap_or_else(|| {
+                                Error::timeout("the call's deadline passed before a retry")
+                            });
                         return Poll::Ready(Err(this.policy.final_error(error)));
                     }
                     let ready = ready!(this.service.poll_ready(cx));
@@ -155,12 +183,7 @@ where
                         record_attempts(this.span, this.policy);
                         return Poll::Ready(Err(this.policy.final_error(error)));
                     }
-                    let request = this
-                        .request
-                        .take()
-                        .expect("a retry is only decided with a request copy at hand");
-                    *this.request = this.policy.clone_request(&request);
-                    let future = this.service.call(request);
+                    let future = this.service.call(this.request.clone());
                     this.state.set(State::Called { future });
                 }
             }
@@ -176,15 +199,9 @@ fn record_attempts<P: RetryPolicy>(span: &Span, policy: &CallPolicy<P>) {
     }
 }
 
-fn deadline_passed(deadline: Pin<&mut Option<Sleep>>, cx: &mut Context<'_>) -> bool {
-    deadline
-        .as_pin_mut()
-        .is_some_and(|sleep| sleep.poll(cx).is_ready())
-}
-
 impl<S, P, Req> fmt::Debug for ResponseFuture<S, P, Req>
 where
-    S: Service<Req>,
+    S: Service<Arc<Req>>,
     P: fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -12,9 +12,9 @@
 //! * **worth** — only transient kinds are retried, with exponential backoff and full jitter;
 //!   `MOVED`/`ASK` are followed at once, without counting as a failure (bounded per call) —
 //!   unless the same redirection comes back, which means a failover in progress;
-//! * **budget** — a [`TpsBudget`](tower::retry::budget::TpsBudget) shared by every clone: each
-//!   call deposits, each retry withdraws, so a cluster-wide outage cannot multiply the load;
-//!   when it is empty the caller gets the original error;
+//! * **budget** — a [`RetryBudget`] (or any tower [`Budget`](tower::retry::budget::Budget))
+//!   shared by every clone: each call deposits, each retry withdraws, so a cluster-wide outage
+//!   cannot multiply the load; when it is empty the caller gets the original error;
 //! * **deadline** — one deadline per call covers every attempt and backoff: no retry starts
 //!   after it, and a retry in flight does not outlive it.
 //!
@@ -125,6 +125,7 @@
 //! the failed attempt may have taken effect, the attempt number and the delay. An empty budget
 //! is a warning (at most one a second).
 
+mod budget;
 mod call;
 mod config;
 mod future;
@@ -134,15 +135,17 @@ mod standard;
 
 use std::{
     mem,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use redis::{Cmd, Pipeline};
-use tower::{retry::Policy, Service};
+use tower::Service;
 use tracing::{field, Span};
 
+pub use budget::RetryBudget;
 pub use call::{CallPolicy, Delay};
-pub use config::RetryConfig;
+pub use config::{RetryConfig, SharedBudget};
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;
 pub use policy::{Action, Attempt, RetryPolicy};
@@ -196,17 +199,17 @@ impl<S, P: RetryPolicy> Retry<S, P> {
 
     fn start<Req>(&mut self, request: Req, span: Span) -> ResponseFuture<S, P, Req>
     where
-        S: Service<Req> + Clone,
-        CallPolicy<P>: Policy<Req, S::Response, S::Error>,
+        S: Service<Arc<Req>> + Clone,
     {
-        let mut policy = CallPolicy::new(self.policy.clone());
-        let copy = policy.clone_request(&request);
+        let policy = CallPolicy::new(self.policy.clone());
+        // Shared, not copied: the first attempt and every retry send the same request.
+        let request = Arc::new(request);
         // The clone that was made ready sends the first attempt and keeps the retries; this
         // handle gets a fresh clone, which must be made ready again (tower's `Clone` rule).
         let fresh = self.inner.clone();
         let mut service = mem::replace(&mut self.inner, fresh);
-        let future = span.in_scope(|| service.call(request));
-        ResponseFuture::new(future, service, policy, copy, span)
+        let future = span.in_scope(|| service.call(request.clone()));
+        ResponseFuture::new(future, service, policy, request, span)
     }
 }
 
@@ -222,7 +225,7 @@ fn call_span() -> Span {
 
 impl<S, P> Service<Cmd> for Retry<S, P>
 where
-    S: Service<Cmd, Error = Error> + Clone,
+    S: Service<Arc<Cmd>, Error = Error> + Clone,
     P: RetryPolicy,
 {
     type Response = S::Response;
@@ -230,7 +233,7 @@ where
     type Future = ResponseFuture<S, P, Cmd>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx)
+        Service::<Arc<Cmd>>::poll_ready(&mut self.inner, cx)
     }
 
     fn call(&mut self, cmd: Cmd) -> Self::Future {
@@ -247,7 +250,7 @@ where
 
 impl<S, P> Service<Pipeline> for Retry<S, P>
 where
-    S: Service<Pipeline, Error = Error> + Clone,
+    S: Service<Arc<Pipeline>, Error = Error> + Clone,
     P: RetryPolicy,
 {
     type Response = S::Response;
@@ -255,7 +258,7 @@ where
     type Future = ResponseFuture<S, P, Pipeline>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx)
+        Service::<Arc<Pipeline>>::poll_ready(&mut self.inner, cx)
     }
 
     fn call(&mut self, pipeline: Pipeline) -> Self::Future {

@@ -12,7 +12,6 @@ use std::{
 
 use redis::{Cmd, Pipeline};
 use tokio::time::Instant;
-use tower::retry::budget::{Budget, TpsBudget};
 
 use super::{Action, Attempt, RetryConfig, RetryPolicy};
 use crate::{backoff::JitteredBackoff, ErrorKind, Idempotency, Sent};
@@ -83,7 +82,7 @@ impl StandardRetryPolicy {
     }
 
     /// The retry budget, if any (shared by every clone).
-    pub fn budget(&self) -> Option<&Arc<TpsBudget>> {
+    pub fn budget(&self) -> Option<&super::SharedBudget> {
         self.shared.config.budget.as_ref()
     }
 
@@ -285,9 +284,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_past_the_deadline_costs_no_budget() {
-        let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 0, 1.0));
-        budget.deposit();
-        let mut policy = StandardRetryPolicy::new(config().budget(budget.clone()));
+        let budget = Arc::new(crate::retry::RetryBudget::new(0, 0.0, 1).unwrap());
+        let mut policy = StandardRetryPolicy::new(config().shared_budget(budget.clone()));
         let error = Error::new(ErrorKind::Loading, "x").with_sent(Sent::No);
         let mut late = attempt(&error, Idempotency::ReadOnly, 1);
         late.remaining = Some(Duration::from_millis(5));

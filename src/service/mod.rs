@@ -26,7 +26,11 @@
 
 mod future;
 
-use std::task::{Context, Poll};
+use std::{
+    borrow::Borrow,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use redis::{aio::ConnectionLike, Cmd, Pipeline, Value};
 use tower::Service;
@@ -37,8 +41,9 @@ use crate::Error;
 
 /// A `redis` connection as a `Service<Cmd>` and `Service<Pipeline>`.
 ///
-/// `C` is a handle onto a multiplexed connection, cloned for every call. The service never
-/// queues: backpressure and reconnects are the connection's business (and, above it, the
+/// `C` is a handle onto a multiplexed connection, cloned for every call. Requests are taken
+/// as they are (`Cmd`, `Pipeline`) or shared (`Arc<Cmd>`, `Arc<Pipeline>`, as the retry layer
+/// passes them, so that a retry needs no copy). The service never queues: backpressure and reconnects are the connection's business (and, above it, the
 /// layers of this crate).
 #[derive(Clone, Debug)]
 pub struct RedisService<C> {
@@ -96,17 +101,26 @@ where
     }
 
     fn call(&mut self, cmd: Cmd) -> Self::Future {
-        let mut connection = self.connection.clone();
-        let resends = self.resends;
-        ResponseFuture::new(Box::pin(async move {
-            // Error replies arrive as `Value::ServerError` inside `Ok`; they are failures of the
-            // command and must be classified like any other error (MOVED, WRONGTYPE, ...).
-            connection
-                .req_packed_command(&cmd)
-                .await
-                .and_then(Value::extract_error)
-                .map_err(|e| mark_resent(Error::from_redis(e), resends))
-        }))
+        self.send_command(cmd)
+    }
+}
+
+/// A shared command, as the [retry](crate::retry) layer sends it: a retry resends the same
+/// `Arc` instead of a copy.
+impl<C> Service<Arc<Cmd>> for RedisService<C>
+where
+    C: ConnectionLike + Clone + Send + 'static,
+{
+    type Response = Value;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, cmd: Arc<Cmd>) -> Self::Future {
+        self.send_command(cmd)
     }
 }
 
@@ -123,9 +137,51 @@ where
     }
 
     fn call(&mut self, pipeline: Pipeline) -> Self::Future {
+        self.send_pipeline(pipeline)
+    }
+}
+
+/// A shared pipeline, as the [retry](crate::retry) layer sends it.
+impl<C> Service<Arc<Pipeline>> for RedisService<C>
+where
+    C: ConnectionLike + Clone + Send + 'static,
+{
+    type Response = Vec<Value>;
+    type Error = Error;
+    type Future = PipelineFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, pipeline: Arc<Pipeline>) -> Self::Future {
+        self.send_pipeline(pipeline)
+    }
+}
+
+impl<C> RedisService<C>
+where
+    C: ConnectionLike + Clone + Send + 'static,
+{
+    fn send_command(&self, cmd: impl Borrow<Cmd> + Send + 'static) -> ResponseFuture {
+        let mut connection = self.connection.clone();
+        let resends = self.resends;
+        ResponseFuture::new(Box::pin(async move {
+            // Error replies arrive as `Value::ServerError` inside `Ok`; they are failures of the
+            // command and must be classified like any other error (MOVED, WRONGTYPE, ...).
+            connection
+                .req_packed_command(cmd.borrow())
+                .await
+                .and_then(Value::extract_error)
+                .map_err(|e| mark_resent(Error::from_redis(e), resends))
+        }))
+    }
+
+    fn send_pipeline(&self, pipeline: impl Borrow<Pipeline> + Send + 'static) -> PipelineFuture {
         let mut connection = self.connection.clone();
         let resends = self.resends;
         PipelineFuture::new(Box::pin(async move {
+            let pipeline = pipeline.borrow();
             // `query_async` unwraps MULTI/EXEC and drops ignored replies, so the caller gets one
             // value per command it did not ignore, for plain and atomic pipelines alike.
             pipeline
