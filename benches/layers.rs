@@ -29,6 +29,8 @@ use std::{
     future::Future,
     hint::black_box,
     path::PathBuf,
+    pin::Pin,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -37,9 +39,9 @@ use redis::{aio::ConnectionLike, Cmd, Pipeline, RedisFuture, Value};
 use tokio::runtime::Runtime;
 use tower::{util::BoxCloneSyncService, BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_redis_cluster::{
-    connect::{connect_fn, ConnectHints},
+    connect::{Connect, ConnectFuture, ConnectHints},
     rebuild::{Rebuild, RebuildConfig},
-    retry::{RetryConfig, RetryLayer},
+    retry::{Retry, RetryConfig, RetryLayer},
     topology::{RefreshConfig, TopologyRefresh, TopologyRefreshLayer, TopologySource},
     Error, RedisService, Seeds,
 };
@@ -163,14 +165,22 @@ fn unreachable_source() -> TopologySource {
     TopologySource::new(Seeds::parse(["127.0.0.1:1"]).expect("valid seed"))
 }
 
+/// Hands out the in-memory service.
+#[derive(Clone, Copy, Debug, Default)]
+struct FakeConnector<const PENDING: bool>;
+
+impl<const PENDING: bool> Connect for FakeConnector<PENDING> {
+    type Service = Bare<PENDING>;
+
+    fn connect(&self, _: &ConnectHints) -> ConnectFuture<Bare<PENDING>> {
+        Box::pin(async { Ok(RedisService::new(FakeConnection::<PENDING>)) })
+    }
+}
+
 /// `Rebuild` over a connector that hands out the in-memory service; waits for generation 1.
-async fn rebuild<const PENDING: bool>(
-) -> Rebuild<impl tower_redis_cluster::Connect<Service = Bare<PENDING>>> {
-    let connector = connect_fn(|_: &ConnectHints| async {
-        Ok::<_, Error>(RedisService::new(FakeConnection::<PENDING>))
-    });
+async fn rebuild<const PENDING: bool>() -> Rebuild<FakeConnector<PENDING>> {
     // As `Client` configures it: `max_wait` is capped at the 5 s deadline (the default is 2 s).
-    let service = Rebuild::new(connector, RebuildConfig::default());
+    let service = Rebuild::new(FakeConnector, RebuildConfig::default());
     service
         .handle()
         .wait_for_generation(1, Duration::from_secs(5))
@@ -196,44 +206,123 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 type Commands = BoxCloneSyncService<Cmd, Value, Error>;
 
-/// `Client`'s command stack (`client::outer_stack` with the default configuration and no
-/// concurrency limit): map_err → Timeout → map_err → Retry → TopologyRefresh → Rebuild →
-/// RedisService, boxed in a `BoxCloneSyncService` behind a `map_result` (the metrics hook).
-async fn full_stack<const PENDING: bool>() -> Commands {
+/// `Client`'s core stack, as its `query`/`send`/`query_pipeline` use it (no concurrency limit,
+/// the default): Retry → TopologyRefresh → Rebuild → RedisService, not boxed.
+type Core<const PENDING: bool> = Retry<TopologyRefresh<Rebuild<FakeConnector<PENDING>>>>;
+
+async fn core_stack<const PENDING: bool>() -> Core<PENDING> {
     let rebuild = rebuild::<PENDING>().await;
     let refresh = TopologyRefreshLayer::new(unreachable_source(), refresh_config())
         .rebuild_handle(rebuild.handle());
-    let stack = ServiceBuilder::new()
-        .map_err(Error::from)
-        .layer(tower::timeout::TimeoutLayer::new(TIMEOUT))
-        .map_err(|e: Error| -> BoxError { Box::new(e) })
+    ServiceBuilder::new()
         .layer(RetryLayer::new(retry_config()))
         .layer(refresh)
-        .service(rebuild);
-    BoxCloneSyncService::new(ServiceExt::<Cmd>::map_result(
-        stack,
-        |r: Result<Value, Error>| r,
-    ))
+        .service(rebuild)
 }
 
-type Pipelines = BoxCloneSyncService<Pipeline, Vec<Value>, Error>;
+type Boxed<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
 
-/// `Client`'s pipeline stack: the same layers, boxed for `Pipeline`.
-async fn full_pipeline_stack() -> Pipelines {
-    let rebuild = rebuild::<false>().await;
-    let refresh = TopologyRefreshLayer::new(unreachable_source(), refresh_config())
-        .rebuild_handle(rebuild.handle());
-    let stack = ServiceBuilder::new()
-        .map_err(Error::from)
-        .layer(tower::timeout::TimeoutLayer::new(TIMEOUT))
-        .map_err(|e: Error| -> BoxError { Box::new(e) })
-        .layer(RetryLayer::new(retry_config()))
-        .layer(refresh)
-        .service(rebuild);
-    BoxCloneSyncService::new(ServiceExt::<Pipeline>::map_result(
-        stack,
-        |r: Result<Vec<Value>, Error>| r,
-    ))
+/// `Client` over the in-memory connector, line for line as `client.rs` has it (`Client` cannot
+/// be built over another connector): the core stack and, behind one `Arc`, the deadline.
+#[derive(Clone)]
+struct FakeClient<const PENDING: bool> {
+    core: Core<PENDING>,
+    info: Arc<Info>,
+}
+
+struct Info {
+    deadline: Option<Duration>,
+}
+
+impl Info {
+    /// `Client`'s one deadline over readiness and call.
+    fn within_deadline<F, I>(this: I, call: F) -> Deadline<F, I>
+    where
+        I: std::ops::Deref<Target = Info>,
+    {
+        let sleep = this.deadline.map(tokio::time::sleep);
+        Deadline {
+            call,
+            sleep,
+            _info: this,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `client.rs`'s `Deadline` (its timeout error and metrics hook are not reached here).
+    struct Deadline<F, I> {
+        #[pin]
+        call: F,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        _info: I,
+    }
+}
+
+impl<F, I, T> Future for Deadline<F, I>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        match this.call.poll(cx) {
+            std::task::Poll::Ready(result) => std::task::Poll::Ready(result),
+            std::task::Poll::Pending => match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
+                Some(std::task::Poll::Ready(())) => {
+                    std::task::Poll::Ready(Err(Error::timeout("deadline")))
+                }
+                _ => std::task::Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<const PENDING: bool> FakeClient<PENDING> {
+    async fn new() -> Self {
+        FakeClient {
+            core: core_stack::<PENDING>().await,
+            info: Arc::new(Info {
+                deadline: Some(TIMEOUT),
+            }),
+        }
+    }
+
+    /// `Client::send`: a clone of the core consumed by `Retry::call_once`, boxed.
+    async fn send(&self, cmd: Cmd) -> Result<Value, Error> {
+        let call: Boxed<Value> = Box::pin(self.core.clone().call_once(cmd));
+        Info::within_deadline(&*self.info, call).await
+    }
+
+    /// `Client::query_pipeline::<Vec<Value>>`.
+    async fn query_pipeline(&self, pipeline: &Pipeline) -> Result<Vec<Value>, Error> {
+        let call: Boxed<Vec<Value>> = Box::pin(self.core.clone().call_once(pipeline.clone()));
+        let values = Info::within_deadline(&*self.info, call).await?;
+        Ok(redis::from_redis_value(Value::Array(values)).expect("converts"))
+    }
+}
+
+/// `Client`'s `Service` interface.
+impl<const PENDING: bool, Req> Service<Req> for FakeClient<PENDING>
+where
+    Core<PENDING>: Service<Req, Error = Error>,
+    <Core<PENDING> as Service<Req>>::Future: Send + 'static,
+    <Core<PENDING> as Service<Req>>::Response: Send + 'static,
+{
+    type Response = <Core<PENDING> as Service<Req>>::Response;
+    type Error = Error;
+    type Future = Boxed<Self::Response>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Error>> {
+        self.core.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let call = self.core.call(request);
+        Box::pin(Info::within_deadline(self.info.clone(), call))
+    }
 }
 
 /// A pipeline of `len` commands on one hash tag, half SET, half GET.
@@ -253,7 +342,7 @@ fn pipeline(len: usize) -> Pipeline {
 /// as a caller that keeps its pipeline would): the bare service, the full stack, and exactly
 /// what `Client::query_pipeline::<Vec<Value>>(&pipe)` does (clone, deadline, convert).
 fn pipeline_table(rt: &Runtime, calls: u64) {
-    let (bare_service, full) = rt.block_on(async { (bare(), full_pipeline_stack().await) });
+    let (bare_service, client) = rt.block_on(async { (bare(), FakeClient::<false>::new().await) });
     let template = pipeline(10);
     let count = |name: &str, what: &str, run: &dyn Fn()| {
         run();
@@ -294,9 +383,9 @@ fn pipeline_table(rt: &Runtime, calls: u64) {
     );
     let full_allocs = count(
         "full_pipeline",
-        "clone + the boxed full stack's oneshot",
+        "clone + the boxed Service interface's oneshot",
         &|| {
-            let call = full.clone().oneshot(template.clone());
+            let call = client.clone().oneshot(template.clone());
             black_box(rt.block_on(call).expect("the fake answers"));
         },
     );
@@ -304,35 +393,14 @@ fn pipeline_table(rt: &Runtime, calls: u64) {
         "client_query_pipeline",
         "= Client::query_pipeline(&p): clone, deadline, from_redis_value",
         &|| {
-            let call = full.clone().oneshot(template.clone());
-            let values = rt
-                .block_on(async { tokio::time::timeout(TIMEOUT, call).await })
-                .expect("no timeout")
-                .expect("the fake answers");
-            black_box(
-                redis::from_redis_value::<Vec<Value>>(Value::Array(values)).expect("converts"),
-            );
+            let values = rt.block_on(client.query_pipeline(&template));
+            black_box(values.expect("the fake answers"));
         },
     );
     println!(
-        "full stack vs bare: +{:.2} allocations per pipeline call (a clone of the pipeline costs {clone_only:.0})",
+        "Service interface vs bare: +{:.2} allocations per pipeline call (a clone of the pipeline costs {clone_only:.0})",
         full_allocs - bare_allocs
     );
-}
-
-/// The same stack without the box, to tell the boxing apart from the layers.
-async fn full_unboxed(
-) -> impl Service<Cmd, Response = Value, Error = Error, Future: Send> + Clone + Send + Sync {
-    let rebuild = rebuild::<false>().await;
-    let refresh = TopologyRefreshLayer::new(unreachable_source(), refresh_config())
-        .rebuild_handle(rebuild.handle());
-    ServiceBuilder::new()
-        .map_err(Error::from)
-        .layer(tower::timeout::TimeoutLayer::new(TIMEOUT))
-        .map_err(|e: Error| -> BoxError { Box::new(e) })
-        .layer(RetryLayer::new(retry_config()))
-        .layer(refresh)
-        .service(rebuild)
 }
 
 /// One call the way each configuration is used. Everything runs on one thread (a
@@ -341,7 +409,7 @@ trait Caller {
     fn call_once(&self) -> impl Future<Output = Value> + '_;
 }
 
-/// `service.clone().oneshot(GET)`: what `Client::send` does with its boxed stack.
+/// `service.clone().oneshot(GET)`: a caller of the `Service` interface with a shared handle.
 struct Oneshot<S>(S);
 
 impl<S> Caller for Oneshot<S>
@@ -371,19 +439,12 @@ where
     }
 }
 
-/// Exactly `Client::send`: the overall deadline (`tokio::time::timeout`) around
-/// `commands.clone().oneshot(cmd)`.
-struct ClientSend(Commands);
+/// `Client::send`.
+struct ClientSend<const PENDING: bool>(FakeClient<PENDING>);
 
-impl Caller for ClientSend {
-    fn call_once(&self) -> impl Future<Output = Value> + '_ {
-        let call = self.0.clone().oneshot(get());
-        async move {
-            tokio::time::timeout(TIMEOUT, call)
-                .await
-                .expect("no timeout")
-                .expect("the fake answers")
-        }
+impl<const PENDING: bool> Caller for ClientSend<PENDING> {
+    async fn call_once(&self) -> Value {
+        self.0.send(get()).await.expect("the fake answers")
     }
 }
 
@@ -460,9 +521,8 @@ fn configs(rt: &Runtime) -> Vec<Config> {
             .map_err(|e: Error| -> BoxError { Box::new(e) })
             .service(bare());
         let bare_boxed: Commands = BoxCloneSyncService::new(bare());
-        let full = full_stack::<false>().await;
-        let full_pending = full_stack::<true>().await;
-        let unboxed = full_unboxed().await;
+        let client = FakeClient::<false>::new().await;
+        let client_pending = FakeClient::<true>::new().await;
         // Let the refreshers' first (failing) refreshes and the rebuild tasks finish.
         tokio::time::sleep(Duration::from_millis(200)).await;
         vec![
@@ -503,24 +563,19 @@ fn configs(rt: &Runtime) -> Vec<Config> {
                 Oneshot(timeout_alone),
             ),
             config(
-                "full_unboxed",
-                "the full stack, not boxed, clone().oneshot()",
-                Oneshot(unboxed),
-            ),
-            config(
                 "full",
-                "the full stack boxed as Client boxes it, clone().oneshot()",
-                Oneshot(full.clone()),
+                "Client's Service interface, clone().oneshot()",
+                Oneshot(client.clone()),
             ),
             config(
                 "full_owned",
-                "the boxed full stack, ready()+call() on one owned clone",
-                Owned(RefCell::new(Some(full.clone()))),
+                "Client's Service interface, ready()+call() on one owned clone",
+                Owned(RefCell::new(Some(client.clone()))),
             ),
             config(
                 "client_send",
-                "= Client::send: full + its tokio::time::timeout",
-                ClientSend(full),
+                "= Client::send (clone of the core, call_once, boxed, deadline)",
+                ClientSend(client),
             ),
             config(
                 "bare_pending",
@@ -530,12 +585,12 @@ fn configs(rt: &Runtime) -> Vec<Config> {
             config(
                 "full_pending",
                 "full, the connection pending once: timers registered",
-                Oneshot(full_pending.clone()),
+                Oneshot(client_pending.clone()),
             ),
             config(
                 "client_pending",
                 "client_send, the connection pending once",
-                ClientSend(full_pending),
+                ClientSend(client_pending),
             ),
         ]
     })
@@ -694,34 +749,28 @@ fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// `tasks` tasks each making `per_task` calls through clones of `service` (`clone().oneshot()`
-/// per call, inside `tokio::time::timeout` when `deadline`); returns the wall time and the
-/// process CPU time the round took.
-async fn mt_round<S>(
+/// `tasks` tasks each making `per_task` calls, each `call(service.clone())`; returns the wall
+/// time and the process CPU time the round took.
+async fn mt_round<S, F, Fut>(
     service: &S,
     tasks: usize,
     per_task: u64,
-    deadline: bool,
+    call: F,
 ) -> (Duration, Option<Duration>)
 where
-    S: Service<Cmd, Response = Value, Error = Error> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Clone + Send + 'static,
+    F: Fn(S) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Value, Error>> + Send,
 {
     let cpu = process_cpu();
     let started = Instant::now();
     let handles: Vec<_> = (0..tasks)
         .map(|_| {
             let service = service.clone();
+            let call = call.clone();
             tokio::spawn(async move {
                 for _ in 0..per_task {
-                    let call = service.clone().oneshot(get());
-                    let value = if deadline {
-                        tokio::time::timeout(TIMEOUT, call)
-                            .await
-                            .expect("no timeout")
-                    } else {
-                        call.await
-                    };
+                    let value = call(service.clone()).await;
                     black_box(value.expect("the fake answers"));
                 }
             })
@@ -775,7 +824,7 @@ fn multi_thread_table(per_task: u64) {
             .layer(tower::timeout::TimeoutLayer::new(TIMEOUT))
             .map_err(|e: Error| -> BoxError { Box::new(e) })
             .service(bare());
-        let full = full_stack::<false>().await;
+        let client = FakeClient::<false>::new().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Warm-up, then the measured rounds.
         for round in 0..=ROUNDS {
@@ -785,14 +834,15 @@ fn multi_thread_table(per_task: u64) {
                 per_task
             };
             let results = [
-                mt_round(&bare_service, TASKS, per_task, false).await,
-                mt_round(&rebuild_alone, TASKS, per_task, false).await,
-                mt_round(&topology_alone, TASKS, per_task, false).await,
-                mt_round(&retry_alone, TASKS, per_task, false).await,
-                mt_round(&retry_no_budget, TASKS, per_task, false).await,
-                mt_round(&timeout_alone, TASKS, per_task, false).await,
-                mt_round(&full, TASKS, per_task, false).await,
-                mt_round(&full, TASKS, per_task, true).await,
+                mt_round(&bare_service, TASKS, per_task, |s| s.oneshot(get())).await,
+                mt_round(&rebuild_alone, TASKS, per_task, |s| s.oneshot(get())).await,
+                mt_round(&topology_alone, TASKS, per_task, |s| s.oneshot(get())).await,
+                mt_round(&retry_alone, TASKS, per_task, |s| s.oneshot(get())).await,
+                mt_round(&retry_no_budget, TASKS, per_task, |s| s.oneshot(get())).await,
+                mt_round(&timeout_alone, TASKS, per_task, |s| s.oneshot(get())).await,
+                mt_round(&client, TASKS, per_task, |s| s.oneshot(get())).await,
+                mt_round(&client, TASKS, per_task, |s| async move { s.send(get()).await })
+                    .await,
             ];
             if round == 0 {
                 continue;

@@ -1,35 +1,47 @@
 //! [`Client`]: the ready-made stack, configured by a builder.
 //!
-//! `Client` is nothing but the public layers stacked with `ServiceBuilder` and boxed — the same
-//! stack a user can assemble by hand, layer by layer (see the crate docs):
+//! `Client` is nothing but the public layers stacked with `ServiceBuilder` — the same stack a
+//! user can assemble by hand, layer by layer (see the crate docs) — plus one deadline:
 //!
 //! ```text
-//! Client            BoxCloneSyncService<Cmd, Value, Error> (+ one for Pipeline), Clone + Send + Sync
-//!   Timeout         one deadline for the whole call, retries included
+//! Client            Clone + Send + Sync; Service<Cmd> and Service<Pipeline> (boxed futures)
+//!   deadline        one timer over readiness and call, retries included
 //!   Retry           kind × idempotency × Sent, backoff with full jitter, retry budget
 //!   ConcurrencyLimit (optional)
 //!   TopologyRefresh periodic + error-driven refresh, known nodes for rebuilds
 //!   Rebuild         single-flight rebuild of the inner client from the seed names
 //!   RedisService<ClusterConnection>
 //! ```
+//!
+//! The layers are kept unboxed: a clone of the client is a few reference-count increments, and
+//! `query`/`send` consume a clone of the stack for one call ([`Retry::call_once`]). What a call
+//! costs over the bare [`RedisService`](crate::RedisService) is measured by
+//! `cargo bench --bench layers` (see the README).
 
 use std::{
     fmt,
     future::Future,
+    ops::Deref,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::Duration,
 };
 
+use pin_project_lite::pin_project;
 use redis::{Cmd, FromRedisValue, Pipeline, Value};
-use tower::{util::BoxCloneSyncService, Service, ServiceBuilder, ServiceExt};
+use tokio::time::Sleep;
+use tower::{
+    retry::Policy,
+    util::Either,
+    Service, ServiceBuilder, ServiceExt,
+};
 
 use crate::{
     connect::{ClusterConnector, Credentials, Resolve, Seeds, TlsConfig},
     rebuild::{Rebuild, RebuildConfig, RebuildHandle},
-    retry::{RetryConfig, RetryLayer},
-    topology::{RefreshConfig, TopologyHandle, TopologyRefreshLayer},
+    retry::{CallPolicy, Delay, Retry, RetryConfig, RetryLayer, RetryRequest, StandardRetryPolicy},
+    topology::{RefreshConfig, TopologyHandle, TopologyRefresh, TopologyRefreshLayer},
     Error, ErrorKind,
 };
 
@@ -55,16 +67,76 @@ use crate::{
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    /// The stack behind the `Service` interface: the Timeout layer on top.
-    commands: BoxCloneSyncService<Cmd, Value, Error>,
-    pipelines: BoxCloneSyncService<Pipeline, Vec<Value>, Error>,
-    /// The same layers (shared state, not copies) without the Timeout layer, for `query`,
-    /// `send` and `query_pipeline`: their one deadline covers readiness and call together.
-    dispatch: Arc<dyn Dispatch>,
+    /// The layers, unboxed; clones share their state (one rebuild, refresher, budget, limit).
+    core: Core,
+    /// What the handles need, behind one pointer so a clone per call stays cheap.
+    info: Arc<Info>,
+}
+
+struct Info {
     rebuild: RebuildHandle,
     topology: Option<TopologyHandle>,
-    summary: Arc<str>,
+    summary: String,
     deadline: Option<Duration>,
+}
+
+impl Info {
+    /// `call` — readiness and call together — within the overall deadline, counted.
+    fn within_deadline<F, I>(this: I, call: F) -> Deadline<F, I>
+    where
+        I: Deref<Target = Info>,
+    {
+        let sleep = this.deadline.map(tokio::time::sleep);
+        Deadline {
+            call,
+            sleep,
+            info: this,
+        }
+    }
+}
+
+pin_project! {
+    /// A call within the client's deadline; counts the outcome (`metrics` feature).
+    struct Deadline<F, I> {
+        #[pin]
+        call: F,
+        #[pin]
+        sleep: Option<Sleep>,
+        info: I,
+    }
+}
+
+impl<F, I, T> Future for Deadline<F, I>
+where
+    F: Future<Output = Result<T, Error>>,
+    I: Deref<Target = Info>,
+{
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.call.poll(cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                let Some(sleep) = this.sleep.as_pin_mut() else {
+                    return Poll::Pending;
+                };
+                ready!(sleep.poll(cx));
+                let deadline = this.info.deadline.unwrap_or_default();
+                let mut error = Error::timeout(format!(
+                    "the call did not finish within its deadline ({deadline:?})"
+                ));
+                // While no inner client serves, the reason is the last connect failure.
+                let status = this.info.rebuild.status();
+                if let (false, Some(cause)) = (status.serving, status.last_error) {
+                    error = error.with_source(cause);
+                }
+                Err(error)
+            }
+        };
+        crate::metrics::call_finished(result.as_ref().map(|_| ()).map_err(Error::kind));
+        Poll::Ready(result)
+    }
 }
 
 impl Client {
@@ -73,33 +145,29 @@ impl Client {
         ClientBuilder::default()
     }
 
-    /// Runs `call` — readiness and call together — within the overall deadline. (tower's
-    /// `Timeout` covers only the response future; waiting for a rebuild happens in `poll_ready`.)
-    async fn within_deadline<T>(&self, call: BoxedCall<T>) -> Result<T, Error> {
-        let result = match self.deadline {
-            Some(deadline) => tokio::time::timeout(deadline, call)
-                .await
-                .unwrap_or_else(|_| {
-                    let mut error = Error::timeout(format!(
-                        "the call did not finish within its deadline ({deadline:?})"
-                    ));
-                    // While no inner client serves, the reason is the last connect failure.
-                    let status = self.rebuild.status();
-                    if let (false, Some(cause)) = (status.serving, status.last_error) {
-                        error = error.with_source(cause);
-                    }
-                    Err(error)
-                }),
-            None => call.await,
+    /// Sends `request` on a clone of the stack, consumed by the call, within the deadline.
+    async fn send_request<Req, T>(&self, request: Req) -> Result<T, Error>
+    where
+        Req: RetryRequest + Send + Sync + 'static,
+        Limited: Service<Req, Response = T, Error = Error>
+            + Service<Arc<Req>, Response = T, Error = Error>,
+        <Limited as Service<Req>>::Future: Send,
+        <Limited as Service<Arc<Req>>>::Future: Send,
+        CallPolicy<StandardRetryPolicy>: Policy<Arc<Req>, T, Error, Future = Delay>,
+        T: Send + 'static,
+    {
+        // Boxed: the call's future is large, and moving it through the deadline's future and
+        // the caller's costs more than one allocation.
+        let call: BoxFuture<T> = match self.core.clone() {
+            Either::Left(retry) => Box::pin(retry.call_once(request)),
+            Either::Right(direct) => Box::pin(direct.oneshot(request)),
         };
-        record(result)
+        Info::within_deadline(&*self.info, call).await
     }
 
     /// Sends a command and converts its reply.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, Error> {
-        let value = self
-            .within_deadline(self.dispatch.command(cmd.clone()))
-            .await?;
+        let value = self.send_request(cmd.clone()).await?;
         redis::from_redis_value(value).map_err(|e| {
             Error::new(
                 ErrorKind::Command,
@@ -111,14 +179,12 @@ impl Client {
 
     /// Sends a command, taking it by value (no clone), and returns the raw reply.
     pub async fn send(&self, cmd: Cmd) -> Result<Value, Error> {
-        self.within_deadline(self.dispatch.command(cmd)).await
+        self.send_request(cmd).await
     }
 
     /// Sends a pipeline and converts its replies (one per command not ignored).
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, Error> {
-        let values = self
-            .within_deadline(self.dispatch.pipeline(pipeline.clone()))
-            .await?;
+        let values: Vec<Value> = self.send_request(pipeline.clone()).await?;
         redis::from_redis_value(Value::Array(values)).map_err(|e| {
             Error::new(
                 ErrorKind::Command,
@@ -130,64 +196,82 @@ impl Client {
 
     /// The handle of the rebuild layer: generation, manual rebuilds.
     pub fn rebuild_handle(&self) -> &RebuildHandle {
-        &self.rebuild
+        &self.info.rebuild
     }
 
     /// The handle of the topology refresh layer, when it is on.
     pub fn topology(&self) -> Option<&TopologyHandle> {
-        self.topology.as_ref()
+        self.info.topology.as_ref()
     }
 
     /// The generation of the inner cluster client (0 until the first connect).
     pub fn generation(&self) -> u64 {
-        self.rebuild.generation()
+        self.info.rebuild.generation()
     }
 
     /// Waits, at most `timeout`, until the first inner client is connected.
     pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
-        self.rebuild
+        self.info
+            .rebuild
             .wait_for_generation(1, timeout)
             .await
             .map(|_| ())
+    }
+
+    /// The `Service` interface's call: the core's future within the deadline, boxed.
+    fn call_service<Req, T>(&mut self, request: Req) -> BoxFuture<T>
+    where
+        Core: Service<Req, Response = T, Error = Error>,
+        <Core as Service<Req>>::Future: Send + 'static,
+        T: Send + 'static,
+    {
+        let call = self.core.call(request);
+        Box::pin(Info::within_deadline(self.info.clone(), call))
     }
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("config", &self.summary)
-            .field("generation", &self.rebuild.generation())
+            .field("config", &self.info.summary)
+            .field("generation", &self.info.rebuild.generation())
             .finish_non_exhaustive()
     }
 }
 
+/// The stack as a `Service`: readiness from the layers (a rebuild in progress makes callers
+/// wait here, at most `max_wait`, which the builder caps at the timeout), the call within the
+/// overall deadline. Clones are cheap and independent, as tower expects.
 impl Service<Cmd> for Client {
     type Response = Value;
     type Error = Error;
-    type Future = <BoxCloneSyncService<Cmd, Value, Error> as Service<Cmd>>::Future;
+    type Future = BoxFuture<Value>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.commands.poll_ready(cx)
+        Service::<Cmd>::poll_ready(&mut self.core, cx)
     }
 
     fn call(&mut self, cmd: Cmd) -> Self::Future {
-        self.commands.call(cmd)
+        self.call_service(cmd)
     }
 }
 
 impl Service<Pipeline> for Client {
     type Response = Vec<Value>;
     type Error = Error;
-    type Future = <BoxCloneSyncService<Pipeline, Vec<Value>, Error> as Service<Pipeline>>::Future;
+    type Future = BoxFuture<Vec<Value>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.pipelines.poll_ready(cx)
+        Service::<Pipeline>::poll_ready(&mut self.core, cx)
     }
 
     fn call(&mut self, pipeline: Pipeline) -> Self::Future {
-        self.pipelines.call(pipeline)
+        self.call_service(pipeline)
     }
 }
+
+/// A boxed call of the `Service` interface.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
 
 /// Configures a [`Client`]. Each layer can be configured or turned off; nothing is hidden.
 #[derive(Default)]
@@ -377,12 +461,12 @@ impl ClientBuilder {
             .refresh
             .unwrap_or_else(|| Some(RefreshConfig::default()));
 
-        let summary: Arc<str> = Arc::from(format!(
+        let summary = format!(
             "{connector:?}, timeout {timeout:?}, retry {}, topology refresh {}, concurrency limit {:?}",
             if retry.is_some() { "on" } else { "off" },
             if refresh.is_some() { "on" } else { "off" },
             self.concurrency_limit
-        ));
+        );
 
         let source = connector.topology_source();
         let mut rebuild_config = self.rebuild.unwrap_or_default();
@@ -397,27 +481,26 @@ impl ClientBuilder {
         let rebuild_handle = rebuild.handle();
         let layers = Layers {
             retry,
-            timeout,
             limit: self.concurrency_limit,
         };
-        let (stacks, topology) = match refresh {
+        let (core, topology) = match refresh {
             Some(config) => {
                 let layer = TopologyRefreshLayer::new(source, config)
                     .rebuild_handle(rebuild_handle.clone());
                 let refreshed = tower::Layer::layer(&layer, rebuild);
                 let topology = refreshed.handle();
-                (layers.stack(refreshed), Some(topology))
+                (layers.stack(Either::Left(refreshed)), Some(topology))
             }
-            None => (layers.stack(rebuild), None),
+            None => (layers.stack(Either::Right(rebuild)), None),
         };
         Ok(Client {
-            commands: stacks.commands,
-            pipelines: stacks.pipelines,
-            dispatch: stacks.dispatch,
-            rebuild: rebuild_handle,
-            topology,
-            summary,
-            deadline: timeout,
+            core,
+            info: Arc::new(Info {
+                rebuild: rebuild_handle,
+                topology,
+                summary,
+                deadline: timeout,
+            }),
         })
     }
 }
@@ -442,91 +525,26 @@ impl fmt::Debug for ClientBuilder {
     }
 }
 
-type BoxedCall<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
-
-/// Sends through a clone of the concrete stack, without cloning a boxed service per call.
-trait Dispatch: Send + Sync {
-    fn command(&self, cmd: Cmd) -> BoxedCall<Value>;
-    fn pipeline(&self, pipeline: Pipeline) -> BoxedCall<Vec<Value>>;
-}
-
-impl<S> Dispatch for S
-where
-    S: Service<Cmd, Response = Value, Error = Error>
-        + Service<Pipeline, Response = Vec<Value>, Error = Error>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    <S as Service<Cmd>>::Future: Send + 'static,
-    <S as Service<Pipeline>>::Future: Send + 'static,
-{
-    fn command(&self, cmd: Cmd) -> BoxedCall<Value> {
-        Box::pin(ServiceExt::<Cmd>::oneshot(self.clone(), cmd))
-    }
-
-    fn pipeline(&self, pipeline: Pipeline) -> BoxedCall<Vec<Value>> {
-        Box::pin(ServiceExt::<Pipeline>::oneshot(self.clone(), pipeline))
-    }
-}
+type Connected = Rebuild<ClusterConnector>;
+type Refreshed = Either<TopologyRefresh<Connected>, Connected>;
+type Limited = Either<tower::limit::ConcurrencyLimit<Refreshed>, Refreshed>;
+/// The helpers' stack: Retry (when on) → ConcurrencyLimit (when set) → TopologyRefresh (when
+/// on) → Rebuild. Named, so that a helper's call is one future, not a boxed one.
+type Core = Either<Retry<Limited>, Limited>;
 
 /// The layers `Client` puts above the topology refresh (or rebuild) layer.
 struct Layers {
     retry: Option<RetryConfig>,
-    timeout: Option<Duration>,
     limit: Option<usize>,
 }
 
-struct Stacks {
-    commands: BoxCloneSyncService<Cmd, Value, Error>,
-    pipelines: BoxCloneSyncService<Pipeline, Vec<Value>, Error>,
-    dispatch: Arc<dyn Dispatch>,
-}
-
 impl Layers {
-    /// Retry → ConcurrencyLimit around `inner` for the helpers, and Timeout above that for the
-    /// `Service` interface, boxed once for commands and once for pipelines. Every entry point
-    /// shares the same inner state: one rebuild, refresher, budget and concurrency limit.
-    fn stack<S>(self, inner: S) -> Stacks
-    where
-        S: Service<Cmd, Response = Value, Error = Error>
-            + Service<Arc<Cmd>, Response = Value, Error = Error>
-            + Service<Pipeline, Response = Vec<Value>, Error = Error>
-            + Service<Arc<Pipeline>, Response = Vec<Value>, Error = Error>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <S as Service<Cmd>>::Future: Send + 'static,
-        <S as Service<Arc<Cmd>>>::Future: Send + 'static,
-        <S as Service<Pipeline>>::Future: Send + 'static,
-        <S as Service<Arc<Pipeline>>>::Future: Send + 'static,
-    {
-        let core = ServiceBuilder::new()
+    /// Retry → ConcurrencyLimit around `inner`. The overall deadline is the client's own, not
+    /// a Timeout layer: it covers readiness as well, with one timer per call.
+    fn stack(self, inner: Refreshed) -> Core {
+        ServiceBuilder::new()
             .option_layer(self.retry.map(RetryLayer::new))
             .option_layer(self.limit.map(tower::limit::ConcurrencyLimitLayer::new))
-            .service(inner);
-        let timed = ServiceBuilder::new()
-            .map_err(Error::from)
-            .option_layer(self.timeout.map(tower::timeout::TimeoutLayer::new))
-            .map_err(|e: Error| -> tower::BoxError { Box::new(e) })
-            .service(core.clone());
-        Stacks {
-            commands: BoxCloneSyncService::new(ServiceExt::<Cmd>::map_result(
-                timed.clone(),
-                record::<Value>,
-            )),
-            pipelines: BoxCloneSyncService::new(ServiceExt::<Pipeline>::map_result(
-                timed,
-                record::<Vec<Value>>,
-            )),
-            dispatch: Arc::new(core),
-        }
+            .service(inner)
     }
-}
-
-/// Counts a finished call (a no-op without the `metrics` feature).
-fn record<T>(result: Result<T, Error>) -> Result<T, Error> {
-    crate::metrics::call_finished(result.as_ref().map(|_| ()).map_err(Error::kind));
-    result
 }

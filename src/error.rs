@@ -144,8 +144,13 @@ pub enum Sent {
 ///
 /// Cheap to clone (the root cause is shared), so a failure can be handed to every caller that
 /// waited for the same rebuild.
+///
+/// One pointer wide: results and futures that carry an `Error` stay small on the success path.
 #[derive(Clone)]
-pub struct Error {
+pub struct Error(Box<Inner>);
+
+#[derive(Clone)]
+struct Inner {
     kind: ErrorKind,
     sent: Sent,
     generation: Option<u64>,
@@ -163,25 +168,25 @@ impl Error {
             ErrorKind::Config | ErrorKind::Closed | ErrorKind::Unreachable => Sent::No,
             _ => Sent::Maybe,
         };
-        Error {
+        Error(Box::new(Inner {
             kind,
             sent,
             generation: None,
             message: Some(Arc::from(message.into())),
             source: None,
-        }
+        }))
     }
 
     /// Classifies an error of the `redis` crate. This is the one place where that happens.
     pub fn from_redis(err: RedisError) -> Self {
         let (kind, sent) = classify_redis(&err);
-        Error {
+        Error(Box::new(Inner {
             kind,
             sent,
             generation: None,
             message: None,
             source: Some(Arc::new(err)),
-        }
+        }))
     }
 
     /// Classifies the error of a pipeline of `commands` commands.
@@ -209,42 +214,42 @@ impl Error {
         } else {
             Sent::Maybe
         };
-        Error {
+        Error(Box::new(Inner {
             kind,
             sent,
             generation: None,
             message: None,
             source: Some(Arc::new(err)),
-        }
+        }))
     }
 
     /// Attaches the root cause.
     pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
-        self.source = Some(Arc::new(source));
+        self.0.source = Some(Arc::new(source));
         self
     }
 
     /// Attaches a root cause that is already shared.
     pub fn with_shared_source(mut self, source: Arc<dyn StdError + Send + Sync + 'static>) -> Self {
-        self.source = Some(source);
+        self.0.source = Some(source);
         self
     }
 
     /// Overrides whether the command may have taken effect.
     pub fn with_sent(mut self, sent: Sent) -> Self {
-        self.sent = sent;
+        self.0.sent = sent;
         self
     }
 
     /// Records which inner client (rebuild generation) produced this error.
     pub fn with_generation(mut self, generation: u64) -> Self {
-        self.generation = Some(generation);
+        self.0.generation = Some(generation);
         self
     }
 
     /// Prefixes the message with context (for example the seed being connected).
     pub fn context(mut self, context: impl fmt::Display) -> Self {
-        self.message = Some(match self.message {
+        self.0.message = Some(match self.0.message {
             Some(m) => Arc::from(format!("{context}: {m}")),
             None => Arc::from(context.to_string()),
         });
@@ -253,22 +258,22 @@ impl Error {
 
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// Whether the command may have taken effect.
     pub fn sent(&self) -> Sent {
-        self.sent
+        self.0.sent
     }
 
     /// The generation of the inner client that produced the error, when a rebuild layer knows it.
     pub fn generation(&self) -> Option<u64> {
-        self.generation
+        self.0.generation
     }
 
     /// The underlying `redis` error, if this error came from the inner client.
     pub fn redis_error(&self) -> Option<&RedisError> {
-        self.source.as_deref()?.downcast_ref::<RedisError>()
+        self.0.source.as_deref()?.downcast_ref::<RedisError>()
     }
 
     /// The target of a `MOVED`/`ASK` redirection: `(slot, "host:port")` — for a pipeline, that of
@@ -305,7 +310,7 @@ impl Error {
 
     /// The message, without the kind and the root cause.
     pub fn message(&self) -> Option<&str> {
-        self.message.as_deref()
+        self.0.message.as_deref()
     }
 
     // Convenience constructors for the failures our own layers raise.
@@ -334,14 +339,14 @@ impl Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
-        d.field("kind", &self.kind).field("sent", &self.sent);
-        if let Some(g) = self.generation {
+        d.field("kind", &self.0.kind).field("sent", &self.0.sent);
+        if let Some(g) = self.0.generation {
             d.field("generation", &g);
         }
-        if let Some(m) = &self.message {
+        if let Some(m) = &self.0.message {
             d.field("message", m);
         }
-        if let Some(s) = &self.source {
+        if let Some(s) = &self.0.source {
             d.field("source", &format_args!("{s}"));
         }
         d.finish()
@@ -350,13 +355,14 @@ impl fmt::Debug for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.kind.describe())?;
-        if let Some(m) = &self.message {
+        f.write_str(self.0.kind.describe())?;
+        if let Some(m) = &self.0.message {
             write!(f, ": {m}")?;
         }
         // The root cause is the part a reader acts on (a refused port, a certificate, a DNS name),
         // so it is printed here too rather than left for a reporter that walks `source()`.
         let mut cause = self
+            .0
             .source
             .as_deref()
             .map(|s| s as &(dyn StdError + 'static));
@@ -370,7 +376,7 @@ impl fmt::Display for Error {
             }
             cause = c.source();
         }
-        if let Some(g) = self.generation {
+        if let Some(g) = self.0.generation {
             write!(f, " (client generation {g})")?;
         }
         Ok(())
@@ -379,7 +385,8 @@ impl fmt::Display for Error {
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
+        self.0
+            .source
             .as_deref()
             .map(|s| s as &(dyn StdError + 'static))
     }
@@ -407,13 +414,13 @@ impl From<tower::BoxError> for Error {
                 Ok(_) => Error::timeout("the call did not finish within its deadline"),
                 Err(err) => match err.downcast::<RedisError>() {
                     Ok(e) => Error::from_redis(*e),
-                    Err(other) => Error {
+                    Err(other) => Error(Box::new(Inner {
                         kind: ErrorKind::Closed,
                         sent: Sent::Maybe,
                         generation: None,
                         message: Some(Arc::from("a middleware failed")),
                         source: Some(Arc::from(other)),
-                    },
+                    })),
                 },
             },
         }

@@ -298,7 +298,9 @@ async fn a_cluster_down_for_ten_seconds_costs_no_more_than_the_budget_and_no_cal
     const RETRY_SHARE: u64 = 4;
     let budget = Arc::new(TpsBudget::new(Duration::from_secs(60), 0, 0.25));
     let deadline = Duration::from_secs(2);
-    let retry = RetryConfig::default().shared_budget(budget).deadline(deadline);
+    let retry = RetryConfig::default()
+        .shared_budget(budget)
+        .deadline(deadline);
     let rebuild = RebuildConfig::default()
         .max_wait(Duration::from_millis(500))
         .backoff(Duration::from_millis(50), Duration::from_millis(500))

@@ -124,7 +124,8 @@ pub struct Rebuild<C: Connect> {
     reserved: bool,
     /// Set when waiting for a client timed out: the next call fails with it.
     failed: Option<Error>,
-    waiting: Option<Waiting>,
+    /// Boxed: only a clone that waits for a client needs it.
+    waiting: Option<Box<Waiting>>,
 }
 
 struct Current<S> {
@@ -283,9 +284,11 @@ where
                 );
             }
             let max_wait = self.max_wait();
-            let waiting = self.waiting.get_or_insert_with(|| Waiting {
-                deadline: Box::pin(tokio::time::sleep(max_wait)),
-                changed: None,
+            let waiting = self.waiting.get_or_insert_with(|| {
+                Box::new(Waiting {
+                    deadline: Box::pin(tokio::time::sleep(max_wait)),
+                    changed: None,
+                })
             });
             if waiting.changed.is_none() {
                 // Subscribed, then looked at: a change before the subscription is seen here, a

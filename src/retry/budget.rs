@@ -212,7 +212,10 @@ mod tests {
         for _ in 0..4 {
             budget.deposit();
         }
-        assert!(!budget.withdraw(), "four calls at 0.2 earn less than one retry");
+        assert!(
+            !budget.withdraw(),
+            "four calls at 0.2 earn less than one retry"
+        );
         budget.deposit();
         assert!(budget.withdraw());
     }

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use pin_project_lite::pin_project;
 use redis::{Cmd, Pipeline};
 use tokio::time::{Instant, Sleep};
 use tower::retry::Policy;
@@ -209,13 +208,11 @@ impl<P: RetryPolicy, T> Policy<Arc<Pipeline>, T, Error> for CallPolicy<P> {
     }
 }
 
-pin_project! {
-    /// The wait before a resend: none for an immediate one, the backoff otherwise.
-    pub struct Delay {
-        duration: Duration,
-        #[pin]
-        sleep: Option<Sleep>,
-    }
+/// The wait before a resend: none for an immediate one, the backoff otherwise.
+pub struct Delay {
+    duration: Duration,
+    // Boxed: retries are rare, and the futures that hold a `Delay` stay small without it.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl Delay {
@@ -224,7 +221,7 @@ impl Delay {
             duration,
             // No timer for an immediate resend: even an elapsed `Sleep` would register with
             // the timer wheel.
-            sleep: (!duration.is_zero()).then(|| tokio::time::sleep(duration)),
+            sleep: (!duration.is_zero()).then(|| Box::pin(tokio::time::sleep(duration))),
         }
     }
 
@@ -237,9 +234,9 @@ impl Delay {
 impl Future for Delay {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.project().sleep.as_pin_mut() {
-            Some(sleep) => sleep.poll(cx),
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().poll(cx),
             None => Poll::Ready(()),
         }
     }

@@ -191,6 +191,89 @@ where
     }
 }
 
+pin_project! {
+    /// The future of [`Retry::call_once`](super::Retry::call_once): waits for the inner
+    /// service to be ready, then runs the call.
+    pub struct CallOnce<S, P, Req>
+    where
+        S: Service<Arc<Req>>,
+    {
+        #[pin]
+        state: Once<S, P, Req>,
+    }
+}
+
+pin_project! {
+    #[project = OnceProj]
+    enum Once<S, P, Req>
+    where
+        S: Service<Arc<Req>>,
+    {
+        Readying {
+            parts: Option<(S, P, Req)>,
+        },
+        Called {
+            #[pin]
+            future: ResponseFuture<S, P, Req>,
+        },
+    }
+}
+
+impl<S, P, Req> CallOnce<S, P, Req>
+where
+    S: Service<Arc<Req>>,
+{
+    pub(super) fn new(service: S, policy: P, request: Req) -> Self {
+        CallOnce {
+            state: Once::Readying {
+                parts: Some((service, policy, request)),
+            },
+        }
+    }
+}
+
+impl<S, P, Req> Future for CallOnce<S, P, Req>
+where
+    S: Service<Arc<Req>, Error = Error>,
+    P: RetryPolicy,
+    Req: super::RetryRequest,
+    CallPolicy<P>: Policy<Arc<Req>, S::Response, Error, Future = Delay>,
+{
+    type Output = Result<S::Response, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                OnceProj::Readying { parts } => {
+                    let Some((service, _, _)) = parts.as_mut() else {
+                        return Poll::Ready(Err(Error::closed(
+                            "call_once future polled after completion",
+                        )));
+                    };
+                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                        *parts = None;
+                        return Poll::Ready(Err(error));
+                    }
+                    let (service, policy, request) = parts.take().expect("checked above");
+                    let future = super::start_call(policy, service, request);
+                    this.state.set(Once::Called { future });
+                }
+                OnceProj::Called { future } => return future.poll(cx),
+            }
+        }
+    }
+}
+
+impl<S, P, Req> fmt::Debug for CallOnce<S, P, Req>
+where
+    S: Service<Arc<Req>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallOnce").finish_non_exhaustive()
+    }
+}
+
 /// Puts the counts on the call's span, when there is more than the first attempt to tell.
 fn record_attempts<P: RetryPolicy>(span: &Span, policy: &CallPolicy<P>) {
     if policy.attempt() > 1 || policy.redirects() > 0 {

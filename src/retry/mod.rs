@@ -24,10 +24,11 @@
 //! use tower_redis_cluster::{retry::{RetryConfig, RetryLayer}, Error, ErrorKind, Sent};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
-//! // A stand-in for the cluster: the first attempt meets a failover in progress.
+//! // A stand-in for the cluster: the first attempt meets a failover in progress. The retry
+//! // layer hands the layers below it a shared `Arc<Cmd>`, so a retry copies nothing.
 //! let attempts = Arc::new(AtomicUsize::new(0));
 //! let seen = attempts.clone();
-//! let cluster = service_fn(move |_cmd: redis::Cmd| {
+//! let cluster = service_fn(move |_cmd: Arc<redis::Cmd>| {
 //!     let n = seen.fetch_add(1, Ordering::SeqCst);
 //!     async move {
 //!         if n == 0 {
@@ -104,7 +105,13 @@
 //!   `max_wait`), and keep the *original* error when that wait is cut; tower's `Retry` would
 //!   wait, and would return a readiness error instead;
 //! * abandon a retry still in flight at the deadline;
-//! * keep one tracing span over every attempt of a call.
+//! * keep one tracing span over every attempt of a call;
+//! * share the request with the layers below (`Arc<Cmd>`, `Arc<Pipeline>`) instead of copying
+//!   it before the first attempt in case a retry needs it, and keep what only a retry needs
+//!   (the deadline's timer, the last error, the backoff state) out of the way until then: a
+//!   call that succeeds at once costs one allocation more than the bare service;
+//! * consume a handle for one call ([`Retry::call_once`]) without the extra inner clone that
+//!   `ServiceExt::oneshot` makes.
 //!
 //! # Interplay with the inner client
 //!
@@ -146,7 +153,7 @@ use tracing::{field, Span};
 pub use budget::RetryBudget;
 pub use call::{CallPolicy, Delay};
 pub use config::{RetryConfig, SharedBudget};
-pub use future::ResponseFuture;
+pub use future::{CallOnce, ResponseFuture};
 pub use layer::RetryLayer;
 pub use policy::{Action, Attempt, RetryPolicy};
 pub use standard::StandardRetryPolicy;
@@ -197,30 +204,89 @@ impl<S, P: RetryPolicy> Retry<S, P> {
         self.inner
     }
 
-    fn start<Req>(&mut self, request: Req, span: Span) -> ResponseFuture<S, P, Req>
+    fn start<Req>(&mut self, request: Req) -> ResponseFuture<S, P, Req>
     where
         S: Service<Arc<Req>> + Clone,
+        Req: RetryRequest,
     {
-        let policy = CallPolicy::new(self.policy.clone());
-        // Shared, not copied: the first attempt and every retry send the same request.
-        let request = Arc::new(request);
         // The clone that was made ready sends the first attempt and keeps the retries; this
         // handle gets a fresh clone, which must be made ready again (tower's `Clone` rule).
         let fresh = self.inner.clone();
-        let mut service = mem::replace(&mut self.inner, fresh);
-        let future = span.in_scope(|| service.call(request.clone()));
-        ResponseFuture::new(future, service, policy, request, span)
+        let service = mem::replace(&mut self.inner, fresh);
+        start_call(self.policy.clone(), service, request)
+    }
+
+    /// One call through this handle, consuming it: the inner service is made ready and moved
+    /// into the call. `ServiceExt::oneshot` on a `Retry` also makes a fresh inner clone for the
+    /// handle it then drops; this makes none. `retry.clone().call_once(cmd)` is the cheapest
+    /// way to send from a shared handle.
+    pub fn call_once<Req>(self, request: Req) -> CallOnce<S, P, Req>
+    where
+        Req: RetryRequest,
+        S: Service<Arc<Req>, Error = Error>,
+    {
+        CallOnce::new(self.inner, self.policy, request)
     }
 }
 
-fn call_span() -> Span {
-    tracing::debug_span!(
+/// Sends the first attempt of a call on `service`, which is ready.
+fn start_call<S, P, Req>(policy: P, mut service: S, request: Req) -> ResponseFuture<S, P, Req>
+where
+    S: Service<Arc<Req>>,
+    P: RetryPolicy,
+    Req: RetryRequest,
+{
+    let span = tracing::debug_span!(
         "redis_retry",
         command = field::Empty,
         commands = field::Empty,
         attempts = field::Empty,
         redirects = field::Empty,
-    )
+    );
+    request.describe(&span);
+    let policy = CallPolicy::new(policy);
+    // Shared, not copied: the first attempt and every retry send the same request.
+    let request = Arc::new(request);
+    let future = span.in_scope(|| service.call(request.clone()));
+    ResponseFuture::new(future, service, policy, request, span)
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for redis::Cmd {}
+    impl Sealed for redis::Pipeline {}
+}
+
+/// A request the retry layer sends: `Cmd` or `Pipeline` (sealed).
+pub trait RetryRequest: sealed::Sealed {
+    /// Puts what the call's span may say about the request on it: the command name, never its
+    /// arguments.
+    fn describe(&self, span: &Span);
+}
+
+impl RetryRequest for Cmd {
+    fn describe(&self, span: &Span) {
+        if !span.is_disabled() {
+            // The name only: arguments may be passwords (AUTH) or personal data.
+            if let Some(name) = command::command_name(self) {
+                span.record("command", field::display(&name));
+            }
+        }
+    }
+}
+
+impl RetryRequest for Pipeline {
+    fn describe(&self, span: &Span) {
+        if !span.is_disabled() {
+            let kind = if self.is_transaction() {
+                "MULTI"
+            } else {
+                "PIPELINE"
+            };
+            span.record("command", field::display(kind));
+            span.record("commands", self.len());
+        }
+    }
 }
 
 impl<S, P> Service<Cmd> for Retry<S, P>
@@ -237,14 +303,7 @@ where
     }
 
     fn call(&mut self, cmd: Cmd) -> Self::Future {
-        let span = call_span();
-        if !span.is_disabled() {
-            // The name only: arguments may be passwords (AUTH) or personal data.
-            if let Some(name) = command::command_name(&cmd) {
-                span.record("command", field::display(&name));
-            }
-        }
-        self.start(cmd, span)
+        self.start(cmd)
     }
 }
 
@@ -262,16 +321,6 @@ where
     }
 
     fn call(&mut self, pipeline: Pipeline) -> Self::Future {
-        let span = call_span();
-        if !span.is_disabled() {
-            let kind = if pipeline.is_transaction() {
-                "MULTI"
-            } else {
-                "PIPELINE"
-            };
-            span.record("command", field::display(kind));
-            span.record("commands", pipeline.len());
-        }
-        self.start(pipeline, span)
+        self.start(pipeline)
     }
 }

@@ -49,7 +49,14 @@ use crate::{backoff::JitteredBackoff, ErrorKind, Idempotency, Sent};
 #[derive(Clone)]
 pub struct StandardRetryPolicy {
     shared: Arc<Shared>,
-    /// This call's delays, made at its first backoff (the policy is cloned per call).
+    /// What a call that failed remembers, made at its first failure (the policy is cloned per
+    /// call; a call that succeeds carries only a null pointer for it).
+    failed: Option<Box<Failed>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Failed {
+    /// This call's delays, made at its first backoff.
     backoff: Option<JitteredBackoff>,
     /// The target (slot, node) of this call's last redirection.
     last_redirect: Option<(u16, String)>,
@@ -71,8 +78,7 @@ impl StandardRetryPolicy {
                 origin: Instant::now(),
                 last_budget_warning_ms: AtomicU64::new(0),
             }),
-            backoff: None,
-            last_redirect: None,
+            failed: None,
         }
     }
 
@@ -98,7 +104,9 @@ impl StandardRetryPolicy {
         // Every sequence `make()` hands out has its own random stream, so callers that failed
         // together (a failover) do not retry in lock-step.
         let maker = &self.shared.config.backoff;
-        self.backoff
+        self.failed
+            .get_or_insert_default()
+            .backoff
             .get_or_insert_with(|| maker.make())
             .next_delay()
     }
@@ -136,8 +144,7 @@ impl fmt::Debug for StandardRetryPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StandardRetryPolicy")
             .field("config", &self.shared.config)
-            .field("backoff", &self.backoff)
-            .field("last_redirect", &self.last_redirect)
+            .field("failed", &self.failed)
             .finish()
     }
 }
@@ -175,8 +182,9 @@ impl RetryPolicy for StandardRetryPolicy {
         let mut repeated_redirect = false;
         if error.kind().is_redirect() {
             let target = error.redirect();
-            repeated_redirect = target.is_some() && target == self.last_redirect;
-            self.last_redirect = target;
+            let failed = self.failed.get_or_insert_default();
+            repeated_redirect = target.is_some() && target == failed.last_redirect;
+            failed.last_redirect = target;
             if !repeated_redirect {
                 if attempt.redirects() > config.max_redirects {
                     tracing::debug!(

@@ -130,7 +130,6 @@ impl<S> Layer<S> for TopologyRefreshLayer {
 pub struct TopologyRefresh<S> {
     inner: S,
     refresher: Arc<Refresher>,
-    invalid: Option<Error>,
 }
 
 impl<S> TopologyRefresh<S> {
@@ -151,16 +150,11 @@ impl<S> TopologyRefresh<S> {
         config: RefreshConfig,
         rebuild: Option<RebuildHandle>,
     ) -> Self {
-        let invalid = config.validate().err();
         let refresher = Refresher::new(source, config, rebuild);
-        if invalid.is_none() {
+        if refresher.invalid.is_none() {
             refresher.ensure_started();
         }
-        TopologyRefresh {
-            inner,
-            refresher,
-            invalid,
-        }
+        TopologyRefresh { inner, refresher }
     }
 
     /// A handle to trigger refreshes and watch snapshots.
@@ -191,7 +185,6 @@ impl<S: Clone> Clone for TopologyRefresh<S> {
         TopologyRefresh {
             inner: self.inner.clone(),
             refresher: self.refresher.clone(),
-            invalid: self.invalid.clone(),
         }
     }
 }
@@ -214,14 +207,14 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.invalid.is_some() {
+        if self.refresher.invalid.is_some() {
             return Poll::Ready(Ok(()));
         }
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        if let Some(error) = &self.invalid {
+        if let Some(error) = &self.refresher.invalid {
             return ResponseFuture {
                 inner: None,
                 error: Some(error.clone()),

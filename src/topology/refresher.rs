@@ -32,6 +32,8 @@ pub(crate) struct Refresher {
     pub(crate) snapshot: watch::Sender<Option<Arc<TopologySnapshot>>>,
     pub(crate) stats: watch::Sender<RefreshStats>,
     pub(crate) signal: Arc<Signal>,
+    /// Why the configuration cannot work, reported by every call.
+    pub(crate) invalid: Option<Error>,
     started: AtomicBool,
     triggers: AtomicU64,
     last_change: Mutex<Option<std::time::Instant>>,
@@ -54,6 +56,7 @@ impl Refresher {
     ) -> Arc<Self> {
         Arc::new(Refresher {
             source,
+            invalid: config.validate().err(),
             config,
             rebuild,
             snapshot: watch::channel(None).0,
