@@ -236,11 +236,11 @@ struct Info {
 
 impl Info {
     /// `Client`'s one deadline over readiness and call.
-    fn within_deadline<F, I>(this: I, call: F) -> Deadline<F, I>
+    fn within_deadline<F, I>(this: I, call: F, now: tokio::time::Instant) -> Deadline<F, I>
     where
         I: std::ops::Deref<Target = Info>,
     {
-        let sleep = this.deadline.map(tokio::time::sleep);
+        let sleep = this.deadline.map(|d| tokio::time::sleep_until(now + d));
         Deadline {
             call,
             sleep,
@@ -266,7 +266,10 @@ where
 {
     type Output = Result<T, Error>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
         let this = self.project();
         match this.call.poll(cx) {
             std::task::Poll::Ready(result) => std::task::Poll::Ready(result),
@@ -290,16 +293,22 @@ impl<const PENDING: bool> FakeClient<PENDING> {
         }
     }
 
-    /// `Client::send`: a clone of the core consumed by `Retry::call_once`, boxed.
+    /// `Client::send`: a clone of the core consumed by `Retry::call_once`, within the deadline.
     async fn send(&self, cmd: Cmd) -> Result<Value, Error> {
-        let call: Boxed<Value> = Box::pin(self.core.clone().call_once(cmd));
-        Info::within_deadline(&*self.info, call).await
+        let now = tokio::time::Instant::now();
+        let call = self.core.clone().call_once(cmd).started_at(now);
+        Info::within_deadline(&*self.info, call, now).await
     }
 
     /// `Client::query_pipeline::<Vec<Value>>`.
     async fn query_pipeline(&self, pipeline: &Pipeline) -> Result<Vec<Value>, Error> {
-        let call: Boxed<Vec<Value>> = Box::pin(self.core.clone().call_once(pipeline.clone()));
-        let values = Info::within_deadline(&*self.info, call).await?;
+        let now = tokio::time::Instant::now();
+        let call = self
+            .core
+            .clone()
+            .call_once(pipeline.clone())
+            .started_at(now);
+        let values = Info::within_deadline(&*self.info, call, now).await?;
         Ok(redis::from_redis_value(Value::Array(values)).expect("converts"))
     }
 }
@@ -315,13 +324,20 @@ where
     type Error = Error;
     type Future = Boxed<Self::Response>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Error>> {
         self.core.poll_ready(cx)
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
         let call = self.core.call(request);
-        Box::pin(Info::within_deadline(self.info.clone(), call))
+        Box::pin(Info::within_deadline(
+            self.info.clone(),
+            call,
+            tokio::time::Instant::now(),
+        ))
     }
 }
 
@@ -574,7 +590,7 @@ fn configs(rt: &Runtime) -> Vec<Config> {
             ),
             config(
                 "client_send",
-                "= Client::send (clone of the core, call_once, boxed, deadline)",
+                "= Client::send (a clone of the core, call_once, deadline)",
                 ClientSend(client),
             ),
             config(
@@ -841,8 +857,13 @@ fn multi_thread_table(per_task: u64) {
                 mt_round(&retry_no_budget, TASKS, per_task, |s| s.oneshot(get())).await,
                 mt_round(&timeout_alone, TASKS, per_task, |s| s.oneshot(get())).await,
                 mt_round(&client, TASKS, per_task, |s| s.oneshot(get())).await,
-                mt_round(&client, TASKS, per_task, |s| async move { s.send(get()).await })
-                    .await,
+                mt_round(
+                    &client,
+                    TASKS,
+                    per_task,
+                    |s| async move { s.send(get()).await },
+                )
+                .await,
             ];
             if round == 0 {
                 continue;

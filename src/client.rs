@@ -30,17 +30,20 @@ use std::{
 
 use pin_project_lite::pin_project;
 use redis::{Cmd, FromRedisValue, Pipeline, Value};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::{
     retry::Policy,
-    util::Either,
+    util::{Either, Oneshot},
     Service, ServiceBuilder, ServiceExt,
 };
 
 use crate::{
     connect::{ClusterConnector, Credentials, Resolve, Seeds, TlsConfig},
     rebuild::{Rebuild, RebuildConfig, RebuildHandle},
-    retry::{CallPolicy, Delay, Retry, RetryConfig, RetryLayer, RetryRequest, StandardRetryPolicy},
+    retry::{
+        CallOnce, CallPolicy, Delay, Retry, RetryConfig, RetryLayer, RetryRequest,
+        StandardRetryPolicy,
+    },
     topology::{RefreshConfig, TopologyHandle, TopologyRefresh, TopologyRefreshLayer},
     Error, ErrorKind,
 };
@@ -82,15 +85,52 @@ struct Info {
 
 impl Info {
     /// `call` — readiness and call together — within the overall deadline, counted.
-    fn within_deadline<F, I>(this: I, call: F) -> Deadline<F, I>
+    fn within_deadline<F, I>(this: I, call: F, now: Instant) -> Deadline<F, I>
     where
         I: Deref<Target = Info>,
     {
-        let sleep = this.deadline.map(tokio::time::sleep);
+        let sleep = this.deadline.map(|d| tokio::time::sleep_until(now + d));
         Deadline {
             call,
             sleep,
             info: this,
+        }
+    }
+}
+
+pin_project! {
+    /// One call of a helper on a clone of the stack: through the retry layer, or straight to
+    /// the layers below it when retries are off.
+    #[project = OneCallProj]
+    enum OneCall<Req>
+    where
+        Limited: Service<Req>,
+        Limited: Service<Arc<Req>>,
+    {
+        Retrying {
+            #[pin]
+            call: CallOnce<Limited, StandardRetryPolicy, Req>,
+        },
+        Direct {
+            #[pin]
+            call: Oneshot<Limited, Req>,
+        },
+    }
+}
+
+impl<Req, T> Future for OneCall<Req>
+where
+    Req: RetryRequest,
+    Limited:
+        Service<Req, Response = T, Error = Error> + Service<Arc<Req>, Response = T, Error = Error>,
+    CallPolicy<StandardRetryPolicy>: Policy<Arc<Req>, T, Error, Future = Delay>,
+{
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            OneCallProj::Retrying { call } => call.poll(cx),
+            OneCallProj::Direct { call } => call.poll(cx),
         }
     }
 }
@@ -148,21 +188,25 @@ impl Client {
     /// Sends `request` on a clone of the stack, consumed by the call, within the deadline.
     async fn send_request<Req, T>(&self, request: Req) -> Result<T, Error>
     where
-        Req: RetryRequest + Send + Sync + 'static,
+        Req: RetryRequest,
         Limited: Service<Req, Response = T, Error = Error>
             + Service<Arc<Req>, Response = T, Error = Error>,
-        <Limited as Service<Req>>::Future: Send,
-        <Limited as Service<Arc<Req>>>::Future: Send,
         CallPolicy<StandardRetryPolicy>: Policy<Arc<Req>, T, Error, Future = Delay>,
         T: Send + 'static,
     {
         // Boxed: the call's future is large, and moving it through the deadline's future and
         // the caller's costs more than one allocation.
-        let call: BoxFuture<T> = match self.core.clone() {
-            Either::Left(retry) => Box::pin(retry.call_once(request)),
-            Either::Right(direct) => Box::pin(direct.oneshot(request)),
+        // One clock reading for the deadline and the retry layer's own.
+        let now = Instant::now();
+        let call = match self.core.clone() {
+            Either::Left(retry) => OneCall::Retrying {
+                call: retry.call_once(request).started_at(now),
+            },
+            Either::Right(direct) => OneCall::Direct {
+                call: direct.oneshot(request),
+            },
         };
-        Info::within_deadline(&*self.info, call).await
+        Info::within_deadline(&*self.info, call, now).await
     }
 
     /// Sends a command and converts its reply.
@@ -226,7 +270,11 @@ impl Client {
         T: Send + 'static,
     {
         let call = self.core.call(request);
-        Box::pin(Info::within_deadline(self.info.clone(), call))
+        Box::pin(Info::within_deadline(
+            self.info.clone(),
+            call,
+            Instant::now(),
+        ))
     }
 }
 

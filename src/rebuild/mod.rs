@@ -231,10 +231,7 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
-            if self.failed.is_some() {
-                // The call reports the failure; readiness errors would be fatal to tower.
-                return Poll::Ready(Ok(()));
-            }
+            // The common case first: the client this clone saw still serves.
             if let Some(current) = &mut self.current {
                 // A reservation stands even if the slot changed since: tower's contract.
                 if self.reserved || current.version == self.shared.slot_version() {
@@ -243,6 +240,10 @@ where
                     return ready;
                 }
                 self.current = None;
+            }
+            if self.failed.is_some() {
+                // The call reports the failure; readiness errors would be fatal to tower.
+                return Poll::Ready(Ok(()));
             }
             {
                 // The version first: a change after this read bumps it again.

@@ -47,9 +47,14 @@ pub struct CallPolicy<P> {
 impl<P: RetryPolicy> CallPolicy<P> {
     /// Starts a call: `policy` is the call's own clone. Calls [`RetryPolicy::on_call`] and
     /// starts the deadline clock.
-    pub fn new(mut policy: P) -> Self {
+    pub fn new(policy: P) -> Self {
+        CallPolicy::started_at(policy, Instant::now())
+    }
+
+    /// Like [`new`](Self::new), for a call that started at `started` (a caller that read the
+    /// clock already, for a deadline of its own, passes that reading).
+    pub fn started_at(mut policy: P, started: Instant) -> Self {
         policy.on_call();
-        let started = Instant::now();
         let deadline = policy.deadline().map(|d| started + d);
         CallPolicy {
             policy,

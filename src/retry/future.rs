@@ -9,7 +9,7 @@ use std::{
 };
 
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::{retry::Policy, Service};
 use tracing::Span;
 
@@ -211,6 +211,7 @@ pin_project! {
     {
         Readying {
             parts: Option<(S, P, Req)>,
+            started: Option<Instant>,
         },
         Called {
             #[pin]
@@ -227,8 +228,18 @@ where
         CallOnce {
             state: Once::Readying {
                 parts: Some((service, policy, request)),
+                started: None,
             },
         }
+    }
+
+    /// Counts the call's deadline from `at` rather than from its first poll — for a caller
+    /// whose own deadline started then, so that both end together.
+    pub fn started_at(mut self, at: Instant) -> Self {
+        if let Once::Readying { started, .. } = &mut self.state {
+            *started = Some(at);
+        }
+        self
     }
 }
 
@@ -245,7 +256,7 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                OnceProj::Readying { parts } => {
+                OnceProj::Readying { parts, started } => {
                     let Some((service, _, _)) = parts.as_mut() else {
                         return Poll::Ready(Err(Error::closed(
                             "call_once future polled after completion",
@@ -256,7 +267,7 @@ where
                         return Poll::Ready(Err(error));
                     }
                     let (service, policy, request) = parts.take().expect("checked above");
-                    let future = super::start_call(policy, service, request);
+                    let future = super::start_call(policy, service, request, *started);
                     this.state.set(Once::Called { future });
                 }
                 OnceProj::Called { future } => return future.poll(cx),

@@ -213,7 +213,7 @@ impl<S, P: RetryPolicy> Retry<S, P> {
         // handle gets a fresh clone, which must be made ready again (tower's `Clone` rule).
         let fresh = self.inner.clone();
         let service = mem::replace(&mut self.inner, fresh);
-        start_call(self.policy.clone(), service, request)
+        start_call(self.policy.clone(), service, request, None)
     }
 
     /// One call through this handle, consuming it: the inner service is made ready and moved
@@ -230,7 +230,12 @@ impl<S, P: RetryPolicy> Retry<S, P> {
 }
 
 /// Sends the first attempt of a call on `service`, which is ready.
-fn start_call<S, P, Req>(policy: P, mut service: S, request: Req) -> ResponseFuture<S, P, Req>
+fn start_call<S, P, Req>(
+    policy: P,
+    mut service: S,
+    request: Req,
+    started: Option<tokio::time::Instant>,
+) -> ResponseFuture<S, P, Req>
 where
     S: Service<Arc<Req>>,
     P: RetryPolicy,
@@ -244,10 +249,17 @@ where
         redirects = field::Empty,
     );
     request.describe(&span);
-    let policy = CallPolicy::new(policy);
+    let policy = match started {
+        Some(at) => CallPolicy::started_at(policy, at),
+        None => CallPolicy::new(policy),
+    };
     // Shared, not copied: the first attempt and every retry send the same request.
     let request = Arc::new(request);
-    let future = span.in_scope(|| service.call(request.clone()));
+    let future = if span.is_disabled() {
+        service.call(request.clone())
+    } else {
+        span.in_scope(|| service.call(request.clone()))
+    };
     ResponseFuture::new(future, service, policy, request, span)
 }
 
