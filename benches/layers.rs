@@ -240,20 +240,22 @@ impl Info {
     where
         I: std::ops::Deref<Target = Info>,
     {
-        let sleep = this.deadline.map(|d| tokio::time::sleep_until(now + d));
         Deadline {
             call,
-            sleep,
+            at: this.deadline.map(|d| now + d),
+            sleep: None,
             _info: this,
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// `client.rs`'s `Deadline` (its timeout error and metrics hook are not reached here).
+    /// `client.rs`'s `Deadline`, the timer made at the first wait (its timeout error and
+    /// metrics hook are not reached here).
     struct Deadline<F, I> {
         #[pin]
         call: F,
+        at: Option<tokio::time::Instant>,
         #[pin]
         sleep: Option<tokio::time::Sleep>,
         _info: I,
@@ -270,15 +272,21 @@ where
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let this = self.project();
-        match this.call.poll(cx) {
-            std::task::Poll::Ready(result) => std::task::Poll::Ready(result),
-            std::task::Poll::Pending => match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
-                Some(std::task::Poll::Ready(())) => {
-                    std::task::Poll::Ready(Err(Error::timeout("deadline")))
-                }
-                _ => std::task::Poll::Pending,
-            },
+        let mut this = self.project();
+        if let std::task::Poll::Ready(result) = this.call.poll(cx) {
+            return std::task::Poll::Ready(result);
+        }
+        let Some(at) = *this.at else {
+            return std::task::Poll::Pending;
+        };
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep_until(at)));
+        }
+        match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
+            Some(std::task::Poll::Ready(())) => {
+                std::task::Poll::Ready(Err(Error::timeout("deadline")))
+            }
+            _ => std::task::Poll::Pending,
         }
     }
 }

@@ -89,10 +89,10 @@ impl Info {
     where
         I: Deref<Target = Info>,
     {
-        let sleep = this.deadline.map(|d| tokio::time::sleep_until(now + d));
         Deadline {
             call,
-            sleep,
+            at: this.deadline.map(|d| now + d),
+            sleep: None,
             info: this,
         }
     }
@@ -136,10 +136,13 @@ where
 }
 
 pin_project! {
-    /// A call within the client's deadline; counts the outcome (`metrics` feature).
+    /// A call within the client's deadline; counts the outcome (`metrics` feature). The timer
+    /// is made when the call first has to wait: one answered at its first poll never touches
+    /// the timer wheel.
     struct Deadline<F, I> {
         #[pin]
         call: F,
+        at: Option<Instant>,
         #[pin]
         sleep: Option<Sleep>,
         info: I,
@@ -154,13 +157,17 @@ where
     type Output = Result<T, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         let result = match this.call.poll(cx) {
             Poll::Ready(result) => result,
             Poll::Pending => {
-                let Some(sleep) = this.sleep.as_pin_mut() else {
+                let Some(at) = *this.at else {
                     return Poll::Pending;
                 };
+                if this.sleep.is_none() {
+                    this.sleep.set(Some(tokio::time::sleep_until(at)));
+                }
+                let sleep = this.sleep.as_pin_mut().expect("set above");
                 ready!(sleep.poll(cx));
                 let deadline = this.info.deadline.unwrap_or_default();
                 let mut error = Error::timeout(format!(
