@@ -220,8 +220,6 @@ async fn core_stack<const PENDING: bool>() -> Core<PENDING> {
         .service(rebuild)
 }
 
-type Boxed<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
-
 /// `Client` over the in-memory connector, line for line as `client.rs` has it (`Client` cannot
 /// be built over another connector): the core stack and, behind one `Arc`, the deadline.
 #[derive(Clone)]
@@ -325,12 +323,10 @@ impl<const PENDING: bool> FakeClient<PENDING> {
 impl<const PENDING: bool, Req> Service<Req> for FakeClient<PENDING>
 where
     Core<PENDING>: Service<Req, Error = Error>,
-    <Core<PENDING> as Service<Req>>::Future: Send + 'static,
-    <Core<PENDING> as Service<Req>>::Response: Send + 'static,
 {
     type Response = <Core<PENDING> as Service<Req>>::Response;
     type Error = Error;
-    type Future = Boxed<Self::Response>;
+    type Future = Deadline<<Core<PENDING> as Service<Req>>::Future, Arc<Info>>;
 
     fn poll_ready(
         &mut self,
@@ -341,11 +337,7 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let call = self.core.call(request);
-        Box::pin(Info::within_deadline(
-            self.info.clone(),
-            call,
-            tokio::time::Instant::now(),
-        ))
+        Info::within_deadline(self.info.clone(), call, tokio::time::Instant::now())
     }
 }
 

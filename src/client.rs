@@ -4,7 +4,7 @@
 //! user can assemble by hand, layer by layer (see the crate docs) — plus one deadline:
 //!
 //! ```text
-//! Client            Clone + Send + Sync; Service<Cmd> and Service<Pipeline> (boxed futures)
+//! Client            Clone + Send + Sync; query / send / query_pipeline; Service<Cmd> + Service<Pipeline>
 //!   deadline        one timer over readiness and call, retries included
 //!   Retry           kind × idempotency × Sent, backoff with full jitter, retry budget
 //!   ConcurrencyLimit (optional)
@@ -269,19 +269,15 @@ impl Client {
             .map(|_| ())
     }
 
-    /// The `Service` interface's call: the core's future within the deadline, boxed.
-    fn call_service<Req, T>(&mut self, request: Req) -> BoxFuture<T>
+    /// The `Service` interface's call: the core's future within the deadline.
+    fn call_service<Req>(&mut self, request: Req) -> ResponseFuture<Req>
     where
-        Core: Service<Req, Response = T, Error = Error>,
-        <Core as Service<Req>>::Future: Send + 'static,
-        T: Send + 'static,
+        Core: Service<Req, Error = Error>,
     {
         let call = self.core.call(request);
-        Box::pin(Info::within_deadline(
-            self.info.clone(),
-            call,
-            Instant::now(),
-        ))
+        ResponseFuture {
+            inner: Info::within_deadline(self.info.clone(), call, Instant::now()),
+        }
     }
 }
 
@@ -300,7 +296,7 @@ impl fmt::Debug for Client {
 impl Service<Cmd> for Client {
     type Response = Value;
     type Error = Error;
-    type Future = BoxFuture<Value>;
+    type Future = ResponseFuture<Cmd>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         Service::<Cmd>::poll_ready(&mut self.core, cx)
@@ -314,7 +310,7 @@ impl Service<Cmd> for Client {
 impl Service<Pipeline> for Client {
     type Response = Vec<Value>;
     type Error = Error;
-    type Future = BoxFuture<Vec<Value>>;
+    type Future = ResponseFuture<Pipeline>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         Service::<Pipeline>::poll_ready(&mut self.core, cx)
@@ -325,8 +321,37 @@ impl Service<Pipeline> for Client {
     }
 }
 
-/// A boxed call of the `Service` interface.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
+pin_project! {
+    /// The future of a call through `Client`'s `Service` interface: the layers' future within
+    /// the client's deadline. Not boxed: a call costs no allocation beyond the layers' own.
+    pub struct ResponseFuture<Req>
+    where
+        Core: Service<Req>,
+    {
+        #[pin]
+        inner: Deadline<<Core as Service<Req>>::Future, Arc<Info>>,
+    }
+}
+
+impl<Req, T> Future for ResponseFuture<Req>
+where
+    Core: Service<Req, Response = T, Error = Error>,
+{
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+impl<Req> fmt::Debug for ResponseFuture<Req>
+where
+    Core: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
 
 /// Configures a [`Client`]. Each layer can be configured or turned off; nothing is hidden.
 #[derive(Default)]
