@@ -41,7 +41,7 @@ use tower::{util::BoxCloneSyncService, BoxError, Service, ServiceBuilder, Servic
 use tower_redis_cluster::{
     connect::{Connect, ConnectFuture, ConnectHints},
     rebuild::{Rebuild, RebuildConfig},
-    retry::{Retry, RetryConfig, RetryLayer},
+    retry::{CallOnce, Retry, RetryConfig, RetryLayer, StandardRetryPolicy},
     topology::{RefreshConfig, TopologyRefresh, TopologyRefreshLayer, TopologySource},
     Error, RedisService, Seeds,
 };
@@ -221,22 +221,32 @@ async fn core_stack<const PENDING: bool>() -> Core<PENDING> {
 }
 
 /// `Client` over the in-memory connector, line for line as `client.rs` has it (`Client` cannot
-/// be built over another connector): the core stack and, behind one `Arc`, the deadline.
-#[derive(Clone)]
+/// be built over another connector): behind one `Arc` the core stack and the deadline; a
+/// stack of its own only between `poll_ready` and `call`.
 struct FakeClient<const PENDING: bool> {
-    core: Core<PENDING>,
-    info: Arc<Info>,
+    ready: Option<Core<PENDING>>,
+    info: Arc<Info<PENDING>>,
 }
 
-struct Info {
+impl<const PENDING: bool> Clone for FakeClient<PENDING> {
+    fn clone(&self) -> Self {
+        FakeClient {
+            ready: None,
+            info: self.info.clone(),
+        }
+    }
+}
+
+struct Info<const PENDING: bool> {
+    core: Core<PENDING>,
     deadline: Option<Duration>,
 }
 
-impl Info {
+impl<const PENDING: bool> Info<PENDING> {
     /// `Client`'s one deadline over readiness and call.
     fn within_deadline<F, I>(this: I, call: F, now: tokio::time::Instant) -> Deadline<F, I>
     where
-        I: std::ops::Deref<Target = Info>,
+        I: std::ops::Deref<Target = Info<PENDING>>,
     {
         Deadline {
             call,
@@ -292,8 +302,9 @@ where
 impl<const PENDING: bool> FakeClient<PENDING> {
     async fn new() -> Self {
         FakeClient {
-            core: core_stack::<PENDING>().await,
+            ready: None,
             info: Arc::new(Info {
+                core: core_stack::<PENDING>().await,
                 deadline: Some(TIMEOUT),
             }),
         }
@@ -302,7 +313,7 @@ impl<const PENDING: bool> FakeClient<PENDING> {
     /// `Client::send`: a clone of the core consumed by `Retry::call_once`, within the deadline.
     async fn send(&self, cmd: Cmd) -> Result<Value, Error> {
         let now = tokio::time::Instant::now();
-        let call = self.core.clone().call_once(cmd).started_at(now);
+        let call = self.info.core.clone().call_once(cmd).started_at(now);
         Info::within_deadline(&*self.info, call, now).await
     }
 
@@ -310,6 +321,7 @@ impl<const PENDING: bool> FakeClient<PENDING> {
     async fn query_pipeline(&self, pipeline: &Pipeline) -> Result<Vec<Value>, Error> {
         let now = tokio::time::Instant::now();
         let call = self
+            .info
             .core
             .clone()
             .call_once(pipeline.clone())
@@ -319,27 +331,40 @@ impl<const PENDING: bool> FakeClient<PENDING> {
     }
 }
 
-/// `Client`'s `Service` interface.
-impl<const PENDING: bool, Req> Service<Req> for FakeClient<PENDING>
-where
-    Core<PENDING>: Service<Req, Error = Error>,
-{
-    type Response = <Core<PENDING> as Service<Req>>::Response;
-    type Error = Error;
-    type Future = Deadline<<Core<PENDING> as Service<Req>>::Future, Arc<Info>>;
+type Inner<const PENDING: bool> = TopologyRefresh<Rebuild<FakeConnector<PENDING>>>;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Error>> {
-        self.core.poll_ready(cx)
-    }
+/// `Client`'s `Service` interface: the stack made ready is consumed by the call.
+macro_rules! fake_client_service {
+    ($req:ty, $resp:ty) => {
+        impl<const PENDING: bool> Service<$req> for FakeClient<PENDING> {
+            type Response = $resp;
+            type Error = Error;
+            type Future =
+                Deadline<CallOnce<Inner<PENDING>, StandardRetryPolicy, $req>, Arc<Info<PENDING>>>;
 
-    fn call(&mut self, request: Req) -> Self::Future {
-        let call = self.core.call(request);
-        Info::within_deadline(self.info.clone(), call, tokio::time::Instant::now())
-    }
+            fn poll_ready(
+                &mut self,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), Error>> {
+                let info = &self.info;
+                Service::<$req>::poll_ready(self.ready.get_or_insert_with(|| info.core.clone()), cx)
+            }
+
+            fn call(&mut self, request: $req) -> Self::Future {
+                let core = self.ready.take().unwrap_or_else(|| self.info.core.clone());
+                let now = tokio::time::Instant::now();
+                Info::within_deadline(
+                    self.info.clone(),
+                    core.call_once(request).started_at(now),
+                    now,
+                )
+            }
+        }
+    };
 }
+
+fake_client_service!(Cmd, Value);
+fake_client_service!(Pipeline, Vec<Value>);
 
 /// A pipeline of `len` commands on one hash tag, half SET, half GET.
 fn pipeline(len: usize) -> Pipeline {
@@ -622,6 +647,8 @@ struct Row {
     criterion_ns: Option<f64>,
     /// Own wall-clock estimate, measured interleaved (see `measure`).
     wall_ns: f64,
+    /// Median over the rounds of (this − its baseline in the same round).
+    paired_delta_ns: f64,
     allocs: f64,
     bytes: f64,
     future: usize,
@@ -630,7 +657,8 @@ struct Row {
 /// Allocations per call over `calls` calls of each configuration (after a warm-up), and a
 /// wall-clock time per call measured **interleaved**: 21 rounds, each running `calls / 20`
 /// calls of every configuration in turn, median per configuration — so that a machine whose
-/// load drifts slows every configuration alike.
+/// load drifts slows every configuration alike. The difference to the baseline is the median
+/// of the per-round differences: both sides of each one were measured moments apart.
 fn measure(rt: &Runtime, configs: &[Config], calls: u64, since: SystemTime) -> Vec<Row> {
     let mut rows: Vec<Row> = configs
         .iter()
@@ -644,6 +672,7 @@ fn measure(rt: &Runtime, configs: &[Config], calls: u64, since: SystemTime) -> V
                 what: config.what,
                 criterion_ns: criterion_median_ns(config.name, since),
                 wall_ns: f64::NAN,
+                paired_delta_ns: f64::NAN,
                 allocs: (a1 - a0) as f64 / calls as f64,
                 bytes: (b1 - b0) as f64 / calls as f64,
                 future: config.caller.future_size(),
@@ -659,11 +688,28 @@ fn measure(rt: &Runtime, configs: &[Config], calls: u64, since: SystemTime) -> V
             t.push(started.elapsed().as_nanos() as f64 / batch as f64);
         }
     }
-    for (row, mut t) in rows.iter_mut().zip(times) {
-        t.sort_by(f64::total_cmp);
-        row.wall_ns = t[t.len() / 2];
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (i, row) in rows.iter_mut().enumerate() {
+        row.wall_ns = median(times[i].clone());
+        let base = baseline_name(row.name);
+        if let Some(b) = configs.iter().position(|c| c.name == base) {
+            let deltas = times[i].iter().zip(&times[b]).map(|(t, u)| t - u).collect();
+            row.paired_delta_ns = median(deltas);
+        }
     }
     rows
+}
+
+/// The bare service over the same kind of connection.
+fn baseline_name(name: &str) -> &'static str {
+    if name.ends_with("_pending") {
+        "bare_pending"
+    } else {
+        "bare"
+    }
 }
 
 /// Where criterion keeps its results (as criterion 0.5 decides it, minus `cargo metadata`:
@@ -700,14 +746,7 @@ fn criterion_median_ns(name: &str, since: SystemTime) -> Option<f64> {
 fn allocation_table(rt: &Runtime, configs: &[Config], calls: u64, since: SystemTime) {
     let rows = measure(rt, configs, calls, since);
     // Each row is compared with the bare service over the same kind of connection.
-    let baseline = |name: &str| {
-        let base = if name.ends_with("_pending") {
-            "bare_pending"
-        } else {
-            "bare"
-        };
-        rows.iter().find(|r| r.name == base)
-    };
+    let baseline = |name: &str| rows.iter().find(|r| r.name == baseline_name(name));
     println!();
     println!("== layers: per-call cost of a GET (current-thread runtime, in-memory inner, {calls} calls per config for allocations) ==");
     println!(
@@ -723,7 +762,7 @@ fn allocation_table(rt: &Runtime, configs: &[Config], calls: u64, since: SystemT
             "{:<16} {:>9.1} {:>8.1} {:>9} {:>8} {:>7.2} {:>8.2} {:>7.0} {:>7}   {}",
             r.name,
             r.wall_ns,
-            r.wall_ns - base.wall_ns,
+            r.paired_delta_ns,
             opt(r.criterion_ns),
             opt(r.criterion_ns.zip(base.criterion_ns).map(|(a, b)| a - b)),
             r.allocs,
@@ -733,14 +772,14 @@ fn allocation_table(rt: &Runtime, configs: &[Config], calls: u64, since: SystemT
             r.what
         );
     }
-    println!("wall ns: median of 21 interleaved rounds (all configs in turn: robust to load drift); crit ns: criterion's median from this run (\"-\" if filtered out)");
+    println!("wall ns: median of 21 interleaved rounds (all configs in turn: robust to load drift), Δwall: median of the per-round differences to the baseline; crit ns: criterion's median from this run (\"-\" if filtered out)");
     println!("Δ: against `bare` (`bare_pending` for the *_pending rows); allocs/bytes: heap allocations and bytes per call; future: size in bytes of the call's future");
     let verdict = |ok: bool| if ok { "ok" } else { "MISS" };
     for name in ["full", "client_send", "full_pending", "client_pending"] {
         let (Some(r), Some(base)) = (rows.iter().find(|r| r.name == name), baseline(name)) else {
             continue;
         };
-        let dwall = r.wall_ns - base.wall_ns;
+        let dwall = r.paired_delta_ns;
         let dcrit = r.criterion_ns.zip(base.criterion_ns).map(|(a, b)| a - b);
         let dallocs = r.allocs - base.allocs;
         println!(

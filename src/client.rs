@@ -68,15 +68,27 @@ use crate::{
 /// let value: String = client.query(&get).await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
 pub struct Client {
-    /// The layers, unboxed; clones share their state (one rebuild, refresher, budget, limit).
-    core: Core,
-    /// What the handles need, behind one pointer so a clone per call stays cheap.
+    /// This handle's own copy of the layers, made at `poll_ready` and consumed by `call`.
+    ready: Option<Core>,
+    /// Shared by every clone: a clone of the client is one reference count.
     info: Arc<Info>,
 }
 
+impl Clone for Client {
+    fn clone(&self) -> Self {
+        // Readiness is per clone (tower's rule): a clone starts without a stack of its own.
+        Client {
+            ready: None,
+            info: self.info.clone(),
+        }
+    }
+}
+
 struct Info {
+    /// The layers, unboxed; every call runs on a clone of them, and clones share their state
+    /// (one rebuild, refresher, budget, concurrency limit).
+    core: Core,
     rebuild: RebuildHandle,
     topology: Option<TopologyHandle>,
     summary: String,
@@ -115,6 +127,27 @@ pin_project! {
             #[pin]
             call: Oneshot<Limited, Req>,
         },
+    }
+}
+
+impl<Req> OneCall<Req>
+where
+    Limited: Service<Req> + Service<Arc<Req>>,
+{
+    /// A call on `core`, which it consumes; `now` is when the call started.
+    fn new(core: Core, request: Req, now: Instant) -> Self
+    where
+        Req: RetryRequest,
+        Limited: Service<Arc<Req>, Error = Error>,
+    {
+        match core {
+            Either::Left(retry) => OneCall::Retrying {
+                call: retry.call_once(request).started_at(now),
+            },
+            Either::Right(direct) => OneCall::Direct {
+                call: direct.oneshot(request),
+            },
+        }
     }
 }
 
@@ -201,18 +234,9 @@ impl Client {
         CallPolicy<StandardRetryPolicy>: Policy<Arc<Req>, T, Error, Future = Delay>,
         T: Send + 'static,
     {
-        // Boxed: the call's future is large, and moving it through the deadline's future and
-        // the caller's costs more than one allocation.
         // One clock reading for the deadline and the retry layer's own.
         let now = Instant::now();
-        let call = match self.core.clone() {
-            Either::Left(retry) => OneCall::Retrying {
-                call: retry.call_once(request).started_at(now),
-            },
-            Either::Right(direct) => OneCall::Direct {
-                call: direct.oneshot(request),
-            },
-        };
+        let call = OneCall::new(self.info.core.clone(), request, now);
         Info::within_deadline(&*self.info, call, now).await
     }
 
@@ -269,14 +293,30 @@ impl Client {
             .map(|_| ())
     }
 
-    /// The `Service` interface's call: the core's future within the deadline.
-    fn call_service<Req>(&mut self, request: Req) -> ResponseFuture<Req>
+    /// The `Service` interface's readiness: this handle's stack, cloned from the shared one
+    /// if it has none.
+    fn poll_ready_service<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>>
     where
         Core: Service<Req, Error = Error>,
     {
-        let call = self.core.call(request);
+        let info = &self.info;
+        let core = self.ready.get_or_insert_with(|| info.core.clone());
+        Service::<Req>::poll_ready(core, cx)
+    }
+
+    /// The `Service` interface's call: the stack made ready is consumed by the call (no clone
+    /// is left behind for the next one until it is needed), within the deadline.
+    fn call_service<Req>(&mut self, request: Req) -> ResponseFuture<Req>
+    where
+        Req: RetryRequest,
+        Limited: Service<Req> + Service<Arc<Req>, Error = Error>,
+    {
+        // Without `poll_ready` first (against tower's contract) the call still works: it makes
+        // its stack ready itself.
+        let core = self.ready.take().unwrap_or_else(|| self.info.core.clone());
+        let now = Instant::now();
         ResponseFuture {
-            inner: Info::within_deadline(self.info.clone(), call, Instant::now()),
+            inner: Info::within_deadline(self.info.clone(), OneCall::new(core, request, now), now),
         }
     }
 }
@@ -299,7 +339,7 @@ impl Service<Cmd> for Client {
     type Future = ResponseFuture<Cmd>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Service::<Cmd>::poll_ready(&mut self.core, cx)
+        self.poll_ready_service::<Cmd>(cx)
     }
 
     fn call(&mut self, cmd: Cmd) -> Self::Future {
@@ -313,7 +353,7 @@ impl Service<Pipeline> for Client {
     type Future = ResponseFuture<Pipeline>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Service::<Pipeline>::poll_ready(&mut self.core, cx)
+        self.poll_ready_service::<Pipeline>(cx)
     }
 
     fn call(&mut self, pipeline: Pipeline) -> Self::Future {
@@ -326,16 +366,20 @@ pin_project! {
     /// the client's deadline. Not boxed: a call costs no allocation beyond the layers' own.
     pub struct ResponseFuture<Req>
     where
-        Core: Service<Req>,
+        Limited: Service<Req>,
+        Limited: Service<Arc<Req>>,
     {
         #[pin]
-        inner: Deadline<<Core as Service<Req>>::Future, Arc<Info>>,
+        inner: Deadline<OneCall<Req>, Arc<Info>>,
     }
 }
 
 impl<Req, T> Future for ResponseFuture<Req>
 where
-    Core: Service<Req, Response = T, Error = Error>,
+    Req: RetryRequest,
+    Limited:
+        Service<Req, Response = T, Error = Error> + Service<Arc<Req>, Response = T, Error = Error>,
+    CallPolicy<StandardRetryPolicy>: Policy<Arc<Req>, T, Error, Future = Delay>,
 {
     type Output = Result<T, Error>;
 
@@ -346,7 +390,7 @@ where
 
 impl<Req> fmt::Debug for ResponseFuture<Req>
 where
-    Core: Service<Req>,
+    Limited: Service<Req> + Service<Arc<Req>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
@@ -574,8 +618,9 @@ impl ClientBuilder {
             None => (layers.stack(Either::Right(rebuild)), None),
         };
         Ok(Client {
-            core,
+            ready: None,
             info: Arc::new(Info {
+                core,
                 rebuild: rebuild_handle,
                 topology,
                 summary,

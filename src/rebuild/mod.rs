@@ -248,17 +248,14 @@ where
             {
                 // The version first: a change after this read bumps it again.
                 let version = self.shared.slot_version();
-                let slot = self.shared.slot.borrow();
-                if slot.serving {
-                    if let Some(service) = &slot.service {
-                        self.current = Some(Current {
-                            service: service.clone(),
-                            generation: slot.generation,
-                            version,
-                        });
-                        self.waiting = None;
-                        continue;
-                    }
+                if let Some(serving) = &*self.shared.serving.load() {
+                    self.current = Some(Current {
+                        service: serving.service.clone(),
+                        generation: serving.generation,
+                        version,
+                    });
+                    self.waiting = None;
+                    continue;
                 }
             }
             // A connect that failed for a reason that does not pass by itself (wrong password,

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwapOption;
 use tokio::{sync::watch, time::Instant};
 
 use super::{RebuildAction, RebuildConfig, RebuildStatus};
@@ -17,9 +18,14 @@ use crate::{
     Error,
 };
 
-/// The current inner service as callers see it.
-pub(crate) struct Slot<S> {
-    pub(crate) service: Option<S>,
+/// The serving inner service and its generation.
+pub(crate) struct Serving<S> {
+    pub(crate) service: S,
+    pub(crate) generation: u64,
+}
+
+/// The current generation as waiters see it (the service itself is in `serving`).
+pub(crate) struct Slot {
     pub(crate) generation: u64,
     /// False once the policy said the service cannot serve (`Replace`): new calls wait.
     pub(crate) serving: bool,
@@ -37,7 +43,9 @@ struct Control {
 pub(crate) struct Shared<C: Connect> {
     connector: C,
     pub(crate) config: RebuildConfig,
-    pub(crate) slot: watch::Sender<Slot<C::Service>>,
+    pub(crate) slot: watch::Sender<Slot>,
+    /// The serving service, readable without a lock (`slot` is behind one): the callers' path.
+    pub(crate) serving: ArcSwapOption<Serving<C::Service>>,
     /// Bumped after every change of `slot`, so callers can tell with one load whether the
     /// service they cached is still the one to use.
     slot_version: AtomicU64,
@@ -79,7 +87,6 @@ where
 
     pub(crate) fn new(connector: C, config: RebuildConfig) -> Arc<Self> {
         let (slot, _) = watch::channel(Slot {
-            service: None,
             generation: 0,
             serving: false,
         });
@@ -88,6 +95,7 @@ where
             connector,
             config,
             slot,
+            serving: ArcSwapOption::empty(),
             slot_version: AtomicU64::new(0),
             status,
             control: Mutex::new(Control {
@@ -175,6 +183,7 @@ where
                 retire
             });
             if retired {
+                self.serving.store(None);
                 self.slot_changed();
             }
             control.status.serving = false;
@@ -238,8 +247,11 @@ where
         control.status.rebuilds += 1;
         control.status.last_error = None;
         control.status.last_rebuild = Some(std::time::Instant::now());
+        self.serving.store(Some(Arc::new(Serving {
+            service,
+            generation,
+        })));
         self.slot.send_replace(Slot {
-            service: Some(service),
             generation,
             serving: true,
         });
