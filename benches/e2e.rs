@@ -44,7 +44,7 @@ enum Variant {
     Direct,
     Service,
     Client,
-    /// `E2E_EXTRA=1`: the `Client` with `timeout(None)` (no Timeout layer, no deadline).
+    /// `E2E_EXTRA=1`: the `Client` with `timeout(None)` (no deadline, no timer).
     ClientNoTimeout,
     /// `E2E_EXTRA=1`: the `Client` with `no_retry()`.
     ClientNoRetry,
@@ -193,7 +193,7 @@ async fn call_client(client: &Client, mode: Mode, task: usize, i: u64) -> Result
             .map(drop)
             .map_err(|e| e.to_string()),
         Mode::Pipeline(n) => client
-            .query_pipeline::<Vec<Value>>(&pipeline(task, i, n))
+            .send_pipeline(pipeline(task, i, n))
             .await
             .map(drop)
             .map_err(|e| e.to_string()),

@@ -257,6 +257,12 @@ impl Client {
         self.send_request(cmd).await
     }
 
+    /// Sends a pipeline, taking it by value (no clone), and returns the raw replies (one per
+    /// command not ignored).
+    pub async fn send_pipeline(&self, pipeline: Pipeline) -> Result<Vec<Value>, Error> {
+        self.send_request(pipeline).await
+    }
+
     /// Sends a pipeline and converts its replies (one per command not ignored).
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, Error> {
         let values: Vec<Value> = self.send_request(pipeline.clone()).await?;

@@ -2,6 +2,7 @@
 
 mod support;
 
+use redis::Value;
 use std::{
     io::Write,
     sync::{atomic::Ordering, Arc, Mutex},
@@ -118,6 +119,11 @@ async fn queries_pipelines_and_a_replace_failover_through_the_client() {
     pipe.cmd("GET").arg("{p}a");
     let (incr, got): (i64, String) = client.query_pipeline(&pipe).await.unwrap();
     assert_eq!((incr, got.as_str()), (2, "2"));
+    // By value: the raw replies of the commands not ignored (the SET starts over at 1).
+    assert_eq!(
+        client.send_pipeline(pipe).await.unwrap(),
+        vec![Value::Int(2), Value::BulkString(b"2".to_vec())]
+    );
 
     let load = Load::start(client.clone(), 8);
     let master = cluster.master_of(1);
