@@ -103,7 +103,8 @@ impl Info {
     {
         Deadline {
             call,
-            at: this.deadline.map(|d| now + d),
+            // A deadline too far to represent is no deadline.
+            at: this.deadline.and_then(|d| now.checked_add(d)),
             sleep: None,
             info: this,
         }
@@ -601,7 +602,7 @@ impl ClientBuilder {
         let source = connector.topology_source();
         let mut rebuild_config = self.rebuild.unwrap_or_default();
         // A caller of the Service interface waits for a rebuild in poll_ready, which the
-        // Timeout layer does not cover: keep that wait inside the deadline too.
+        // call's deadline does not cover: keep that wait within the deadline too.
         if let Some(t) = timeout {
             if rebuild_config.max_wait > t {
                 rebuild_config = rebuild_config.max_wait(t);

@@ -142,8 +142,8 @@ pub enum Sent {
 
 /// The error of every service and layer in this crate.
 ///
-/// Cheap to clone (the root cause is shared), so a failure can be handed to every caller that
-/// waited for the same rebuild.
+/// Cheap to clone (one small allocation; the message and root cause are shared), so a failure
+/// can be handed to every caller that waited for the same rebuild.
 ///
 /// One pointer wide: results and futures that carry an `Error` stay small on the success path.
 #[derive(Clone)]

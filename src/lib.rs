@@ -7,7 +7,8 @@
 //! as IPs — redis-py, issue #2472 — then fails every call with "Redis Cluster cannot be
 //! connected", and its users' workaround was to catch the error and recreate the client.
 //! This crate makes that workaround, and the policies around it, composable tower layers
-//! around any Redis connection exposed as `tower::Service<redis::Cmd>`:
+//! around any Redis connection exposed as `tower::Service<redis::Cmd>` (and, below the retry
+//! layer, which shares the request instead of copying it, `Service<Arc<redis::Cmd>>`):
 //!
 //! * [`RedisService`] — a `redis` connection as a `Service<Cmd>` / `Service<Pipeline>`;
 //! * [`rebuild`] — recreate the inner client from its seed *names* (never its frozen IPs):

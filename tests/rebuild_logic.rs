@@ -386,6 +386,11 @@ async fn invalid_configuration_is_reported_by_the_first_call() {
     let mut svc = script.service(RebuildConfig::default().connect_timeout(Duration::ZERO));
     let err = get(&mut svc).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
+    // Every clone says so too (a `Client` calls only through clones), and none connects.
+    for _ in 0..2 {
+        let err = get(&mut svc.clone()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+    }
     assert_eq!(script.attempt_times.lock().unwrap().len(), 0);
 }
 

@@ -159,17 +159,16 @@ where
     /// reached yet, calls wait (bounded) and the first successful connect serves them. Invalid
     /// configuration is reported by the first call.
     pub fn new(connector: C, config: RebuildConfig) -> Self {
-        let invalid = config.validate().err();
         let eager = config.eager;
         let shared = Shared::new(connector, config);
-        if eager && invalid.is_none() {
+        if eager && shared.invalid.is_none() {
             shared.request(RebuildAction::Replace, None, Vec::new(), Reason::Start);
         }
         Rebuild {
             shared,
             current: None,
             reserved: false,
-            failed: invalid,
+            failed: None,
             waiting: None,
         }
     }
@@ -244,6 +243,10 @@ where
             if self.failed.is_some() {
                 // The call reports the failure; readiness errors would be fatal to tower.
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(invalid) = &self.shared.invalid {
+                self.failed = Some(invalid.clone());
+                continue;
             }
             {
                 // The version first: a change after this read bumps it again.

@@ -43,6 +43,8 @@ struct Control {
 pub(crate) struct Shared<C: Connect> {
     connector: C,
     pub(crate) config: RebuildConfig,
+    /// Why the configuration cannot work, reported by every call of every clone.
+    pub(crate) invalid: Option<Error>,
     pub(crate) slot: watch::Sender<Slot>,
     /// The serving service, readable without a lock (`slot` is behind one): the callers' path.
     pub(crate) serving: ArcSwapOption<Serving<C::Service>>,
@@ -93,6 +95,7 @@ where
         let (status, _) = watch::channel(RebuildStatus::default());
         Arc::new(Shared {
             connector,
+            invalid: config.validate().err(),
             config,
             slot,
             serving: ArcSwapOption::empty(),
@@ -161,7 +164,7 @@ where
         extra_seeds: Vec<Seed>,
         reason: Reason,
     ) {
-        if action == RebuildAction::None {
+        if action == RebuildAction::None || self.invalid.is_some() {
             return;
         }
         let mut control = self.control();

@@ -55,7 +55,8 @@ impl<P: RetryPolicy> CallPolicy<P> {
     /// clock already, for a deadline of its own, passes that reading).
     pub fn started_at(mut policy: P, started: Instant) -> Self {
         policy.on_call();
-        let deadline = policy.deadline().map(|d| started + d);
+        // A deadline too far to represent is no deadline.
+        let deadline = policy.deadline().and_then(|d| started.checked_add(d));
         CallPolicy {
             policy,
             started,

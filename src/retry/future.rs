@@ -233,8 +233,8 @@ where
         }
     }
 
-    /// Counts the call's deadline from `at` rather than from its first poll — for a caller
-    /// whose own deadline started then, so that both end together.
+    /// Counts the call's deadline from `at` rather than from the moment the inner service is
+    /// ready — for a caller whose own deadline started at `at`, so that both end together.
     pub fn started_at(mut self, at: Instant) -> Self {
         if let Once::Readying { started, .. } = &mut self.state {
             *started = Some(at);
