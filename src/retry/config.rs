@@ -25,9 +25,8 @@ pub type SharedBudget = Arc<dyn Budget + Send + Sync>;
 ///     .max_retries(5)
 ///     .backoff(Duration::from_millis(50), Duration::from_secs(2))?
 ///     .deadline(Duration::from_secs(3))
-///     // Retries may add at most 10 % to the load, plus 5 per second while traffic is low,
-///     // after a burst of at most 50.
-///     .budget(RetryBudget::new(5, 0.1, 50)?)
+///     // Retries may add at most 10 % of the last 10 s of calls, plus 5 per second.
+///     .budget(RetryBudget::new(Duration::from_secs(10), 5, 0.1)?)
 ///     // Our one script overwrites a key with a fixed value: safe to send again.
 ///     .idempotency(IdempotencyTable::new().with_override("EVALSHA", Idempotency::Idempotent));
 /// # let _ = config; Ok(()) }
@@ -46,8 +45,8 @@ impl RetryConfig {
     /// At most 8 retries per call, backing off from 20 ms to 1 s with full jitter (about 2.2 s
     /// of backoff in all on average, 4.24 s at most: enough to ride out a 1–3 s automatic
     /// failover within the deadline); at most 5 redirections followed per call; the built-in
-    /// idempotency table; the default [`RetryBudget`] (a burst of 100 retries, then retries may
-    /// add 20 % to the calls, plus 10 per second); and a deadline of 5 s per call.
+    /// idempotency table; the default [`RetryBudget`] (retries may add 20 % to the calls of the
+    /// last 10 s, plus 10 per second); and a deadline of 5 s per call.
     pub fn new() -> Self {
         RetryConfig {
             max_retries: 8,

@@ -225,6 +225,7 @@ impl RetryPolicy for StandardRetryPolicy {
 mod tests {
     use super::*;
     use crate::Error;
+    use tower::retry::budget::Budget;
 
     fn attempt<'a>(error: &'a Error, idempotency: Idempotency, attempt: u32) -> Attempt<'a> {
         Attempt {
@@ -292,7 +293,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_past_the_deadline_costs_no_budget() {
-        let budget = Arc::new(crate::retry::RetryBudget::new(0, 0.0, 1).unwrap());
+        let budget =
+            Arc::new(crate::retry::RetryBudget::new(Duration::from_secs(10), 1, 0.0).unwrap());
+        // A floor of 1/s over 10 s: ten retries; spend all but one.
+        for _ in 0..9 {
+            assert!(budget.withdraw());
+        }
         let mut policy = StandardRetryPolicy::new(config().shared_budget(budget.clone()));
         let error = Error::new(ErrorKind::Loading, "x").with_sent(Sent::No);
         let mut late = attempt(&error, Idempotency::ReadOnly, 1);
