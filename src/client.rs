@@ -13,7 +13,7 @@
 //!   RedisService<ClusterConnection>
 //! ```
 //!
-//! The layers are kept unboxed: a clone of the client is a few reference-count increments, and
+//! The layers are kept unboxed: a clone of the client is one reference-count increment, and
 //! `query`/`send` consume a clone of the stack for one call ([`Retry::call_once`]). What a call
 //! costs over the bare [`RedisService`](crate::RedisService) is measured by
 //! `cargo bench --bench layers` (see the README).
