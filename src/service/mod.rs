@@ -86,78 +86,35 @@ impl<C> RedisService<C> {
     }
 }
 
-impl<C> Service<Cmd> for RedisService<C>
-where
-    C: ConnectionLike + Clone + Send + 'static,
-{
-    type Response = Value;
-    type Error = Error;
-    type Future = ResponseFuture;
+/// `Service<$request>`: always ready — a multiplexed handle accepts commands at any time, and a
+/// broken connection shows up as the command's error, which is where the layers above look for
+/// it. The shared forms (`Arc<Cmd>`, `Arc<Pipeline>`) are what the [retry](crate::retry) layer
+/// sends: a retry resends the same `Arc` instead of a copy.
+macro_rules! redis_service {
+    ($request:ty, $response:ty, $future:ty, $send:ident) => {
+        impl<C> Service<$request> for RedisService<C>
+        where
+            C: ConnectionLike + Clone + Send + 'static,
+        {
+            type Response = $response;
+            type Error = Error;
+            type Future = $future;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        // A multiplexed handle accepts commands at any time; a broken connection shows up as the
-        // command's error, which is where the layers above look for it.
-        Poll::Ready(Ok(()))
-    }
+            fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+                Poll::Ready(Ok(()))
+            }
 
-    fn call(&mut self, cmd: Cmd) -> Self::Future {
-        self.send_command(cmd)
-    }
+            fn call(&mut self, request: $request) -> Self::Future {
+                self.$send(request)
+            }
+        }
+    };
 }
 
-/// A shared command, as the [retry](crate::retry) layer sends it: a retry resends the same
-/// `Arc` instead of a copy.
-impl<C> Service<Arc<Cmd>> for RedisService<C>
-where
-    C: ConnectionLike + Clone + Send + 'static,
-{
-    type Response = Value;
-    type Error = Error;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, cmd: Arc<Cmd>) -> Self::Future {
-        self.send_command(cmd)
-    }
-}
-
-impl<C> Service<Pipeline> for RedisService<C>
-where
-    C: ConnectionLike + Clone + Send + 'static,
-{
-    type Response = Vec<Value>;
-    type Error = Error;
-    type Future = PipelineFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, pipeline: Pipeline) -> Self::Future {
-        self.send_pipeline(pipeline)
-    }
-}
-
-/// A shared pipeline, as the [retry](crate::retry) layer sends it.
-impl<C> Service<Arc<Pipeline>> for RedisService<C>
-where
-    C: ConnectionLike + Clone + Send + 'static,
-{
-    type Response = Vec<Value>;
-    type Error = Error;
-    type Future = PipelineFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, pipeline: Arc<Pipeline>) -> Self::Future {
-        self.send_pipeline(pipeline)
-    }
-}
+redis_service!(Cmd, Value, ResponseFuture, send_command);
+redis_service!(Arc<Cmd>, Value, ResponseFuture, send_command);
+redis_service!(Pipeline, Vec<Value>, PipelineFuture, send_pipeline);
+redis_service!(Arc<Pipeline>, Vec<Value>, PipelineFuture, send_pipeline);
 
 impl<C> RedisService<C>
 where
