@@ -380,11 +380,7 @@ async fn make_clients(cluster: &LocalCluster) -> Clients {
         .connect(&ConnectHints::new(1))
         .await
         .expect("service connection");
-    let builder = || {
-        Client::builder()
-            .seed(cluster.seed())
-            .resolver(cluster.name_map())
-    };
+    let builder = || cluster.client_builder();
     let client = builder().build().await.expect("client");
     let client_no_timeout = builder().timeout(None).build().await.expect("client");
     let client_no_retry = builder().no_retry().build().await.expect("client");

@@ -7,6 +7,8 @@
 #[path = "../examples/axum.rs"]
 mod axum_example;
 
+mod support;
+
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{
@@ -80,16 +82,7 @@ async fn key_value_over_http_lands_in_the_cluster() {
         .start()
         .await
         .unwrap();
-    let client = Client::builder()
-        .seed(cluster.seed())
-        .resolver(cluster.name_map())
-        .build()
-        .await
-        .unwrap();
-    client
-        .wait_connected(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let client = support::connected(cluster.client_builder()).await;
     let http = Http::new(serve(client).await);
     // A separate connection, straight to the nodes, to see what really landed.
     let direct = redis::cluster::ClusterClient::new(cluster.node_urls()).unwrap();

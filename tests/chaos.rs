@@ -781,17 +781,7 @@ async fn chaos_under_mixed_load_keeps_every_invariant() {
     let metrics = tokio::runtime::Handle::current().metrics();
     let (base_fds, base_tasks) = (open_fds(), metrics.num_alive_tasks());
 
-    let client = Client::builder()
-        .seed(cluster.seed())
-        .resolver(cluster.name_map())
-        .timeout(DEADLINE)
-        .build()
-        .await
-        .expect("the client builds");
-    client
-        .wait_connected(Duration::from_secs(10))
-        .await
-        .expect("the client connects");
+    let client = support::connected(cluster.client_builder().timeout(DEADLINE)).await;
 
     // One probe key per shard.
     let mut probe_keys: Vec<Option<String>> = vec![None; SHARDS];

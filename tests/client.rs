@@ -93,16 +93,7 @@ async fn queries_pipelines_and_a_replace_failover_through_the_client() {
         .start()
         .await
         .unwrap();
-    let client = Client::builder()
-        .seed(cluster.seed())
-        .resolver(cluster.name_map())
-        .build()
-        .await
-        .unwrap();
-    client
-        .wait_connected(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let client = support::connected(cluster.client_builder()).await;
 
     let mut set = redis::cmd("SET");
     set.arg("client:k").arg("v1");

@@ -7,6 +7,8 @@
 #[path = "../examples/tonic.rs"]
 mod tonic_example;
 
+mod support;
+
 use std::time::Duration;
 
 use tonic::Code;
@@ -47,16 +49,7 @@ async fn key_value_over_grpc_lands_in_the_cluster() {
         .start()
         .await
         .unwrap();
-    let client = Client::builder()
-        .seed(cluster.seed())
-        .resolver(cluster.name_map())
-        .build()
-        .await
-        .unwrap();
-    client
-        .wait_connected(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let client = support::connected(cluster.client_builder()).await;
     let mut kv = serve(client).await;
     // A separate connection, straight to the nodes, to see what really landed.
     let direct = redis::cluster::ClusterClient::new(cluster.node_urls()).unwrap();

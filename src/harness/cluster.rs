@@ -545,6 +545,26 @@ impl LocalCluster {
         self.settings.tls.as_ref().map(ServerTls::client_identity)
     }
 
+    /// A [`Client`](crate::Client) builder for this cluster, as an application would configure
+    /// it: the [seed](Self::seed) name, resolved through the [name map](Self::name_map). TLS
+    /// clusters need [`tls`](crate::ClientBuilder::tls) on top.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tower_redis_cluster::harness::LocalCluster;
+    ///
+    /// let cluster = LocalCluster::builder().shards(3).replicas(1).start().await?;
+    /// let client = cluster.client_builder().timeout(Duration::from_secs(2)).build().await?;
+    /// client.wait_connected(Duration::from_secs(10)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn client_builder(&self) -> crate::ClientBuilder {
+        crate::Client::builder()
+            .seed(self.seed())
+            .resolver(self.name_map())
+    }
+
     /// The name map in which [`config_endpoint`](Self::config_endpoint) points at every member
     /// node (running, or stopped but not removed). Each operation updates it unless the name is
     /// [frozen](NameMap::freeze).

@@ -15,6 +15,16 @@ use tower::{Service, ServiceExt};
 use tower_redis_cluster::{Error, ErrorKind};
 
 /// Logs through `RUST_LOG` when a test needs debugging.
+/// Builds the client and waits, at most 10 s, until it is connected.
+pub async fn connected(builder: tower_redis_cluster::ClientBuilder) -> tower_redis_cluster::Client {
+    let client = builder.build().await.expect("the client builds");
+    client
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("the client connects");
+    client
+}
+
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
