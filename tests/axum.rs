@@ -20,7 +20,7 @@ use hyper_util::{
     client::legacy::{connect::HttpConnector, Client as HttpClient},
     rt::TokioExecutor,
 };
-use tower_redis_cluster::{harness::LocalCluster, Client};
+use tower_redis_cluster::Client;
 
 /// Serves the example's app for `client` on an ephemeral port of 127.0.0.1.
 async fn serve(client: Client) -> SocketAddr {
@@ -76,12 +76,7 @@ impl Http {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_value_over_http_lands_in_the_cluster() {
-    let cluster = LocalCluster::builder()
-        .shards(1)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(1, 1).await;
     let client = support::connected(cluster.client_builder()).await;
     let http = Http::new(serve(client).await);
     // A separate connection, straight to the nodes, to see what really landed.

@@ -87,12 +87,7 @@ async fn building_succeeds_while_the_cluster_is_unreachable_and_calls_fail_withi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_pipelines_and_a_replace_failover_through_the_client() {
-    let mut cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = support::cluster(3, 1).await;
     let client = support::connected(cluster.client_builder()).await;
 
     let mut set = redis::cmd("SET");

@@ -1,12 +1,14 @@
 //! Counters and gauges reach the `metrics` recorder (features `metrics` + `test-util`).
 
+mod support;
+
 use std::time::Duration;
 
 use metrics_util::{
     debugging::{DebugValue, DebuggingRecorder},
     CompositeKey,
 };
-use tower_redis_cluster::{harness::LocalCluster, topology::RefreshConfig, Client};
+use tower_redis_cluster::{topology::RefreshConfig, Client};
 
 type Snapshot = Vec<(
     CompositeKey,
@@ -48,12 +50,7 @@ async fn calls_errors_rebuilds_and_refreshes_are_counted() {
         .install()
         .expect("the only recorder of this test binary");
 
-    let cluster = LocalCluster::builder()
-        .shards(1)
-        .replicas(0)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(1, 0).await;
     let client = Client::builder()
         .seed(cluster.seed())
         .resolver(cluster.name_map())

@@ -67,12 +67,7 @@ fn ips(addrs: &[SocketAddr]) -> HashSet<std::net::IpAddr> {
 /// is promoted and a replacement joins at a new IP — twice, so no start-up IP is left.
 async fn two_crash_failovers(stale_name: bool) {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
-        .shards(1)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = support::cluster(1, 1).await;
     let original = ips(&cluster.addrs());
     let (connector, attempts, successes) = counted_connector(&cluster);
     let service = Rebuild::new(connector, RebuildConfig::default());
@@ -159,12 +154,7 @@ async fn survives_two_replace_failovers_with_a_stale_name_using_known_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_after_every_node_of_a_three_shard_cluster_is_replaced() {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = support::cluster(3, 1).await;
     let original = ips(&cluster.addrs());
     let (connector, _, _) = counted_connector(&cluster);
     let service = Rebuild::new(connector, RebuildConfig::default());
@@ -192,12 +182,7 @@ async fn recovers_after_every_node_of_a_three_shard_cluster_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_end_within_max_wait_while_the_cluster_is_down_and_serve_again_after() {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
-        .shards(1)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = support::cluster(1, 1).await;
     let (connector, _, _) = counted_connector(&cluster);
     let max_wait = Duration::from_millis(500);
     let config = RebuildConfig::default()
@@ -256,12 +241,7 @@ fn open_fds() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_forced_rebuilds_leak_no_connections_or_tasks() {
-    let cluster = LocalCluster::builder()
-        .shards(1)
-        .replicas(0)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(1, 0).await;
     let (connector, _, successes) = counted_connector(&cluster);
     let service = Rebuild::new(connector, RebuildConfig::default());
     let handle = service.handle();

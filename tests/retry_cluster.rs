@@ -115,12 +115,7 @@ where
 /// `inner_retries`: the inner cluster client's own retries (`None`: the connector's default).
 async fn graceful_failovers_under_load(inner_retries: Option<u32>) {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = support::cluster(3, 1).await;
     let mut connector = connector(&cluster);
     if let Some(retries) = inner_retries {
         connector = connector.inner_retries(retries);
@@ -190,12 +185,7 @@ struct Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incr_counters_stay_exact_within_ambiguity_when_a_master_is_killed() {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = support::cluster(3, 1).await;
     let (service, attempts) = stack(
         connector(&cluster),
         RebuildConfig::default(),
@@ -285,12 +275,7 @@ async fn incr_counters_stay_exact_within_ambiguity_when_a_master_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_down_for_ten_seconds_costs_no_more_than_the_budget_and_no_call_overruns() {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(0)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = support::cluster(3, 0).await;
     // No reserve; every call earns a quarter of a retry. Deposits and withdrawals stay in the
     // budget for at least half its 60 s window (it advances at most two of its ten 6 s slots
     // per slot length), far longer than this test, so over the whole test:

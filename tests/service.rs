@@ -3,6 +3,8 @@
 //! generic tower middleware (`timeout`, `concurrency_limit`, `buffer`). Requires the
 //! `test-util` feature (the harness).
 
+mod support;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -174,12 +176,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_connection_serves_every_shard_and_pipelines() {
     init_tracing();
-    let cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(3, 1).await;
     let connection = ClusterClient::new(cluster.node_urls())
         .unwrap()
         .get_async_connection()
@@ -284,12 +281,7 @@ async fn multiplexed_connection_and_connection_manager_on_a_standalone_server() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tower_timeout_ends_calls_to_a_paused_node() {
     init_tracing();
-    let cluster = LocalCluster::builder()
-        .shards(1)
-        .replicas(0)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(1, 0).await;
     let master = cluster.master_of(0);
     // The connection itself would wait 30 s: only the tower timeout can end the call early.
     let connection = direct(master.addr, Some(Duration::from_secs(30))).await;
@@ -539,12 +531,7 @@ async fn server_error_replies_are_errors_for_every_connection_type() {
     init_tracing();
     let server = StandaloneServer::start().await.unwrap();
     let client = redis::Client::open(server.url()).unwrap();
-    let cluster = LocalCluster::builder()
-        .shards(1)
-        .replicas(0)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(1, 0).await;
 
     let mut outcomes = Vec::new();
     let mut mux = RedisService::new(client.get_multiplexed_async_connection().await.unwrap());

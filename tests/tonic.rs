@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tonic::Code;
 use tonic_example::KeyValueClient;
-use tower_redis_cluster::{harness::LocalCluster, Client};
+use tower_redis_cluster::Client;
 
 /// Serves the example's service for `client` on an ephemeral port of 127.0.0.1 and connects
 /// the example's client to it.
@@ -43,12 +43,7 @@ async fn bounded<T>(call: impl std::future::Future<Output = T>) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_value_over_grpc_lands_in_the_cluster() {
-    let cluster = LocalCluster::builder()
-        .shards(1)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(1, 1).await;
     let client = support::connected(cluster.client_builder()).await;
     let mut kv = serve(client).await;
     // A separate connection, straight to the nodes, to see what really landed.

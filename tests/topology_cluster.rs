@@ -74,12 +74,7 @@ async fn crash_master_and_replace(cluster: &mut LocalCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_twice_while_the_seed_name_points_at_dead_ips_where_the_plain_client_does_not() {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
-        .shards(1)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = support::cluster(1, 1).await;
     let endpoint = cluster.config_endpoint();
     let service = stack(
         &cluster,
@@ -138,12 +133,7 @@ async fn recovers_twice_while_the_seed_name_points_at_dead_ips_where_the_plain_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_client_publishes_the_new_master_within_one_period() {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = support::cluster(3, 1).await;
     let period = Duration::from_secs(2);
     let service = stack(&cluster, RefreshConfig::default().every(period).jitter(0.1));
     let topology = service.handle();
@@ -173,12 +163,7 @@ async fn an_idle_client_publishes_the_new_master_within_one_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_storm_refreshes_at_most_once_per_min_interval() {
     init_tracing();
-    let cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(0)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(3, 0).await;
     // A connection to one node only: two thirds of the keys answer MOVED, every one of which
     // reaches the layer.
     let node = cluster.master_of(0).addr;
@@ -227,12 +212,7 @@ async fn a_moved_storm_refreshes_at_most_once_per_min_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_was_cut_off_does_not_impose_its_old_view() {
     init_tracing();
-    let cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(3, 1).await;
     let service = stack(
         &cluster,
         RefreshConfig::default()
@@ -293,12 +273,7 @@ async fn a_node_that_was_cut_off_does_not_impose_its_old_view() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_resharding_under_load_reaches_no_caller() {
     init_tracing();
-    let cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(0)
-        .start()
-        .await
-        .unwrap();
+    let cluster = support::cluster(3, 0).await;
     let client = tower_redis_cluster::Client::builder()
         .seed(cluster.seed())
         .resolver(cluster.name_map())

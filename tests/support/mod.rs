@@ -15,6 +15,16 @@ use tower::{Service, ServiceExt};
 use tower_redis_cluster::{Error, ErrorKind};
 
 /// Logs through `RUST_LOG` when a test needs debugging.
+/// A healthy local cluster of `shards` × (master + `replicas`), stopped when dropped.
+pub async fn cluster(shards: usize, replicas: usize) -> tower_redis_cluster::harness::LocalCluster {
+    tower_redis_cluster::harness::LocalCluster::builder()
+        .shards(shards)
+        .replicas(replicas)
+        .start()
+        .await
+        .expect("the local cluster starts")
+}
+
 /// Builds the client and waits, at most 10 s, until it is connected.
 pub async fn connected(builder: tower_redis_cluster::ClientBuilder) -> tower_redis_cluster::Client {
     let client = builder.build().await.expect("the client builds");
