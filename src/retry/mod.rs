@@ -147,7 +147,7 @@ use std::{
 };
 
 use redis::{Cmd, Pipeline};
-use tower::Service;
+use tower::{retry::Policy, Service};
 use tracing::{field, Span};
 
 pub use budget::RetryBudget;
@@ -301,38 +301,23 @@ impl RetryRequest for Pipeline {
     }
 }
 
-impl<S, P> Service<Cmd> for Retry<S, P>
+/// `Service<Cmd>` and `Service<Pipeline>` (the sealed [`RetryRequest`]s).
+impl<S, P, Req> Service<Req> for Retry<S, P>
 where
-    S: Service<Arc<Cmd>, Error = Error> + Clone,
+    Req: RetryRequest,
+    S: Service<Arc<Req>, Error = Error> + Clone,
     P: RetryPolicy,
+    CallPolicy<P>: Policy<Arc<Req>, S::Response, Error, Future = Delay>,
 {
     type Response = S::Response;
     type Error = Error;
-    type Future = ResponseFuture<S, P, Cmd>;
+    type Future = ResponseFuture<S, P, Req>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Service::<Arc<Cmd>>::poll_ready(&mut self.inner, cx)
+        self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, cmd: Cmd) -> Self::Future {
-        self.start(cmd)
-    }
-}
-
-impl<S, P> Service<Pipeline> for Retry<S, P>
-where
-    S: Service<Arc<Pipeline>, Error = Error> + Clone,
-    P: RetryPolicy,
-{
-    type Response = S::Response;
-    type Error = Error;
-    type Future = ResponseFuture<S, P, Pipeline>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Service::<Arc<Pipeline>>::poll_ready(&mut self.inner, cx)
-    }
-
-    fn call(&mut self, pipeline: Pipeline) -> Self::Future {
-        self.start(pipeline)
+    fn call(&mut self, request: Req) -> Self::Future {
+        self.start(request)
     }
 }
