@@ -444,6 +444,34 @@ fn pipeline_table(rt: &Runtime, calls: u64) {
     );
 }
 
+/// A GET service as each configuration builds it.
+trait Get:
+    Service<Cmd, Response = Value, Error = Error, Future: Send> + Clone + Send + Sync + 'static
+{
+}
+
+impl<S> Get for S where
+    S: Service<Cmd, Response = Value, Error = Error, Future: Send> + Clone + Send + Sync + 'static
+{
+}
+
+/// Each layer alone over the bare service: Rebuild, TopologyRefresh, Retry, Retry without a
+/// budget, tower's Timeout (with the error mapping `Client` used to need around it).
+async fn single_layers() -> (impl Get, impl Get, impl Get, impl Get, impl Get) {
+    let timeout = ServiceBuilder::new()
+        .map_err(Error::from)
+        .layer(tower::timeout::TimeoutLayer::new(TIMEOUT))
+        .map_err(|e: Error| -> BoxError { Box::new(e) })
+        .service(bare());
+    (
+        rebuild::<false>().await,
+        TopologyRefresh::new(bare(), unreachable_source(), refresh_config(), None),
+        Retry::new(bare(), retry_config()),
+        Retry::new(bare(), retry_config().without_budget()),
+        timeout,
+    )
+}
+
 /// One call the way each configuration is used. Everything runs on one thread (a
 /// current-thread runtime), so nothing here needs to be `Send`.
 trait Caller {
@@ -547,20 +575,8 @@ fn configs(rt: &Runtime) -> Vec<Config> {
     // Services that start background work (Rebuild's connect, TopologyRefresh's refresher)
     // must be made inside the runtime.
     rt.block_on(async {
-        let rebuild_alone = rebuild::<false>().await;
-        let topology_alone =
-            TopologyRefresh::new(bare(), unreachable_source(), refresh_config(), None);
-        let retry_alone = ServiceBuilder::new()
-            .layer(RetryLayer::new(retry_config()))
-            .service(bare());
-        let retry_no_budget = ServiceBuilder::new()
-            .layer(RetryLayer::new(retry_config().without_budget()))
-            .service(bare());
-        let timeout_alone = ServiceBuilder::new()
-            .map_err(Error::from)
-            .layer(tower::timeout::TimeoutLayer::new(TIMEOUT))
-            .map_err(|e: Error| -> BoxError { Box::new(e) })
-            .service(bare());
+        let (rebuild_alone, topology_alone, retry_alone, retry_no_budget, timeout_alone) =
+            single_layers().await;
         let bare_boxed: Commands = BoxCloneSyncService::new(bare());
         let client = FakeClient::<false>::new().await;
         let client_pending = FakeClient::<true>::new().await;
@@ -865,20 +881,8 @@ fn multi_thread_table(per_task: u64) {
     let mut cpu_known = true;
     rt.block_on(async {
         let bare_service = bare();
-        let rebuild_alone = rebuild::<false>().await;
-        let topology_alone =
-            TopologyRefresh::new(bare(), unreachable_source(), refresh_config(), None);
-        let retry_alone = ServiceBuilder::new()
-            .layer(RetryLayer::new(retry_config()))
-            .service(bare());
-        let retry_no_budget = ServiceBuilder::new()
-            .layer(RetryLayer::new(retry_config().without_budget()))
-            .service(bare());
-        let timeout_alone = ServiceBuilder::new()
-            .map_err(Error::from)
-            .layer(tower::timeout::TimeoutLayer::new(TIMEOUT))
-            .map_err(|e: Error| -> BoxError { Box::new(e) })
-            .service(bare());
+        let (rebuild_alone, topology_alone, retry_alone, retry_no_budget, timeout_alone) =
+            single_layers().await;
         let client = FakeClient::<false>::new().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Warm-up, then the measured rounds.
