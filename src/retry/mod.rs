@@ -220,6 +220,20 @@ impl<S, P: RetryPolicy> Retry<S, P> {
     /// into the call. `ServiceExt::oneshot` on a `Retry` also makes a fresh inner clone for the
     /// handle it then drops; this makes none. `retry.clone().call_once(cmd)` is the cheapest
     /// way to send from a shared handle.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tower::service_fn;
+    /// use tower_redis_cluster::{retry::{Retry, RetryConfig}, Error};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
+    /// let cluster = service_fn(|_cmd: Arc<redis::Cmd>| async { Ok::<_, Error>(redis::Value::Okay) });
+    /// let shared = Retry::new(cluster, RetryConfig::default());
+    /// // Each task sends through a clone of the shared handle, consumed by its call.
+    /// let reply = shared.clone().call_once(redis::cmd("PING")).await?;
+    /// assert_eq!(reply, redis::Value::Okay);
+    /// # Ok(()) }
+    /// ```
     pub fn call_once<Req>(self, request: Req) -> CallOnce<S, P, Req>
     where
         Req: RetryRequest,
