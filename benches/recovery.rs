@@ -346,8 +346,10 @@ fn client_state(client: &Client, live: &[std::net::SocketAddr]) -> String {
         return format!("generation {}, topology refresh off", rebuild.generation);
     };
     let stats = topology.stats();
-    let known: Vec<std::net::SocketAddr> =
-        topology.current().map(|s| s.addrs()).unwrap_or_default();
+    let known: Vec<std::net::SocketAddr> = topology
+        .current()
+        .map(|s| s.nodes().filter_map(|n| n.socket_addr()).collect())
+        .unwrap_or_default();
     let missing = live.iter().filter(|a| !known.contains(a)).count();
     format!(
         "generation {} ({} connect attempts), {} refreshes ({} failed, {} triggers), snapshot knows {}/{} live nodes",

@@ -137,7 +137,7 @@ fn start_status_line(client: &Client, workload: &Workload) -> tokio::task::JoinH
             let masters: Vec<String> = client
                 .topology()
                 .and_then(|t| t.current())
-                .map(|s| s.masters().iter().map(|m| m.ip().to_string()).collect())
+                .map(|s| s.masters().iter().map(|m| m.host().to_string()).collect())
                 .unwrap_or_default();
             println!(
                 "  t={:>5.1}s {:>7} ops/s  errors {:<28} generation {}  masters {}",

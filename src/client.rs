@@ -38,7 +38,7 @@ use tower::{
 };
 
 use crate::{
-    connect::{ClusterConnector, Credentials, Resolve, Seeds, TlsConfig},
+    connect::{ClusterConnector, Credentials, CredentialsProvider, Resolve, Seeds, TlsConfig},
     rebuild::{Rebuild, RebuildConfig, RebuildHandle},
     retry::{
         CallOnce, CallPolicy, Delay, Retry, RetryConfig, RetryLayer, RetryRequest,
@@ -408,7 +408,7 @@ where
 #[derive(Default)]
 pub struct ClientBuilder {
     seeds: Vec<String>,
-    credentials: Option<Credentials>,
+    credentials: Option<Arc<dyn CredentialsProvider>>,
     tls: Option<TlsConfig>,
     resolver: Option<Arc<dyn Resolve>>,
     connection_timeout: Option<Duration>,
@@ -446,13 +446,37 @@ impl ClientBuilder {
         username: impl Into<String>,
         password: impl Into<crate::connect::Secret>,
     ) -> Self {
-        self.credentials = Some(Credentials::new(username, password));
+        self.credentials = Some(Arc::new(Credentials::new(username, password)));
         self
     }
 
     /// A password for the `default` user.
     pub fn password(mut self, password: impl Into<crate::connect::Secret>) -> Self {
-        self.credentials = Some(Credentials::password(password));
+        self.credentials = Some(Arc::new(Credentials::password(password)));
+        self
+    }
+
+    /// Credentials asked for at every connection: each node connection of the inner client
+    /// (reconnects included), every rebuild and every topology probe — for short-lived tokens
+    /// (IAM auth) and rotated passwords. Nothing is cached past one connect. A login the server
+    /// refuses on a live client leads to a rebuild with fresh credentials.
+    ///
+    /// ```no_run
+    /// use tower_redis_cluster::{connect::{credentials_fn, Credentials}, Client};
+    ///
+    /// # async fn fresh_token() -> String { String::new() }
+    /// # async fn run() -> Result<(), tower_redis_cluster::Error> {
+    /// let client = Client::builder()
+    ///     .seed("rediss://clustercfg.my-cluster.example.com:6379")
+    ///     .credentials_provider(credentials_fn(|| async {
+    ///         Ok(Credentials::new("app", fresh_token().await))
+    ///     }))
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn credentials_provider(mut self, provider: impl CredentialsProvider) -> Self {
+        self.credentials = Some(Arc::new(provider));
         self
     }
 
@@ -560,7 +584,7 @@ impl ClientBuilder {
 
         let mut connector = ClusterConnector::new(seeds);
         if let Some(c) = self.credentials {
-            connector = connector.credentials(c);
+            connector = connector.credentials_provider(c);
         }
         if let Some(t) = self.tls {
             connector = connector.tls(t);
@@ -648,7 +672,16 @@ impl fmt::Debug for ClientBuilder {
                     .map(|s| crate::connect::redact_userinfo(s))
                     .collect::<Vec<_>>(),
             )
-            .field("credentials", &self.credentials)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|c| {
+                    if c.is_static() {
+                        "static <redacted>"
+                    } else {
+                        "provider"
+                    }
+                }),
+            )
             .field("tls", &self.tls)
             .field("timeout", &self.timeout)
             .field("read_from_replicas", &self.read_from_replicas)

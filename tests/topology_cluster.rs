@@ -12,7 +12,7 @@ use std::{
 use support::{assert_documented_kinds, first_success, init_tracing, Load};
 use tower::ServiceExt;
 use tower_redis_cluster::{
-    connect::{Connect, ConnectHints},
+    connect::{Connect, ConnectHints, Endpoint},
     harness::LocalCluster,
     rebuild::{Rebuild, RebuildConfig},
     topology::{RefreshConfig, TopologyHandle, TopologyRefresh, TopologyRefreshLayer},
@@ -55,8 +55,8 @@ async fn wait_snapshot(
     }
 }
 
-fn addr_set(addrs: Vec<SocketAddr>) -> HashSet<SocketAddr> {
-    addrs.into_iter().collect()
+fn addr_set(addrs: Vec<SocketAddr>) -> HashSet<Endpoint> {
+    addrs.into_iter().map(Endpoint::from).collect()
 }
 
 /// A one-shard cluster has no other master to vote, so the replica is promoted by force, as a
@@ -100,7 +100,7 @@ async fn recovers_twice_while_the_seed_name_points_at_dead_ips_where_the_plain_c
         // The refresher has seen every current node (the replacement included).
         let live = addr_set(cluster.addrs());
         wait_snapshot(&topology, Duration::from_secs(10), |s| {
-            addr_set(s.addrs()) == live
+            s.endpoints().into_iter().collect::<HashSet<_>>() == live
         })
         .await;
         let crashed = Instant::now();
@@ -143,7 +143,7 @@ async fn an_idle_client_publishes_the_new_master_within_one_period() {
     let new_master = cluster.failover(0).await.unwrap();
     let failed_over = Instant::now();
     let seen = wait_snapshot(&topology, period * 3, |s| {
-        s.masters().contains(&new_master.addr)
+        s.masters().contains(&new_master.addr.into())
     })
     .await;
     let delay = seen - failed_over;
@@ -236,7 +236,7 @@ async fn a_node_that_was_cut_off_does_not_impose_its_old_view() {
             .await
             .unwrap();
         let snapshot = topology.current().unwrap();
-        if snapshot.masters().contains(&replica.addr) {
+        if snapshot.masters().contains(&replica.addr.into()) {
             println!("failover seen after {} refreshes", s.refreshes);
             break;
         }
@@ -257,8 +257,14 @@ async fn a_node_that_was_cut_off_does_not_impose_its_old_view() {
             .await
             .unwrap();
         let snapshot = topology.current().unwrap();
-        assert!(snapshot.masters().contains(&replica.addr), "{snapshot:?}");
-        assert!(!snapshot.masters().contains(&old.addr), "{snapshot:?}");
+        assert!(
+            snapshot.masters().contains(&replica.addr.into()),
+            "{snapshot:?}"
+        );
+        assert!(
+            !snapshot.masters().contains(&old.addr.into()),
+            "{snapshot:?}"
+        );
         if snapshot.agreed_by * 2 > snapshot.answered {
             break;
         }
@@ -321,8 +327,8 @@ async fn live_resharding_under_load_reaches_no_caller() {
     wait_snapshot(&topology, Duration::from_secs(10), |s| {
         s.shard_for_slot(0)
             .and_then(|sh| sh.master.as_ref())
-            .map(|m| m.addr)
-            == Some(to.addr)
+            .map(|m| m.endpoint.clone())
+            == Some(to.addr.into())
     })
     .await;
     let stats = load.stop().await;

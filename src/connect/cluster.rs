@@ -1,23 +1,45 @@
 //! [`ClusterConnector`]: a fresh `redis` cluster client from the seed names, at every connect.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{collections::HashSet, fmt, sync::Arc, time::Duration};
 
+use futures_util::{stream::FuturesUnordered, StreamExt};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionAddr, IntoConnectionInfo};
+use tokio::time::Instant;
 
 use super::{
-    Connect, ConnectFuture, ConnectHints, Credentials, DnsAdapter, Resolve, Seed, Seeds,
-    SystemResolver, TlsConfig,
+    AddressBook, Connect, ConnectFuture, ConnectHints, CredentialSource, Credentials,
+    CredentialsProvider, DnsAdapter, Endpoint, PerConnection, Resolve, Seeds, SystemResolver,
+    TlsConfig,
 };
 use crate::{Error, RedisService};
+
+/// How long a connect waits for more initial nodes to answer once one has, beyond the time that
+/// first answer took.
+pub(crate) const REACHABLE_GRACE: Duration = Duration::from_millis(50);
 
 /// Builds a `redis::cluster_async::ClusterConnection` from [`Seeds`] each time it is called.
 ///
 /// Every call resolves the seed names again (through its [`Resolve`]) and adds the
-/// [`ConnectHints::extra_seeds`] as further initial nodes. The inner client's own retries are
-/// kept low — by default 2, enough to follow a `MOVED` and an `ASK` — so that the retry layer
-/// above is the one policy that decides; its per-request response timeout bounds every attempt.
+/// [`ConnectHints::extra_seeds`] — the nodes a topology refresh last saw, by their announced
+/// endpoints — as further initial nodes. Connections go to host *names* where the cluster
+/// announces names, so TLS verifies every node against its name; a name that does not resolve
+/// (yet, or any more) is reached at the IPs it last resolved to or the cluster last reported
+/// for it.
+///
+/// Before the inner client is made, the candidates are probed with plain TCP connects, all at
+/// once: only those that answer become the inner client's initial nodes. A replaced cloud
+/// node's old IP swallows packets, and the redis crate waits for *every* initial node before it
+/// serves, so one such address would cost each rebuild a full connection timeout.
+///
+/// Credentials come from a [`CredentialsProvider`]: static ones are given to the inner client
+/// once per connect; any other provider is asked by every node connection the inner client
+/// opens (its first ones and each reconnect), so a rotated token reaches the next connection.
+///
+/// The inner client's own retries are kept low — by default 2, enough to follow a `MOVED` and
+/// an `ASK` — so that the retry layer above is the one policy that decides; its per-request
+/// response timeout bounds every attempt.
 ///
 /// With inner retries above zero the redis crate may resend a command after a dropped
 /// connection and report only its last error, so the service it makes marks every error
@@ -29,8 +51,10 @@ use crate::{Error, RedisService};
 #[derive(Clone)]
 pub struct ClusterConnector {
     seeds: Seeds,
-    credentials: Option<Credentials>,
+    credentials: CredentialSource,
     resolver: Arc<dyn Resolve>,
+    /// The resolver with its memory of node addresses, shared with the topology source.
+    book: Arc<AddressBook>,
     connection_timeout: Duration,
     response_timeout: Duration,
     inner_retries: u32,
@@ -42,11 +66,17 @@ impl ClusterConnector {
     /// A connector for these seeds, using the system resolver, credentials from the seed URLs
     /// (if any), a 1 s connection timeout and a 500 ms response timeout.
     pub fn new(seeds: Seeds) -> Self {
+        let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver);
+        let connection_timeout = Duration::from_secs(1);
         ClusterConnector {
-            credentials: seeds.credentials().cloned(),
+            credentials: match seeds.credentials() {
+                Some(c) => CredentialSource::provider(Arc::new(c.clone())),
+                None => CredentialSource::none(),
+            },
             seeds,
-            resolver: Arc::new(SystemResolver),
-            connection_timeout: Duration::from_secs(1),
+            book: Arc::new(AddressBook::new(resolver.clone(), connection_timeout / 2)),
+            resolver,
+            connection_timeout,
             response_timeout: Duration::from_millis(500),
             inner_retries: 2,
             read_from_replicas: false,
@@ -54,9 +84,19 @@ impl ClusterConnector {
         }
     }
 
-    /// Resolves seed names with `resolver` instead of the system's.
+    /// A fresh address book for the current resolver and timeout: a lookup may take half a
+    /// connection timeout, leaving the other half to connect to a remembered address.
+    fn renew_book(&mut self) {
+        self.book = Arc::new(AddressBook::new(
+            self.resolver.clone(),
+            self.connection_timeout / 2,
+        ));
+    }
+
+    /// Resolves names (seeds and node host names) with `resolver` instead of the system's.
     pub fn resolver(mut self, resolver: impl Resolve) -> Self {
         self.resolver = Arc::new(resolver);
+        self.renew_book();
         self
     }
 
@@ -78,13 +118,20 @@ impl ClusterConnector {
 
     /// ACL credentials for every node.
     pub fn credentials(mut self, credentials: Credentials) -> Self {
-        self.credentials = Some(credentials);
+        self.credentials = CredentialSource::provider(Arc::new(credentials));
         self
     }
 
-    /// How long one TCP (and TLS) connect may take.
+    /// Asks `provider` for credentials at every connection (see [`CredentialsProvider`]).
+    pub fn credentials_provider(mut self, provider: impl CredentialsProvider) -> Self {
+        self.credentials = CredentialSource::provider(Arc::new(provider));
+        self
+    }
+
+    /// How long one TCP (and TLS) connect may take, name lookup and `AUTH` included.
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
+        self.renew_book();
         self
     }
 
@@ -111,12 +158,12 @@ impl ClusterConnector {
         &self.seeds
     }
 
-    /// Where a topology refresh should ask: the same seeds, resolver, credentials and
-    /// connection timeout as this connector.
+    /// Where a topology refresh should ask: the same seeds, resolver (and its memory of node
+    /// addresses), credentials, TLS and connection timeout as this connector.
     pub fn topology_source(&self) -> crate::topology::TopologySource {
         crate::topology::TopologySource::new(self.seeds.clone())
-            .shared_resolver(self.resolver.clone())
-            .credentials(self.credentials.clone())
+            .address_book(self.book.clone())
+            .credential_source(self.credentials.clone())
             .tls(self.tls_config())
             .timeouts(
                 self.connection_timeout,
@@ -147,16 +194,22 @@ impl ClusterConnector {
         Ok(())
     }
 
-    fn builder(&self, hints: &ConnectHints) -> Result<ClusterClientBuilder, Error> {
-        let mut nodes = Vec::with_capacity(self.seeds.len() + hints.extra_seeds.len());
+    /// The inner client's builder for these initial nodes.
+    fn builder(
+        &self,
+        nodes: &[Endpoint],
+        static_credentials: Option<Credentials>,
+    ) -> Result<ClusterClientBuilder, Error> {
         let tls = self.tls_config();
-        for seed in self.seeds.iter().chain(hints.extra_seeds.iter()) {
-            let info = node_addr(seed, tls.is_some())
-                .into_connection_info()
-                .map_err(Error::from_redis)?;
-            nodes.push(info);
+        let mut infos = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            infos.push(
+                node_addr(node, tls.is_some())
+                    .into_connection_info()
+                    .map_err(Error::from_redis)?,
+            );
         }
-        let mut builder = ClusterClientBuilder::new(nodes)
+        let mut builder = ClusterClientBuilder::new(infos)
             .connection_timeout(self.connection_timeout)
             .response_timeout(self.response_timeout)
             .retries(self.inner_retries)
@@ -164,12 +217,18 @@ impl ClusterConnector {
             // backs off is ours.
             .min_retry_wait(10)
             .max_retry_wait(100)
-            .async_dns_resolver(DnsAdapter(self.resolver.clone()));
-        if let Some(c) = &self.credentials {
-            if let Some(user) = &c.username {
-                builder = builder.username(user);
+            .async_dns_resolver(DnsAdapter(self.book.clone()));
+        match (static_credentials, self.credentials.get()) {
+            (Some(c), _) => {
+                if let Some(user) = &c.username {
+                    builder = builder.username(user);
+                }
+                builder = builder.password(c.password.expose());
             }
-            builder = builder.password(c.password.expose());
+            (None, Some(provider)) => {
+                builder = builder.set_credentials_provider(PerConnection(provider.clone()));
+            }
+            (None, None) => {}
         }
         #[cfg(feature = "tls")]
         if let Some(tls) = &tls {
@@ -182,6 +241,79 @@ impl ClusterConnector {
                 builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
         }
         Ok(builder)
+    }
+
+    /// The candidates that accept a TCP connection, probed all at once: those that answer by
+    /// the time the first one did plus a short grace. All of them when none answers, so the
+    /// inner client reports what is wrong.
+    async fn reachable(&self, candidates: Vec<Endpoint>) -> Vec<Endpoint> {
+        if candidates.len() < 2 {
+            return candidates;
+        }
+        let timeout = self.connection_timeout;
+        let started = Instant::now();
+        let mut attempts: FuturesUnordered<_> = candidates
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, endpoint)| {
+                let book = self.book.clone();
+                async move {
+                    let attempt = async {
+                        let addrs = book.lookup(endpoint.host(), endpoint.port()).await.ok()?;
+                        let mut connects: FuturesUnordered<_> = addrs
+                            .into_iter()
+                            .map(tokio::net::TcpStream::connect)
+                            .collect();
+                        while let Some(result) = connects.next().await {
+                            if result.is_ok() {
+                                return Some(());
+                            }
+                        }
+                        None
+                    };
+                    let answered = tokio::time::timeout(timeout, attempt)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some();
+                    (i, answered)
+                }
+            })
+            .collect();
+        let mut reachable = HashSet::new();
+        let mut grace_ends: Option<Instant> = None;
+        loop {
+            let next = match grace_ends {
+                None => attempts.next().await,
+                Some(at) => match tokio::time::timeout_at(at, attempts.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            let Some((i, answered)) = next else { break };
+            if answered {
+                reachable.insert(i);
+                grace_ends
+                    .get_or_insert_with(|| Instant::now() + started.elapsed() + REACHABLE_GRACE);
+            }
+        }
+        if reachable.is_empty() {
+            return candidates;
+        }
+        let skipped = candidates.len() - reachable.len();
+        if skipped > 0 {
+            tracing::debug!(
+                skipped,
+                "initial nodes that did not answer a TCP connect are left out"
+            );
+        }
+        candidates
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| reachable.contains(i))
+            .map(|(_, e)| e)
+            .collect()
     }
 }
 
@@ -203,25 +335,39 @@ impl Connect for ClusterConnector {
     type Service = RedisService<ClusterConnection>;
 
     fn connect(&self, hints: &ConnectHints) -> ConnectFuture<Self::Service> {
-        let prepared = self
-            .validate()
-            .and_then(|()| self.builder(hints))
-            .and_then(|b| b.build().map_err(Error::from_redis));
-        let target = describe_targets(&self.seeds, hints);
-        let resends = self.inner_retries > 0;
+        let this = self.clone();
+        let hints = hints.clone();
         Box::pin(async move {
-            let client = prepared?;
+            this.validate()?;
+            let target = describe_targets(&this.seeds, &hints);
+            let mut candidates: Vec<Endpoint> = this.seeds.iter().cloned().collect();
+            for extra in hints.extra_seeds {
+                if !candidates.contains(&extra) {
+                    candidates.push(extra);
+                }
+            }
+            let nodes = this.reachable(candidates).await;
+            // Static credentials go to the inner client as they are; a provider is asked by
+            // each of its connections instead (never cached past one).
+            let static_credentials = match this.credentials.get() {
+                Some(p) if p.is_static() => this.credentials.fetch().await?,
+                _ => None,
+            };
+            let client = this
+                .builder(&nodes, static_credentials)?
+                .build()
+                .map_err(Error::from_redis)?;
             let connection = client.get_async_connection().await.map_err(|e| {
                 Error::from_redis(e).context(format_args!("connecting to {target}"))
             })?;
-            Ok(RedisService::new(connection).resends_internally(resends))
+            Ok(RedisService::new(connection).resends_internally(this.inner_retries > 0))
         })
     }
 }
 
-/// The address of a seed; with TLS the host name (or IP) is what the certificate is checked
+/// The address of an endpoint; with TLS its host name (or IP) is what the certificate is checked
 /// against.
-pub(crate) fn node_addr(seed: &Seed, tls: bool) -> ConnectionAddr {
+pub(crate) fn node_addr(seed: &Endpoint, tls: bool) -> ConnectionAddr {
     if tls {
         ConnectionAddr::TcpTls {
             host: seed.host().to_string(),

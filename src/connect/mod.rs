@@ -4,19 +4,27 @@
 //! new inner service from the configured seed *names* whenever it is asked. The default is
 //! [`ClusterConnector`], which builds a fresh `redis` cluster client each time.
 
+mod address_book;
 mod cluster;
+mod credentials;
 mod resolve;
 mod seeds;
 mod tls;
 
 use std::{fmt, future::Future, pin::Pin};
 
+pub(crate) use address_book::AddressBook;
 pub(crate) use cluster::node_addr as cluster_node_addr;
 pub use cluster::ClusterConnector;
+pub use credentials::{
+    credentials_fn, Credentials, CredentialsFn, CredentialsFuture, CredentialsProvider, Secret,
+};
+pub(crate) use credentials::{CredentialSource, PerConnection};
 pub use resolve::DnsAdapter;
+pub(crate) use resolve::Pinned;
 pub use resolve::{Resolve, ResolveFuture, StaticResolver, SystemResolver};
 pub(crate) use seeds::redact_userinfo;
-pub use seeds::{Credentials, Secret, Seed, Seeds, DEFAULT_PORT};
+pub use seeds::{Endpoint, Seeds, DEFAULT_PORT};
 pub use tls::TlsConfig;
 
 use crate::Error;
@@ -30,7 +38,7 @@ pub struct ConnectHints {
     /// Extra entry points for this connect only: addresses the previous client (or a topology
     /// refresh) last saw, replicas included. They help when the seed name still points at
     /// nodes that are gone; they never replace the configured seeds.
-    pub extra_seeds: Vec<Seed>,
+    pub extra_seeds: Vec<Endpoint>,
 }
 
 impl ConnectHints {
@@ -43,7 +51,7 @@ impl ConnectHints {
     }
 
     /// Adds extra seeds.
-    pub fn with_extra_seeds(mut self, extra: impl IntoIterator<Item = Seed>) -> Self {
+    pub fn with_extra_seeds(mut self, extra: impl IntoIterator<Item = Endpoint>) -> Self {
         for seed in extra {
             if !self.extra_seeds.contains(&seed) {
                 self.extra_seeds.push(seed);

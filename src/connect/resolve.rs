@@ -191,6 +191,24 @@ impl<R: Resolve> redis::io::AsyncDNSResolver for DnsAdapter<R> {
     }
 }
 
+/// The redis crate's resolver for one connection to one known address: the connection keeps
+/// the *name* it was given (TLS verifies against it) while going to exactly `addr`'s IP.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pinned(pub(crate) IpAddr);
+
+impl redis::io::AsyncDNSResolver for Pinned {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        _host: &'b str,
+        port: u16,
+    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
+        let addr = SocketAddr::new(self.0, port);
+        Box::pin(async move {
+            Ok(Box::new(std::iter::once(addr)) as Box<dyn Iterator<Item = SocketAddr> + Send>)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,24 +1,35 @@
-//! Seeds: the names a cluster is reached by, kept exactly as configured.
+//! Endpoints and seeds: the names a cluster and its nodes are reached by, kept exactly as
+//! configured or announced.
 
 use std::{fmt, str::FromStr};
 
+use super::Credentials;
 use crate::Error;
 
 /// The default Redis port, used when a seed names none.
 pub const DEFAULT_PORT: u16 = 6379;
 
-/// One configured entry point: a host *name* (or IP literal) and a port.
+/// Where a node or a cluster is reached: a host *name* (or IP literal) and a port.
 ///
-/// A seed is never replaced by the addresses it resolved to: after a failover those addresses
-/// may be gone, while the name (a managed cluster's configuration endpoint) follows the nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Seed {
+/// The one address type of the crate: configured seeds, the nodes of a
+/// [`TopologySnapshot`](crate::topology::TopologySnapshot), the rebuild layer's known nodes and
+/// a connect's extra seeds are all endpoints. A node's endpoint is what the cluster *announces*
+/// for it — its host name when the cluster announces names (Redis 7
+/// `cluster-announce-hostname` with `cluster-preferred-endpoint-type hostname`, as managed
+/// services do), its IP otherwise — with the port of the transport in use (`tls-port` under TLS).
+///
+/// An endpoint is never replaced by the addresses it resolved to: after a failover those
+/// addresses may be gone, while the name follows the node. The IPs a name last resolved to are
+/// kept apart, as a fallback for connecting (see [`ClusterConnector`](super::ClusterConnector)),
+/// and TLS is always verified against the name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
     host: String,
     port: u16,
 }
 
-impl Seed {
-    /// A seed from a host name or IP literal and a port.
+impl Endpoint {
+    /// An endpoint from a host name or IP literal and a port.
     pub fn new(host: impl Into<String>, port: u16) -> Result<Self, Error> {
         let host = host.into();
         let trimmed = host.trim_start_matches('[').trim_end_matches(']');
@@ -36,10 +47,13 @@ impl Seed {
         if port == 0 {
             return Err(Error::config(format!("seed {trimmed:?} has port 0")));
         }
-        Ok(Seed {
-            host: trimmed.to_string(),
-            port,
-        })
+        // Names are compared as DNS compares them (case-insensitively), IPs in canonical form,
+        // so the same node announced twice is one endpoint.
+        let host = match trimmed.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => trimmed.to_ascii_lowercase(),
+        };
+        Ok(Endpoint { host, port })
     }
 
     /// The host name or IP literal, as configured (IPv6 without brackets).
@@ -54,21 +68,26 @@ impl Seed {
 
     /// Whether the host is an IP literal rather than a name.
     pub fn is_ip(&self) -> bool {
-        self.host.parse::<std::net::IpAddr>().is_ok()
+        self.ip().is_some()
+    }
+
+    /// The host as an IP address, when it is an IP literal.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        self.host.parse().ok()
     }
 }
 
-/// A discovered node address as a seed (an IP literal: it will not follow a failover).
-impl From<std::net::SocketAddr> for Seed {
+/// An IP address and port as an endpoint (an IP literal: it will not follow a failover).
+impl From<std::net::SocketAddr> for Endpoint {
     fn from(addr: std::net::SocketAddr) -> Self {
-        Seed {
+        Endpoint {
             host: addr.ip().to_string(),
             port: addr.port(),
         }
     }
 }
 
-impl fmt::Display for Seed {
+impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {
             write!(f, "[{}]:{}", self.host, self.port)
@@ -78,9 +97,9 @@ impl fmt::Display for Seed {
     }
 }
 
-/// A seed as text: `host`, `host:port`, `[v6]:port`, or a `redis://` / `rediss://` URL.
+/// An endpoint as text: `host`, `host:port`, `[v6]:port`, or a `redis://` / `rediss://` URL.
 /// Credentials in a URL are ignored here; use [`Seeds::parse`] to keep them.
-impl FromStr for Seed {
+impl FromStr for Endpoint {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
@@ -88,79 +107,18 @@ impl FromStr for Seed {
     }
 }
 
-/// A secret (password or token): never printed by `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(secret: impl Into<String>) -> Self {
-        Secret(secret.into())
-    }
-
-    /// The secret itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(s: &str) -> Self {
-        Secret::new(s)
-    }
-}
-
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Secret::new(s)
-    }
-}
-
-/// ACL credentials: an optional user name (Redis 6+) and a password.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Credentials {
-    /// The ACL user; `None` authenticates as `default`.
-    pub username: Option<String>,
-    /// The password, redacted in `Debug`.
-    pub password: Secret,
-}
-
-impl Credentials {
-    /// Credentials for an ACL user.
-    pub fn new(username: impl Into<String>, password: impl Into<Secret>) -> Self {
-        Credentials {
-            username: Some(username.into()),
-            password: password.into(),
-        }
-    }
-
-    /// A password for the `default` user (`requirepass`).
-    pub fn password(password: impl Into<Secret>) -> Self {
-        Credentials {
-            username: None,
-            password: password.into(),
-        }
-    }
-}
-
 /// The configured entry points of a cluster, plus what their URLs said about TLS and
 /// credentials.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Seeds {
-    seeds: Vec<Seed>,
+    seeds: Vec<Endpoint>,
     tls: bool,
     credentials: Option<Credentials>,
 }
 
 impl Seeds {
     /// Seeds from already parsed entries.
-    pub fn new(seeds: impl IntoIterator<Item = Seed>) -> Self {
+    pub fn new(seeds: impl IntoIterator<Item = Endpoint>) -> Self {
         Seeds {
             seeds: seeds.into_iter().collect(),
             tls: false,
@@ -206,7 +164,7 @@ impl Seeds {
     }
 
     /// The seeds, in configured order.
-    pub fn iter(&self) -> std::slice::Iter<'_, Seed> {
+    pub fn iter(&self) -> std::slice::Iter<'_, Endpoint> {
         self.seeds.iter()
     }
 
@@ -231,7 +189,7 @@ impl Seeds {
     }
 
     /// Adds a seed (duplicates are ignored).
-    pub fn push(&mut self, seed: Seed) {
+    pub fn push(&mut self, seed: Endpoint) {
         if !self.seeds.contains(&seed) {
             self.seeds.push(seed);
         }
@@ -239,8 +197,8 @@ impl Seeds {
 }
 
 impl<'a> IntoIterator for &'a Seeds {
-    type Item = &'a Seed;
-    type IntoIter = std::slice::Iter<'a, Seed>;
+    type Item = &'a Endpoint;
+    type IntoIter = std::slice::Iter<'a, Endpoint>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.seeds.iter()
@@ -248,7 +206,7 @@ impl<'a> IntoIterator for &'a Seeds {
 }
 
 struct ParsedSeed {
-    seed: Seed,
+    seed: Endpoint,
     tls: Option<bool>,
     credentials: Option<Credentials>,
 }
@@ -290,7 +248,7 @@ fn parse_seed(input: &str) -> Result<ParsedSeed, Error> {
             match pass {
                 Some(p) => Some(Credentials {
                     username: (!user.is_empty()).then_some(user),
-                    password: Secret::new(percent_decode(p)?),
+                    password: percent_decode(p)?.into(),
                 }),
                 None if user.is_empty() => None,
                 None => {
@@ -302,7 +260,7 @@ fn parse_seed(input: &str) -> Result<ParsedSeed, Error> {
         }
     };
     Ok(ParsedSeed {
-        seed: Seed::new(host, port)?,
+        seed: Endpoint::new(host, port)?,
         tls,
         credentials,
     })
@@ -413,12 +371,12 @@ mod tests {
 
     #[test]
     fn ipv6_forms() {
-        assert_eq!("[::1]:7000".parse::<Seed>().unwrap().host(), "::1");
+        assert_eq!("[::1]:7000".parse::<Endpoint>().unwrap().host(), "::1");
         assert_eq!(
-            "[::1]:7000".parse::<Seed>().unwrap().to_string(),
+            "[::1]:7000".parse::<Endpoint>().unwrap().to_string(),
             "[::1]:7000"
         );
-        assert_eq!("::1".parse::<Seed>().unwrap().port(), DEFAULT_PORT);
+        assert_eq!("::1".parse::<Endpoint>().unwrap().port(), DEFAULT_PORT);
     }
 
     #[test]

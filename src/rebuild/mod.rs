@@ -64,7 +64,7 @@ pub use policy::{DefaultRebuildPolicy, ManualRebuildPolicy, RebuildAction, Rebui
 use shared::{Reason, Shared};
 
 use crate::{
-    connect::{Connect, Seed},
+    connect::{Connect, Endpoint},
     Error, ErrorKind,
 };
 
@@ -352,8 +352,8 @@ where
 
 /// Object-safe view of the shared state, so handles do not carry the connector's type.
 trait Control: Send + Sync {
-    fn trigger(self: Arc<Self>, action: RebuildAction, extra_seeds: Vec<Seed>);
-    fn set_known_nodes(&self, nodes: Vec<Seed>);
+    fn trigger(self: Arc<Self>, action: RebuildAction, extra_seeds: Vec<Endpoint>);
+    fn set_known_nodes(&self, nodes: Vec<Endpoint>);
 }
 
 impl<C> Control for Shared<C>
@@ -361,11 +361,11 @@ where
     C: Connect,
     C::Service: Send + Sync + 'static,
 {
-    fn trigger(self: Arc<Self>, action: RebuildAction, extra_seeds: Vec<Seed>) {
+    fn trigger(self: Arc<Self>, action: RebuildAction, extra_seeds: Vec<Endpoint>) {
         Shared::request(&self, action, None, extra_seeds, Reason::Handle);
     }
 
-    fn set_known_nodes(&self, nodes: Vec<Seed>) {
+    fn set_known_nodes(&self, nodes: Vec<Endpoint>) {
         Shared::set_known_nodes(self, nodes);
     }
 }
@@ -387,7 +387,7 @@ impl RebuildHandle {
 
     /// Rebuilds with extra entry points — for example every node address the last topology
     /// showed, replicas included — for when the seed names point only at dead nodes.
-    pub fn rebuild_with_seeds(&self, extra_seeds: impl IntoIterator<Item = Seed>) {
+    pub fn rebuild_with_seeds(&self, extra_seeds: impl IntoIterator<Item = Endpoint>) {
         self.control
             .clone()
             .trigger(RebuildAction::Rebuild, extra_seeds.into_iter().collect());
@@ -397,7 +397,7 @@ impl RebuildHandle {
     /// rebuild adds them to the configured seeds, so a client can be rebuilt even when the seed
     /// name still points only at nodes that are gone. The topology refresh layer keeps this up
     /// to date; each call replaces the previous list.
-    pub fn set_known_nodes(&self, nodes: impl IntoIterator<Item = Seed>) {
+    pub fn set_known_nodes(&self, nodes: impl IntoIterator<Item = Endpoint>) {
         self.control.set_known_nodes(nodes.into_iter().collect());
     }
 

@@ -43,8 +43,12 @@ pub trait RebuildPolicy: Send + Sync + 'static {
 /// * `Unreachable` (no node can be reached, the redis-py #2472 state) → [`RebuildAction::Replace`].
 /// * `threshold` consecutive `Connection`/`Timeout` errors, the first no longer than `window`
 ///   ago, with no success in between → [`RebuildAction::Rebuild`].
+/// * A refused login (`Auth` other than `NOPERM`: `WRONGPASS`, `NOAUTH`, a failed `AUTH`) →
+///   [`RebuildAction::Rebuild`]: the password or token the inner client holds was rotated, and
+///   a new client asks the [credentials provider](crate::connect::CredentialsProvider) afresh.
+///   The old client keeps serving meanwhile; a rebuild that fails the same way backs off.
 /// * Everything else → [`RebuildAction::None`]: redirects and `CLUSTERDOWN` are topology
-///   matters, command and auth errors are the caller's.
+///   matters, command errors and missing permissions (`NOPERM`) are the caller's.
 pub struct DefaultRebuildPolicy {
     threshold: u32,
     window: Duration,
@@ -98,6 +102,9 @@ impl RebuildPolicy for DefaultRebuildPolicy {
     fn on_error(&self, error: &Error) -> RebuildAction {
         match error.kind() {
             ErrorKind::Unreachable => RebuildAction::Replace,
+            ErrorKind::Auth if error.server_code().as_deref() != Some("NOPERM") => {
+                RebuildAction::Rebuild
+            }
             ErrorKind::Connection | ErrorKind::Timeout if self.threshold > 0 => {
                 let now = self.now_ms();
                 let started = self.streak_started_ms.load(Ordering::Acquire);
@@ -203,6 +210,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_refused_login_rebuilds_with_fresh_credentials() {
+        let p = DefaultRebuildPolicy::new();
+        let wrongpass = Error::from_redis(
+            redis::parse_redis_value(b"-WRONGPASS invalid username-password pair\r\n")
+                .unwrap()
+                .extract_error()
+                .unwrap_err(),
+        );
+        assert_eq!(p.on_error(&wrongpass), RebuildAction::Rebuild);
+        assert_eq!(p.on_error(&err(ErrorKind::Auth)), RebuildAction::Rebuild);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn other_kinds_never_rebuild() {
         let p = DefaultRebuildPolicy::with_threshold(1, Duration::from_secs(5));
         for kind in [
@@ -210,11 +230,19 @@ mod tests {
             ErrorKind::Ask,
             ErrorKind::ClusterDown,
             ErrorKind::Command,
-            ErrorKind::Auth,
             ErrorKind::ReadOnly,
         ] {
             assert_eq!(p.on_error(&err(kind)), RebuildAction::None, "{kind:?}");
         }
+        // A missing permission is the caller's: a new client would be refused the same way.
+        let noperm = Error::from_redis(
+            redis::parse_redis_value(b"-NOPERM no permissions to run the 'set' command\r\n")
+                .unwrap()
+                .extract_error()
+                .unwrap_err(),
+        );
+        assert_eq!(noperm.kind(), ErrorKind::Auth);
+        assert_eq!(p.on_error(&noperm), RebuildAction::None);
         assert_eq!(
             ManualRebuildPolicy.on_error(&err(ErrorKind::Unreachable)),
             RebuildAction::None

@@ -14,7 +14,7 @@ use tokio::{sync::watch, time::Instant};
 
 use super::{RebuildAction, RebuildConfig, RebuildStatus};
 use crate::{
-    connect::{Connect, ConnectHints, Seed},
+    connect::{Connect, ConnectHints, Endpoint},
     Error,
 };
 
@@ -34,9 +34,9 @@ pub(crate) struct Slot {
 struct Control {
     rebuilding: bool,
     /// One-shot extra seeds for the rebuild in flight or the next one.
-    extra_seeds: Vec<Seed>,
+    extra_seeds: Vec<Endpoint>,
     /// Addresses last seen in the cluster, used by every rebuild until replaced.
-    known_nodes: Vec<Seed>,
+    known_nodes: Vec<Endpoint>,
     status: RebuildStatus,
 }
 
@@ -161,7 +161,7 @@ where
         self: &Arc<Self>,
         action: RebuildAction,
         from_generation: Option<u64>,
-        extra_seeds: Vec<Seed>,
+        extra_seeds: Vec<Endpoint>,
         reason: Reason,
     ) {
         if action == RebuildAction::None || self.invalid.is_some() {
@@ -217,7 +217,7 @@ where
     }
 
     /// Replaces the addresses every later rebuild adds to the seeds.
-    pub(crate) fn set_known_nodes(&self, nodes: Vec<Seed>) {
+    pub(crate) fn set_known_nodes(&self, nodes: Vec<Endpoint>) {
         self.control().known_nodes = nodes;
     }
 

@@ -1,58 +1,133 @@
 //! Reading the topology from the cluster over fresh connections.
 
-use std::{collections::HashMap, fmt, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures_util::{stream, StreamExt};
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisConnectionInfo, Value};
+use tokio::time::Instant;
 
-use super::snapshot::{parse_cluster_shards, parse_cluster_slots, view_key, NodeHealth, Shard};
+use super::snapshot::{
+    parse_cluster_shards, parse_cluster_slots, view_key, Asked, NodeHealth, Shard,
+};
 use crate::{
-    connect::{Credentials, Resolve, Seed, Seeds, SystemResolver, TlsConfig},
+    connect::{
+        AddressBook, CredentialSource, Credentials, CredentialsProvider, DnsAdapter, Endpoint,
+        Pinned, Resolve, Seeds, SystemResolver, TlsConfig,
+    },
     Error,
 };
 
+/// How long a refresh waits for the other probes once one has answered, beyond the time that
+/// first answer took: enough for every live node of a loaded cluster, far less than a
+/// connection timeout, which is what a blackholed address (a replaced cloud node's old IP)
+/// would otherwise cost every refresh.
+const ANSWER_GRACE: Duration = Duration::from_millis(100);
+
 /// Where and how a topology refresh asks the cluster: the seeds (re-resolved at every refresh),
 /// credentials and timeouts. Usually taken from the connector:
-/// [`ClusterConnector::topology_source`](crate::ClusterConnector::topology_source).
+/// [`ClusterConnector::topology_source`](crate::ClusterConnector::topology_source), which
+/// shares its resolver's memory of node addresses.
+///
+/// A refresh asks every known node by its endpoint — by *name* on clusters that announce host
+/// names, so TLS is verified against the name — and every address the seed names resolve to,
+/// each verified against the seed name. All probes run in parallel, each bounded by the
+/// connection and response timeouts; once one node has answered, the others get a short grace
+/// period, so an address that swallows packets delays a refresh by milliseconds, not by a
+/// connection timeout.
 #[derive(Clone)]
 pub struct TopologySource {
     seeds: Seeds,
-    resolver: Arc<dyn Resolve>,
-    credentials: Option<Credentials>,
+    book: Arc<AddressBook>,
+    credentials: CredentialSource,
     connection_timeout: Duration,
     response_timeout: Duration,
     concurrency: usize,
     tls: Option<TlsConfig>,
 }
 
+/// One probe: a node (or seed) endpoint, and the IP to reach it at when the probe is for one
+/// address behind a name.
+#[derive(Clone, Debug)]
+struct Probe {
+    endpoint: Endpoint,
+    pin: Option<IpAddr>,
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pin {
+            Some(ip) if !self.endpoint.is_ip() => {
+                write!(
+                    f,
+                    "{} at {}",
+                    self.endpoint,
+                    SocketAddr::new(ip, self.endpoint.port())
+                )
+            }
+            _ => write!(f, "{}", self.endpoint),
+        }
+    }
+}
+
 impl TopologySource {
     /// Asks these seeds (and known nodes) with the system resolver, 1 s timeouts.
     pub fn new(seeds: Seeds) -> Self {
+        let credentials = match seeds.credentials() {
+            Some(c) => CredentialSource::provider(Arc::new(c.clone())),
+            None => CredentialSource::none(),
+        };
         TopologySource {
-            credentials: seeds.credentials().cloned(),
+            credentials,
             seeds,
-            resolver: Arc::new(SystemResolver),
+            book: Arc::new(AddressBook::new(
+                Arc::new(SystemResolver),
+                Duration::from_millis(500),
+            )),
             connection_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
-            concurrency: 8,
+            concurrency: 16,
             tls: None,
         }
     }
 
-    /// Resolves seed names with `resolver`.
+    /// Resolves names with `resolver`.
     pub fn resolver(mut self, resolver: impl Resolve) -> Self {
-        self.resolver = Arc::new(resolver);
+        self.book = Arc::new(AddressBook::new(
+            Arc::new(resolver),
+            self.connection_timeout / 2,
+        ));
         self
     }
 
-    pub(crate) fn shared_resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
-        self.resolver = resolver;
+    /// Shares the connector's resolver and its memory of node addresses.
+    pub(crate) fn address_book(mut self, book: Arc<AddressBook>) -> Self {
+        self.book = book;
         self
     }
 
-    /// Credentials for every node.
+    /// Credentials for every node (`None`: no `AUTH`).
     pub fn credentials(mut self, credentials: Option<Credentials>) -> Self {
-        self.credentials = credentials;
+        self.credentials = match credentials {
+            Some(c) => CredentialSource::provider(Arc::new(c)),
+            None => CredentialSource::none(),
+        };
+        self
+    }
+
+    /// Asks `provider` for the credentials of every probe.
+    pub fn credentials_provider(mut self, provider: impl CredentialsProvider) -> Self {
+        self.credentials = CredentialSource::provider(Arc::new(provider));
+        self
+    }
+
+    pub(crate) fn credential_source(mut self, source: CredentialSource) -> Self {
+        self.credentials = source;
         self
     }
 
@@ -75,54 +150,102 @@ impl TopologySource {
         self
     }
 
-    /// Resolves the seeds now, adds `known` node addresses, asks each over a fresh connection
-    /// and returns the view most of them agree on.
-    pub(crate) async fn fetch(&self, known: &[SocketAddr]) -> Result<Fetched, Error> {
-        let mut candidates: Vec<SocketAddr> = Vec::new();
-        let mut errors: Vec<Error> = Vec::new();
+    /// The probes of one refresh: every known node by its endpoint, and every address the seeds
+    /// resolve to now that is not already one of those.
+    async fn probes(&self, known: &[Endpoint], errors: &mut Vec<Error>) -> Vec<Probe> {
+        let mut probes: Vec<Probe> = known
+            .iter()
+            .map(|e| Probe {
+                endpoint: e.clone(),
+                pin: None,
+            })
+            .collect();
+        let covered: HashSet<SocketAddr> = known
+            .iter()
+            .filter_map(|e| {
+                let ip = e.ip().or_else(|| self.book.reported(e.host()))?;
+                Some(SocketAddr::new(ip, e.port()))
+            })
+            .collect();
+        let mut pinned = HashSet::new();
         for seed in self.seeds.iter() {
-            if let Ok(ip) = seed.host().parse() {
-                candidates.push(SocketAddr::new(ip, seed.port()));
+            if known.contains(seed) {
                 continue;
             }
-            let lookup = self.resolver.resolve(seed.host(), seed.port());
-            match tokio::time::timeout(self.connection_timeout, lookup).await {
-                Ok(Ok(addrs)) => candidates.extend(addrs),
-                Ok(Err(e)) => errors.push(
+            match self.book.lookup(seed.host(), seed.port()).await {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        if !covered.contains(&addr) && pinned.insert(addr) {
+                            probes.push(Probe {
+                                endpoint: seed.clone(),
+                                pin: Some(addr.ip()),
+                            });
+                        }
+                    }
+                }
+                Err(e) => errors.push(
                     Error::new(
                         crate::ErrorKind::Connection,
                         format!("resolving seed {seed}"),
                     )
                     .with_source(e),
                 ),
-                Err(_) => errors.push(Error::timeout(format!("resolving seed {seed}"))),
             }
         }
-        candidates.extend_from_slice(known);
-        let mut seen = std::collections::HashSet::new();
-        candidates.retain(|a| seen.insert(*a));
-        let asked = candidates.len();
+        probes
+    }
 
-        let answers: Vec<(SocketAddr, Result<Vec<Shard>, Error>)> = stream::iter(candidates)
-            .map(|addr| async move { (addr, self.probe(addr).await) })
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
+    /// Resolves the seeds now, adds the `known` nodes, asks each over a fresh connection and
+    /// returns the view most of them agree on.
+    pub(crate) async fn fetch(&self, known: &[Endpoint]) -> Result<Fetched, Error> {
+        let mut errors: Vec<Error> = Vec::new();
+        let probes = self.probes(known, &mut errors).await;
+        let asked = probes.len();
 
-        let mut views: HashMap<_, (usize, Vec<Shard>)> = HashMap::new();
-        let mut answered = 0;
-        for (addr, answer) in answers {
+        let started = Instant::now();
+        let mut answers = stream::iter(probes)
+            .map(|probe| async move {
+                let result = self.probe(&probe).await;
+                (probe, result)
+            })
+            .buffer_unordered(self.concurrency);
+        // Each node's view counts once, however many of its addresses or names answered.
+        let mut views_by_node: HashMap<String, Vec<Shard>> = HashMap::new();
+        let mut grace_ends: Option<Instant> = None;
+        loop {
+            let next = match grace_ends {
+                None => answers.next().await,
+                Some(at) => match tokio::time::timeout_at(at, answers.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        tracing::debug!(
+                            unanswered = asked - views_by_node.len() - errors.len(),
+                            "topology probes still pending after the grace period; deciding without them"
+                        );
+                        break;
+                    }
+                },
+            };
+            let Some((probe, answer)) = next else { break };
             match answer {
-                Ok(shards) => {
-                    answered += 1;
-                    let entry = views.entry(view_key(&shards)).or_insert((0, shards));
-                    entry.0 += 1;
+                Ok((id, shards)) => {
+                    if grace_ends.is_none() {
+                        grace_ends = Some(Instant::now() + started.elapsed() + ANSWER_GRACE);
+                    }
+                    views_by_node.entry(id).or_insert(shards);
                 }
                 Err(e) => {
-                    tracing::debug!(%addr, error = %e, "topology probe failed");
+                    tracing::debug!(%probe, error = %e, "topology probe failed");
                     errors.push(e);
                 }
             }
+        }
+        let answered = views_by_node.len();
+
+        let mut views: HashMap<_, (usize, Vec<Shard>)> = HashMap::new();
+        for shards in views_by_node.into_values() {
+            let entry = views.entry(view_key(&shards)).or_insert((0, shards));
+            entry.0 += 1;
         }
         // Most agreeing nodes win; among equals, the view with more healthy nodes (a node cut off
         // from its peers tends to see fewer).
@@ -135,12 +258,23 @@ impl TopologySource {
             (*count, healthy)
         });
         match best {
-            Some((agreed_by, shards)) => Ok(Fetched {
-                shards,
-                agreed_by,
-                answered,
-                asked,
-            }),
+            Some((agreed_by, shards)) => {
+                // Remember where the cluster says each named node is, for connects whose name
+                // does not resolve (yet) or resolves to a replaced node's old IP.
+                self.book.set_reported(
+                    shards
+                        .iter()
+                        .flat_map(|s| s.nodes())
+                        .filter(|n| !n.endpoint.is_ip())
+                        .filter_map(|n| Some((n.endpoint.host().to_string(), n.ip?))),
+                );
+                Ok(Fetched {
+                    shards,
+                    agreed_by,
+                    answered,
+                    asked,
+                })
+            }
             None => {
                 let mut error = Error::unreachable(format!(
                     "no node answered a topology request ({asked} asked)"
@@ -153,30 +287,40 @@ impl TopologySource {
         }
     }
 
-    async fn probe(&self, addr: SocketAddr) -> Result<Vec<Shard>, Error> {
+    /// One node's id and view, bounded in time.
+    async fn probe(&self, probe: &Probe) -> Result<(String, Vec<Shard>), Error> {
         let bound = self.connection_timeout + self.response_timeout * 2;
-        match tokio::time::timeout(bound, self.probe_inner(addr)).await {
+        match tokio::time::timeout(bound, self.probe_inner(probe)).await {
             Ok(result) => result,
             Err(_) => Err(Error::timeout(format!(
-                "topology probe of {addr} took over {bound:?}"
+                "topology probe of {probe} took over {bound:?}"
             ))),
         }
     }
 
-    async fn probe_inner(&self, addr: SocketAddr) -> Result<Vec<Shard>, Error> {
-        let mut settings = RedisConnectionInfo::default();
-        if let Some(c) = &self.credentials {
-            if let Some(user) = &c.username {
-                settings = settings.set_username(user);
-            }
-            settings = settings.set_password(c.password.expose());
+    async fn probe_inner(&self, probe: &Probe) -> Result<(String, Vec<Shard>), Error> {
+        let context = |e: redis::RedisError| {
+            Error::from_redis(e).context(format_args!("topology probe of {probe}"))
+        };
+        // Asked for every probe: a rotated token must reach the next connection.
+        let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
+        if let Some(c) = self.credentials.fetch().await? {
+            settings = settings
+                .set_username(c.user_or_default())
+                .set_password(c.password.expose());
         }
-        let info = crate::connect::cluster_node_addr(&Seed::from(addr), self.tls.is_some())
+        // The connection is made to the endpoint's *name*, so TLS verifies the name; the
+        // resolver decides which IP it goes to.
+        let info = crate::connect::cluster_node_addr(&probe.endpoint, self.tls.is_some())
             .into_connection_info()?
             .set_redis_settings(settings);
-        let config = AsyncConnectionConfig::new()
+        let mut config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connection_timeout))
             .set_response_timeout(Some(self.response_timeout));
+        config = match probe.pin {
+            Some(ip) => config.set_dns_resolver(Pinned(ip)),
+            None => config.set_dns_resolver(DnsAdapter(self.book.clone())),
+        };
         // A fresh connection per refresh: a long-lived one to a configuration endpoint can keep
         // talking to a node that left the cluster and still answers with its old view.
         let client = match &self.tls {
@@ -193,24 +337,49 @@ impl TopologySource {
         let mut connection = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| Error::from_redis(e).context(format_args!("topology probe of {addr}")))?;
-        let shards: Result<Value, _> = redis::cmd("CLUSTER")
+            .map_err(context)?;
+        let asked = Asked {
+            endpoint: match probe.pin {
+                // A pinned probe reached one address behind a seed name, not a node's name.
+                Some(ip) => Endpoint::from(SocketAddr::new(ip, probe.endpoint.port())),
+                None => probe.endpoint.clone(),
+            },
+            ip: probe.pin,
+            tls: self.tls.is_some(),
+        };
+        let shards: Result<(String, Value), _> = redis::pipe()
+            .cmd("CLUSTER")
+            .arg("MYID")
+            .cmd("CLUSTER")
             .arg("SHARDS")
             .query_async(&mut connection)
             .await;
         match shards {
-            Ok(reply) => parse_cluster_shards(&reply, addr),
+            Ok((id, reply)) => Ok((id, parse_cluster_shards(&reply, &asked)?)),
             // Servers before 7.0 do not know CLUSTER SHARDS.
-            Err(e) if e.code() == Some("ERR") => {
-                let reply: Value = redis::cmd("CLUSTER")
+            Err(e) if is_error_reply(&e) => {
+                let (id, reply): (String, Value) = redis::pipe()
+                    .cmd("CLUSTER")
+                    .arg("MYID")
+                    .cmd("CLUSTER")
                     .arg("SLOTS")
                     .query_async(&mut connection)
-                    .await?;
-                parse_cluster_slots(&reply, addr)
+                    .await
+                    .map_err(context)?;
+                Ok((id, parse_cluster_slots(&reply, &asked)?))
             }
-            Err(e) => Err(Error::from_redis(e).context(format_args!("topology probe of {addr}"))),
+            Err(e) => Err(context(e)),
         }
     }
+}
+
+/// A plain `ERR` reply (for one command of a pipeline too): what a server before 7.0 answers
+/// to `CLUSTER SHARDS`.
+fn is_error_reply(e: &redis::RedisError) -> bool {
+    e.code() == Some("ERR")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|items| items.iter().any(|(_, s)| s.code() == "ERR"))
 }
 
 impl fmt::Debug for TopologySource {
@@ -220,6 +389,7 @@ impl fmt::Debug for TopologySource {
             .field("credentials", &self.credentials)
             .field("connection_timeout", &self.connection_timeout)
             .field("response_timeout", &self.response_timeout)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -229,14 +399,14 @@ impl fmt::Debug for TopologySource {
 pub(crate) trait FetchTopology: Send + Sync + 'static {
     fn fetch<'a>(
         &'a self,
-        known: &'a [SocketAddr],
+        known: &'a [Endpoint],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, Error>> + Send + 'a>>;
 }
 
 impl FetchTopology for TopologySource {
     fn fetch<'a>(
         &'a self,
-        known: &'a [SocketAddr],
+        known: &'a [Endpoint],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, Error>> + Send + 'a>>
     {
         Box::pin(TopologySource::fetch(self, known))

@@ -2,7 +2,6 @@
 
 use std::{
     collections::HashSet,
-    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, Weak,
@@ -13,8 +12,10 @@ use std::{
 use tokio::{sync::watch, sync::Notify, time::Instant};
 use tower::util::rng::{HasherRng, Rng};
 
-use super::{fetch::FetchTopology, RefreshConfig, RefreshStats, TopologySnapshot};
-use crate::{connect::Seed, rebuild::RebuildHandle, Error};
+use super::{
+    fetch::FetchTopology, NodeHealth, RefreshConfig, RefreshStats, TopologyChange, TopologySnapshot,
+};
+use crate::{connect::Endpoint, rebuild::RebuildHandle, Error};
 
 /// Wakes the task; shared by the task and the refresher so that dropping the refresher can end
 /// a task that waits with no periodic timer.
@@ -38,7 +39,7 @@ pub(crate) struct Refresher {
     triggers: AtomicU64,
     last_change: Mutex<Option<std::time::Instant>>,
     /// The nodes seen right after the inner client of a generation was made.
-    generation_nodes: Mutex<Option<(u64, HashSet<SocketAddr>)>>,
+    generation_nodes: Mutex<Option<(u64, HashSet<Endpoint>)>>,
 }
 
 impl Drop for Refresher {
@@ -92,7 +93,7 @@ impl Refresher {
     /// One refresh; returns whether the topology changed since the previous snapshot.
     async fn refresh(&self) -> Result<bool, Error> {
         let previous = self.snapshot.borrow().clone();
-        let known = previous.as_ref().map(|s| s.addrs()).unwrap_or_default();
+        let known = previous.as_ref().map(|s| s.endpoints()).unwrap_or_default();
         let fetched = self.source.fetch(&known).await;
         let mut stats = self.stats.borrow().clone();
         stats.refreshes += 1;
@@ -116,20 +117,21 @@ impl Refresher {
             taken_at: SystemTime::now(),
             sequence,
         };
-        let changed = match &previous {
-            None => true,
+        let changes = match &previous {
+            None => Vec::new(),
             Some(p) => {
                 let changes = snapshot.changes_since(p);
                 for change in &changes {
                     tracing::info!(%change, "cluster topology changed");
                 }
-                !changes.is_empty()
+                changes
             }
         };
+        let changed = previous.is_none() || !changes.is_empty();
         if let Some(rebuild) = &self.rebuild {
             // Every later rebuild may start from these nodes when the seed names are stale.
-            rebuild.set_known_nodes(snapshot.addrs().into_iter().map(Seed::from));
-            self.decide_rebuild(rebuild, &snapshot);
+            rebuild.set_known_nodes(snapshot.endpoints());
+            self.decide_rebuild(rebuild, &snapshot, previous.as_deref(), &changes);
         }
         stats.last_error = None;
         if changed {
@@ -155,9 +157,18 @@ impl Refresher {
         self.last_change.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The redis crate's client follows slot moves and new masters by itself, as long as one of
-    /// the nodes it knows is still there. When none is, only a new client can reach the cluster.
-    fn decide_rebuild(&self, rebuild: &RebuildHandle, snapshot: &TopologySnapshot) {
+    /// The redis crate's client follows slot moves and new masters by itself — as long as one
+    /// of the nodes it knows is still there, and as long as someone answers it with `MOVED`.
+    /// When none of its nodes is left, or a shard's master died rather than stepped down (the
+    /// old master's address swallows packets, so the inner client's requests there time out
+    /// and it never learns of the new master), only a new client can reach the cluster.
+    fn decide_rebuild(
+        &self,
+        rebuild: &RebuildHandle,
+        snapshot: &TopologySnapshot,
+        previous: Option<&TopologySnapshot>,
+        changes: &[TopologyChange],
+    ) {
         if !self.config.rebuild_when_unfollowable {
             return;
         }
@@ -165,7 +176,7 @@ impl Refresher {
         if generation == 0 {
             return;
         }
-        let now: HashSet<SocketAddr> = snapshot.addrs().into_iter().collect();
+        let now: HashSet<Endpoint> = snapshot.endpoints().into_iter().collect();
         let mut recorded = self
             .generation_nodes
             .lock()
@@ -178,11 +189,45 @@ impl Refresher {
                         "none of the nodes the inner client was made with remain; rebuilding"
                     );
                     rebuild.rebuild();
+                    return;
                 }
             }
             _ => *recorded = Some((generation, now)),
         }
+        drop(recorded);
+        if let Some(lost) = lost_master(snapshot, previous, changes) {
+            tracing::info!(
+                generation,
+                old_master = %lost,
+                "a shard's master was lost (gone or failed), not demoted; rebuilding"
+            );
+            rebuild.rebuild();
+        }
     }
+}
+
+/// The old master of a shard whose master changed, when that old master is no longer a healthy
+/// member of the cluster (removed, or flagged failed): a master that stepped down gracefully
+/// stays as a replica and answers `MOVED`, one that died does not.
+fn lost_master(
+    snapshot: &TopologySnapshot,
+    previous: Option<&TopologySnapshot>,
+    changes: &[TopologyChange],
+) -> Option<Endpoint> {
+    previous?;
+    changes.iter().find_map(|change| match change {
+        TopologyChange::MasterChanged {
+            from: Some(old),
+            to: Some(_),
+            ..
+        } => {
+            let still_healthy = snapshot
+                .nodes()
+                .any(|n| &n.endpoint == old && n.health == NodeHealth::Online);
+            (!still_healthy).then(|| old.clone())
+        }
+        _ => None,
+    })
 }
 
 pub(crate) fn jittered(base: Duration, jitter: f64, rng: &mut HasherRng) -> Duration {

@@ -10,7 +10,7 @@ use std::{
 
 use redis::Value;
 
-use crate::{Error, ErrorKind};
+use crate::{connect::Endpoint, Error, ErrorKind};
 
 /// A node's role in its shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,12 +38,27 @@ pub enum NodeHealth {
 pub struct TopologyNode {
     /// The cluster node id (40 hex characters).
     pub id: String,
-    /// Where clients reach it.
-    pub addr: SocketAddr,
+    /// Where clients reach it: the endpoint the cluster announces for it — its host name when
+    /// the cluster announces names, its IP otherwise — and the port of the transport in use
+    /// (`tls-port` over TLS). This is the node's identity.
+    pub endpoint: Endpoint,
+    /// The IP the cluster reports for the node, when it reports one: where a connection goes
+    /// when the endpoint's name does not resolve (yet, or any more).
+    pub ip: Option<IpAddr>,
     /// Master or replica.
     pub role: NodeRole,
     /// Health as reported.
     pub health: NodeHealth,
+}
+
+impl TopologyNode {
+    /// The reported IP with the endpoint's port, when an IP is known.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.endpoint
+            .ip()
+            .or(self.ip)
+            .map(|ip| SocketAddr::new(ip, self.endpoint.port()))
+    }
 }
 
 /// One shard: its slot ranges, master and replicas.
@@ -82,23 +97,28 @@ pub struct TopologySnapshot {
 }
 
 impl TopologySnapshot {
-    /// The addresses of every node, masters and replicas.
-    pub fn addrs(&self) -> Vec<SocketAddr> {
-        let mut addrs: Vec<SocketAddr> = self
+    /// The endpoints of every node, masters and replicas, sorted.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        let mut endpoints: Vec<Endpoint> = self
             .shards
             .iter()
-            .flat_map(|s| s.nodes().map(|n| n.addr))
+            .flat_map(|s| s.nodes().map(|n| n.endpoint.clone()))
             .collect();
-        addrs.sort();
-        addrs.dedup();
-        addrs
+        endpoints.sort();
+        endpoints.dedup();
+        endpoints
     }
 
-    /// The masters' addresses.
-    pub fn masters(&self) -> Vec<SocketAddr> {
+    /// Every node, masters and replicas.
+    pub fn nodes(&self) -> impl Iterator<Item = &TopologyNode> {
+        self.shards.iter().flat_map(Shard::nodes)
+    }
+
+    /// The masters' endpoints, by shard.
+    pub fn masters(&self) -> Vec<Endpoint> {
         self.shards
             .iter()
-            .filter_map(|s| s.master.as_ref().map(|m| m.addr))
+            .filter_map(|s| s.master.as_ref().map(|m| m.endpoint.clone()))
             .collect()
     }
 
@@ -121,21 +141,40 @@ impl TopologySnapshot {
     /// What changed from `previous` to `self`, for events and decisions.
     pub fn changes_since(&self, previous: &TopologySnapshot) -> Vec<TopologyChange> {
         let mut changes = Vec::new();
-        let before: HashSet<SocketAddr> = previous.addrs().into_iter().collect();
-        let after: HashSet<SocketAddr> = self.addrs().into_iter().collect();
+        let before: HashSet<Endpoint> = previous.endpoints().into_iter().collect();
+        let after: HashSet<Endpoint> = self.endpoints().into_iter().collect();
         for added in after.difference(&before) {
-            changes.push(TopologyChange::NodeAdded(*added));
+            changes.push(TopologyChange::NodeAdded(added.clone()));
         }
         for removed in before.difference(&after) {
-            changes.push(TopologyChange::NodeRemoved(*removed));
+            changes.push(TopologyChange::NodeRemoved(removed.clone()));
+        }
+        // A node that kept its name but moved (a pod restarted at a new IP) is no change of the
+        // view clients route by, but it is news for whoever watches.
+        for node in self.nodes().filter(|n| !n.endpoint.is_ip()) {
+            let before = previous
+                .nodes()
+                .find(|p| p.endpoint == node.endpoint)
+                .and_then(|p| p.ip);
+            if let (Some(from), Some(to)) = (before, node.ip) {
+                if from != to {
+                    changes.push(TopologyChange::NodeMoved {
+                        endpoint: node.endpoint.clone(),
+                        from: Some(from),
+                        to: Some(to),
+                    });
+                }
+            }
         }
         for shard in &self.shards {
             let Some(first) = shard.slots.first().map(|r| *r.start()) else {
                 continue;
             };
             let old = previous.shard_for_slot(first);
-            let old_master = old.and_then(|s| s.master.as_ref()).map(|m| m.addr);
-            let new_master = shard.master.as_ref().map(|m| m.addr);
+            let old_master = old
+                .and_then(|s| s.master.as_ref())
+                .map(|m| m.endpoint.clone());
+            let new_master = shard.master.as_ref().map(|m| m.endpoint.clone());
             if old_master != new_master {
                 changes.push(TopologyChange::MasterChanged {
                     first_slot: first,
@@ -153,19 +192,29 @@ impl TopologySnapshot {
 
 /// A difference between two snapshots.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TopologyChange {
     /// A node appeared.
-    NodeAdded(SocketAddr),
+    NodeAdded(Endpoint),
     /// A node disappeared.
-    NodeRemoved(SocketAddr),
+    NodeRemoved(Endpoint),
+    /// A node announced by name is reported at another IP (it restarted elsewhere).
+    NodeMoved {
+        /// The node's endpoint, unchanged.
+        endpoint: Endpoint,
+        /// The IP reported before.
+        from: Option<IpAddr>,
+        /// The IP reported now.
+        to: Option<IpAddr>,
+    },
     /// The shard holding `first_slot` has another master.
     MasterChanged {
         /// The first slot of the shard.
         first_slot: u16,
         /// The previous master.
-        from: Option<SocketAddr>,
+        from: Option<Endpoint>,
         /// The new master.
-        to: Option<SocketAddr>,
+        to: Option<Endpoint>,
     },
     /// Slot ranges moved between shards.
     SlotsMoved,
@@ -176,6 +225,12 @@ impl fmt::Display for TopologyChange {
         match self {
             TopologyChange::NodeAdded(a) => write!(f, "node added {a}"),
             TopologyChange::NodeRemoved(a) => write!(f, "node removed {a}"),
+            TopologyChange::NodeMoved { endpoint, from, to } => write!(
+                f,
+                "node {endpoint} moved {} → {}",
+                from.map_or("?".into(), |a| a.to_string()),
+                to.map_or("?".into(), |a| a.to_string())
+            ),
             TopologyChange::MasterChanged {
                 first_slot,
                 from,
@@ -183,8 +238,8 @@ impl fmt::Display for TopologyChange {
             } => write!(
                 f,
                 "master of slot {first_slot} changed {} → {}",
-                from.map_or("none".into(), |a| a.to_string()),
-                to.map_or("none".into(), |a| a.to_string())
+                from.as_ref().map_or("none".into(), |a| a.to_string()),
+                to.as_ref().map_or("none".into(), |a| a.to_string())
             ),
             TopologyChange::SlotsMoved => f.write_str("slots moved"),
         }
@@ -192,15 +247,17 @@ impl fmt::Display for TopologyChange {
 }
 
 /// Slot range bounds and the master serving them.
-type SlotOwner = (u16, u16, Option<SocketAddr>);
+type SlotOwner = (u16, u16, Option<Endpoint>);
 
-/// The part of a view nodes must agree on: slot ranges → master address, and the node set.
-pub(crate) fn view_key(shards: &[Shard]) -> (Vec<SlotOwner>, BTreeSet<SocketAddr>) {
+/// The part of a view nodes must agree on: slot ranges → master endpoint, and the node set.
+pub(crate) fn view_key(shards: &[Shard]) -> (Vec<SlotOwner>, BTreeSet<Endpoint>) {
     let mut slots: Vec<SlotOwner> = shards
         .iter()
         .flat_map(|s| {
-            let master = s.master.as_ref().map(|m| m.addr);
-            s.slots.iter().map(move |r| (*r.start(), *r.end(), master))
+            let master = s.master.as_ref().map(|m| m.endpoint.clone());
+            s.slots
+                .iter()
+                .map(move |r| (*r.start(), *r.end(), master.clone()))
         })
         .collect();
     slots.sort();
@@ -209,7 +266,7 @@ pub(crate) fn view_key(shards: &[Shard]) -> (Vec<SlotOwner>, BTreeSet<SocketAddr
         .flat_map(|s| {
             s.nodes()
                 .filter(|n| n.health != NodeHealth::Failed)
-                .map(|n| n.addr)
+                .map(|n| n.endpoint.clone())
         })
         .collect();
     (slots, nodes)
@@ -251,18 +308,48 @@ fn pairs(v: &Value) -> Option<Vec<(String, &Value)>> {
     }
 }
 
-fn node_addr(ip: &str, port: u16, fallback_ip: IpAddr) -> Option<SocketAddr> {
-    // A node that announces nothing reports an empty ip for itself: it is the node we asked.
-    let ip = if ip.is_empty() || ip == "?" {
-        fallback_ip
-    } else {
-        ip.parse().ok()?
-    };
-    Some(SocketAddr::new(ip, port))
+/// What a parser needs to know about the probe that got the reply.
+#[derive(Debug, Clone)]
+pub(crate) struct Asked {
+    /// The node that answered, as the probe reached it: a node that announces nothing reports
+    /// no address for itself.
+    pub(crate) endpoint: Endpoint,
+    /// The IP the probe reached it at, when known.
+    pub(crate) ip: Option<IpAddr>,
+    /// Whether the probe spoke TLS: nodes are reached at their `tls-port` then.
+    pub(crate) tls: bool,
 }
 
-/// Parses a `CLUSTER SHARDS` reply (Redis 7+). `asked` is the node that answered.
-pub(crate) fn parse_cluster_shards(reply: &Value, asked: SocketAddr) -> Result<Vec<Shard>, Error> {
+/// A reported value that names nothing: Redis sends `?` for an unknown endpoint and an empty
+/// string for a node that announces no address.
+fn meaningful(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty() && v != "?")
+}
+
+/// A node's endpoint and reported IP from what it announces: the preferred `endpoint`, else its
+/// host name, else its IP; `None` if a host is not a valid name or address.
+fn announced(
+    endpoint: Option<String>,
+    hostname: Option<String>,
+    ip: Option<String>,
+    port: u16,
+    asked: &Asked,
+) -> Option<(Endpoint, Option<IpAddr>)> {
+    let ip_text = meaningful(ip);
+    let reported_ip = ip_text.as_deref().and_then(|t| t.parse::<IpAddr>().ok());
+    let host = meaningful(endpoint).or(meaningful(hostname)).or(ip_text);
+    match host {
+        Some(host) => Some((Endpoint::new(host, port).ok()?, reported_ip)),
+        // It announces nothing: it is the node that answered.
+        None => Some((
+            Endpoint::new(asked.endpoint.host(), port).ok()?,
+            asked.ip.or(asked.endpoint.ip()),
+        )),
+    }
+}
+
+/// Parses a `CLUSTER SHARDS` reply (Redis 7+).
+pub(crate) fn parse_cluster_shards(reply: &Value, asked: &Asked) -> Result<Vec<Shard>, Error> {
     let Value::Array(items) = reply else {
         return Err(malformed("CLUSTER SHARDS is not an array"));
     };
@@ -295,13 +382,29 @@ pub(crate) fn parse_cluster_shards(reply: &Value, asked: SocketAddr) -> Result<V
                         let n = pairs(node).ok_or_else(|| malformed("a node is not a map"))?;
                         let get = |k: &str| n.iter().find(|(key, _)| key == k).map(|(_, v)| *v);
                         let id = get("id").and_then(as_str).unwrap_or_default();
-                        let port = get("port")
-                            .or_else(|| get("tls-port"))
-                            .and_then(as_int)
-                            .and_then(|p| u16::try_from(p).ok())
+                        // The port of the transport the client speaks (`tls-port` over TLS), or
+                        // the only one the node lists.
+                        let port_of = |key: &str| {
+                            get(key)
+                                .and_then(as_int)
+                                .and_then(|p| u16::try_from(p).ok())
+                                .filter(|p| *p != 0)
+                        };
+                        let (preferred, other) = if asked.tls {
+                            ("tls-port", "port")
+                        } else {
+                            ("port", "tls-port")
+                        };
+                        let port = port_of(preferred)
+                            .or_else(|| port_of(other))
                             .ok_or_else(|| malformed("node port"))?;
-                        let ip = get("ip").and_then(as_str).unwrap_or_default();
-                        let Some(addr) = node_addr(&ip, port, asked.ip()) else {
+                        let Some((endpoint, ip)) = announced(
+                            get("endpoint").and_then(as_str),
+                            get("hostname").and_then(as_str),
+                            get("ip").and_then(as_str),
+                            port,
+                            asked,
+                        ) else {
                             continue;
                         };
                         let health = match get("health").and_then(as_str).as_deref() {
@@ -315,7 +418,8 @@ pub(crate) fn parse_cluster_shards(reply: &Value, asked: SocketAddr) -> Result<V
                         };
                         let node = TopologyNode {
                             id,
-                            addr,
+                            endpoint,
+                            ip,
                             role,
                             health,
                         };
@@ -349,8 +453,10 @@ pub(crate) fn parse_cluster_shards(reply: &Value, asked: SocketAddr) -> Result<V
     Ok(shards)
 }
 
-/// Parses a `CLUSTER SLOTS` reply (for servers before 7.0).
-pub(crate) fn parse_cluster_slots(reply: &Value, asked: SocketAddr) -> Result<Vec<Shard>, Error> {
+/// Parses a `CLUSTER SLOTS` reply (for servers before 7.0). Each node is
+/// `[endpoint, port, id, {ip, hostname}]`; the port is that of the transport the asking
+/// connection used.
+pub(crate) fn parse_cluster_slots(reply: &Value, asked: &Asked) -> Result<Vec<Shard>, Error> {
     let Value::Array(ranges) = reply else {
         return Err(malformed("CLUSTER SLOTS is not an array"));
     };
@@ -369,19 +475,37 @@ pub(crate) fn parse_cluster_slots(reply: &Value, asked: SocketAddr) -> Result<Ve
             let Value::Array(fields) = node else {
                 return Err(malformed("slot node"));
             };
-            let ip = fields.first().and_then(as_str).unwrap_or_default();
+            let preferred = fields.first().and_then(as_str);
             let port = fields
                 .get(1)
                 .and_then(as_int)
                 .and_then(|p| u16::try_from(p).ok())
                 .ok_or_else(|| malformed("slot node port"))?;
             let id = fields.get(2).and_then(as_str).unwrap_or_default();
-            let Some(addr) = node_addr(&ip, port, asked.ip()) else {
+            // Redis 7 adds the other names of the node: its IP when the endpoint is a host
+            // name, its host name when the endpoint is an IP.
+            let metadata = fields.get(3).and_then(pairs).unwrap_or_default();
+            let meta = |k: &str| {
+                metadata
+                    .iter()
+                    .find(|(key, _)| key == k)
+                    .and_then(|(_, v)| as_str(v))
+            };
+            let preferred_is_ip = preferred
+                .as_deref()
+                .is_some_and(|p| p.parse::<IpAddr>().is_ok());
+            let (endpoint, hostname, ip) = if preferred_is_ip {
+                (preferred.clone(), meta("hostname"), preferred)
+            } else {
+                (preferred, meta("hostname"), meta("ip"))
+            };
+            let Some((endpoint, ip)) = announced(endpoint, hostname, ip, port, asked) else {
                 continue;
             };
             nodes.push(TopologyNode {
                 id,
-                addr,
+                endpoint,
+                ip,
                 role: if i == 0 {
                     NodeRole::Master
                 } else {
@@ -428,62 +552,78 @@ mod tests {
         Value::BulkString(s.as_bytes().to_vec())
     }
 
+    /// A `CLUSTER SHARDS` node entry: `fields` as key/value pairs, RESP2 style.
+    fn entry(fields: &[(&str, Value)]) -> Value {
+        Value::Array(
+            fields
+                .iter()
+                .flat_map(|(k, v)| [bulk(k), v.clone()])
+                .collect(),
+        )
+    }
+
     fn node(id: &str, ip: &str, port: i64, role: &str, health: &str) -> Value {
-        Value::Array(vec![
-            bulk("id"),
-            bulk(id),
-            bulk("port"),
-            Value::Int(port),
-            bulk("ip"),
-            bulk(ip),
-            bulk("endpoint"),
-            bulk(ip),
-            bulk("role"),
-            bulk(role),
-            bulk("replication-offset"),
-            Value::Int(0),
-            bulk("health"),
-            bulk(health),
+        entry(&[
+            ("id", bulk(id)),
+            ("port", Value::Int(port)),
+            ("ip", bulk(ip)),
+            ("endpoint", bulk(ip)),
+            ("role", bulk(role)),
+            ("replication-offset", Value::Int(0)),
+            ("health", bulk(health)),
         ])
     }
 
-    fn asked() -> SocketAddr {
-        "127.0.0.9:7000".parse().unwrap()
+    fn shard(first: i64, last: i64, nodes: Vec<Value>) -> Value {
+        Value::Array(vec![
+            bulk("slots"),
+            Value::Array(vec![Value::Int(first), Value::Int(last)]),
+            bulk("nodes"),
+            Value::Array(nodes),
+        ])
+    }
+
+    fn asked(tls: bool) -> Asked {
+        Asked {
+            endpoint: "127.0.0.9:7000".parse().unwrap(),
+            ip: None,
+            tls,
+        }
+    }
+
+    fn ep(s: &str) -> Endpoint {
+        s.parse().unwrap()
     }
 
     #[test]
     fn parses_resp2_cluster_shards() {
         let reply = Value::Array(vec![
-            Value::Array(vec![
-                bulk("slots"),
-                Value::Array(vec![Value::Int(0), Value::Int(8191)]),
-                bulk("nodes"),
-                Value::Array(vec![
+            shard(
+                0,
+                8191,
+                vec![
                     node("r1", "127.0.0.2", 7000, "replica", "online"),
                     node("m1", "127.0.0.1", 7000, "master", "online"),
-                ]),
-            ]),
-            Value::Array(vec![
-                bulk("slots"),
-                Value::Array(vec![Value::Int(8192), Value::Int(16383)]),
-                bulk("nodes"),
-                Value::Array(vec![
+                ],
+            ),
+            shard(
+                8192,
+                16383,
+                vec![
                     node("m2", "", 7001, "master", "online"),
                     node("x", "127.0.0.4", 7000, "replica", "failed"),
-                ]),
-            ]),
+                ],
+            ),
         ]);
-        let shards = parse_cluster_shards(&reply, asked()).unwrap();
+        let shards = parse_cluster_shards(&reply, &asked(false)).unwrap();
         assert_eq!(shards.len(), 2);
         assert_eq!(shards[0].master.as_ref().unwrap().id, "m1");
+        assert_eq!(shards[0].replicas[0].endpoint, ep("127.0.0.2:7000"));
+        assert_eq!(shards[0].replicas[0].ip, Some("127.0.0.2".parse().unwrap()));
+        // A node that announces nothing is the node that was asked.
         assert_eq!(
-            shards[0].replicas[0].addr,
-            "127.0.0.2:7000".parse().unwrap()
-        );
-        // An empty ip is the node that was asked.
-        assert_eq!(
-            shards[1].master.as_ref().unwrap().addr,
-            "127.0.0.9:7001".parse().unwrap()
+            shards[1].master.as_ref().unwrap().endpoint,
+            ep("127.0.0.9:7001")
         );
         assert_eq!(shards[1].replicas[0].health, NodeHealth::Failed);
         let snapshot = TopologySnapshot {
@@ -495,7 +635,7 @@ mod tests {
             sequence: 1,
         };
         assert_eq!(snapshot.covered_slots(), 16384);
-        assert_eq!(snapshot.addrs().len(), 4);
+        assert_eq!(snapshot.endpoints().len(), 4);
         assert_eq!(
             snapshot
                 .shard_for_slot(9000)
@@ -506,6 +646,100 @@ mod tests {
                 .id,
             "m2"
         );
+    }
+
+    /// What a Redis 7 node with `cluster-announce-hostname` and
+    /// `cluster-preferred-endpoint-type hostname` answers (recorded from redis-server 7.0.15).
+    fn hostname_node(id: &str, ip: &str, name: &str, role: &str, tls_port: Option<i64>) -> Value {
+        let mut fields = vec![("id", bulk(id))];
+        match tls_port {
+            // A TLS-only node (`port 0`) lists no plaintext port.
+            Some(p) => fields.push(("tls-port", Value::Int(p))),
+            None => fields.push(("port", Value::Int(23001))),
+        }
+        fields.extend([
+            ("ip", bulk(ip)),
+            ("endpoint", bulk(name)),
+            ("hostname", bulk(name)),
+            ("role", bulk(role)),
+            ("replication-offset", Value::Int(0)),
+            ("health", bulk("online")),
+        ]);
+        entry(&fields)
+    }
+
+    #[test]
+    fn a_node_announced_by_name_is_its_name_with_its_ip_kept_apart() {
+        let reply = Value::Array(vec![shard(
+            0,
+            16383,
+            vec![
+                hostname_node("m", "127.55.0.1", "Node1.exp.test", "master", Some(23000)),
+                hostname_node("r", "127.55.0.2", "node2.exp.test", "replica", Some(23000)),
+            ],
+        )]);
+        let shards = parse_cluster_shards(&reply, &asked(true)).unwrap();
+        let master = shards[0].master.as_ref().unwrap();
+        assert_eq!(
+            master.endpoint,
+            ep("node1.exp.test:23000"),
+            "lower-cased name"
+        );
+        assert_eq!(master.ip, Some("127.55.0.1".parse().unwrap()));
+        assert_eq!(
+            master.socket_addr(),
+            Some("127.55.0.1:23000".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn over_tls_the_tls_port_wins_and_plaintext_clients_keep_the_plain_port() {
+        let both = entry(&[
+            ("id", bulk("m")),
+            ("port", Value::Int(23001)),
+            ("tls-port", Value::Int(23000)),
+            ("ip", bulk("127.55.0.1")),
+            ("endpoint", bulk("node1.exp.test")),
+            ("role", bulk("master")),
+            ("health", bulk("online")),
+        ]);
+        let reply = Value::Array(vec![shard(0, 16383, vec![both])]);
+        let port = |tls| {
+            parse_cluster_shards(&reply, &asked(tls)).unwrap()[0]
+                .master
+                .as_ref()
+                .unwrap()
+                .endpoint
+                .port()
+        };
+        assert_eq!(port(true), 23000);
+        assert_eq!(port(false), 23001);
+    }
+
+    #[test]
+    fn unknown_endpoints_fall_back_to_the_host_name_then_the_ip() {
+        let question_mark = entry(&[
+            ("id", bulk("m")),
+            ("port", Value::Int(7000)),
+            ("ip", bulk("127.0.0.1")),
+            ("endpoint", bulk("?")),
+            ("role", bulk("master")),
+        ]);
+        let named = entry(&[
+            ("id", bulk("r")),
+            ("port", Value::Int(7000)),
+            ("ip", bulk("127.0.0.2")),
+            ("endpoint", bulk("?")),
+            ("hostname", bulk("replica.test")),
+            ("role", bulk("replica")),
+        ]);
+        let reply = Value::Array(vec![shard(0, 16383, vec![question_mark, named])]);
+        let shards = parse_cluster_shards(&reply, &asked(false)).unwrap();
+        assert_eq!(
+            shards[0].master.as_ref().unwrap().endpoint,
+            ep("127.0.0.1:7000")
+        );
+        assert_eq!(shards[0].replicas[0].endpoint, ep("replica.test:7000"));
     }
 
     #[test]
@@ -523,7 +757,7 @@ mod tests {
             entry(200, 16383, "127.0.0.1", "m1"),
             entry(100, 199, "127.0.0.2", "m2"),
         ]);
-        let shards = parse_cluster_slots(&reply, asked()).unwrap();
+        let shards = parse_cluster_slots(&reply, &asked(false)).unwrap();
         assert_eq!(shards.len(), 2);
         assert_eq!(shards[0].slots, vec![0..=99, 200..=16383]);
         assert_eq!(shards[1].slots, vec![100..=199]);
@@ -531,50 +765,122 @@ mod tests {
     }
 
     #[test]
+    fn cluster_slots_with_host_names_keeps_the_name_and_the_metadata_ip() {
+        // Redis 7: [endpoint, port, id, {ip}] when the endpoint is a host name,
+        // [ip, port, id, {hostname}] when it is an IP.
+        let reply = Value::Array(vec![Value::Array(vec![
+            Value::Int(0),
+            Value::Int(16383),
+            Value::Array(vec![
+                bulk("node1.exp.test"),
+                Value::Int(23000),
+                bulk("m"),
+                Value::Array(vec![bulk("ip"), bulk("127.55.0.1")]),
+            ]),
+            Value::Array(vec![
+                bulk("127.55.0.2"),
+                Value::Int(23000),
+                bulk("r"),
+                Value::Array(vec![bulk("hostname"), bulk("node2.exp.test")]),
+            ]),
+        ])]);
+        let shards = parse_cluster_slots(&reply, &asked(true)).unwrap();
+        let master = shards[0].master.as_ref().unwrap();
+        assert_eq!(master.endpoint, ep("node1.exp.test:23000"));
+        assert_eq!(master.ip, Some("127.55.0.1".parse().unwrap()));
+        // An IP endpoint stays the endpoint: the cluster prefers IPs for it.
+        assert_eq!(shards[0].replicas[0].endpoint, ep("127.55.0.2:23000"));
+    }
+
+    #[test]
     fn malformed_replies_are_errors_not_panics() {
-        assert!(parse_cluster_shards(&Value::Int(1), asked()).is_err());
-        assert!(parse_cluster_slots(&Value::Array(vec![Value::Int(1)]), asked()).is_err());
+        assert!(parse_cluster_shards(&Value::Int(1), &asked(false)).is_err());
+        assert!(parse_cluster_slots(&Value::Array(vec![Value::Int(1)]), &asked(false)).is_err());
         let bad_slot = Value::Array(vec![Value::Array(vec![
             Value::Int(0),
             Value::Int(99999),
             Value::Array(vec![bulk("127.0.0.1"), Value::Int(1)]),
         ])]);
-        assert!(parse_cluster_slots(&bad_slot, asked()).is_err());
+        assert!(parse_cluster_slots(&bad_slot, &asked(false)).is_err());
+        let no_port = Value::Array(vec![shard(
+            0,
+            16383,
+            vec![entry(&[("id", bulk("m")), ("role", bulk("master"))])],
+        )]);
+        assert!(parse_cluster_shards(&no_port, &asked(false)).is_err());
+        // A host that is neither a name nor an IP is skipped, not trusted.
+        let bad_host = Value::Array(vec![shard(
+            0,
+            16383,
+            vec![node("m", "not an ip", 7000, "master", "online")],
+        )]);
+        let shards = parse_cluster_shards(&bad_host, &asked(false)).unwrap();
+        assert!(shards[0].master.is_none(), "{shards:?}");
     }
 
-    #[test]
-    fn changes_name_master_moves_and_node_churn() {
-        let shard = |master: &str, replica: &str| Shard {
-            slots: vec![0..=16383],
-            master: Some(TopologyNode {
-                id: master.into(),
-                addr: master.parse().unwrap(),
-                role: NodeRole::Master,
-                health: NodeHealth::Online,
-            }),
-            replicas: vec![TopologyNode {
-                id: replica.into(),
-                addr: replica.parse().unwrap(),
-                role: NodeRole::Replica,
-                health: NodeHealth::Online,
+    fn topology_node(endpoint: &str, ip: Option<&str>, role: NodeRole) -> TopologyNode {
+        TopologyNode {
+            id: endpoint.into(),
+            endpoint: ep(endpoint),
+            ip: ip.map(|i| i.parse().unwrap()),
+            role,
+            health: NodeHealth::Online,
+        }
+    }
+
+    fn snap(master: TopologyNode, replica: TopologyNode) -> TopologySnapshot {
+        TopologySnapshot {
+            shards: vec![Shard {
+                slots: vec![0..=16383],
+                master: Some(master),
+                replicas: vec![replica],
             }],
-        };
-        let snap = |s: Shard| TopologySnapshot {
-            shards: vec![s],
             agreed_by: 1,
             answered: 1,
             asked: 1,
             taken_at: SystemTime::now(),
             sequence: 1,
+        }
+    }
+
+    #[test]
+    fn changes_name_master_moves_and_node_churn() {
+        let shard = |m: &str, r: &str| {
+            snap(
+                topology_node(m, None, NodeRole::Master),
+                topology_node(r, None, NodeRole::Replica),
+            )
         };
-        let before = snap(shard("127.0.0.1:1", "127.0.0.2:1"));
-        let after = snap(shard("127.0.0.2:1", "127.0.0.3:1"));
+        let before = shard("127.0.0.1:1", "127.0.0.2:1");
+        let after = shard("127.0.0.2:1", "127.0.0.3:1");
         let changes = after.changes_since(&before);
-        assert!(changes.contains(&TopologyChange::NodeAdded("127.0.0.3:1".parse().unwrap())));
-        assert!(changes.contains(&TopologyChange::NodeRemoved("127.0.0.1:1".parse().unwrap())));
+        assert!(changes.contains(&TopologyChange::NodeAdded(ep("127.0.0.3:1"))));
+        assert!(changes.contains(&TopologyChange::NodeRemoved(ep("127.0.0.1:1"))));
         assert!(changes
             .iter()
             .any(|c| matches!(c, TopologyChange::MasterChanged { .. })));
         assert!(after.changes_since(&after).is_empty());
+    }
+
+    #[test]
+    fn a_named_node_at_a_new_ip_is_a_move_not_a_new_node() {
+        let before = snap(
+            topology_node("a.test:1", Some("127.0.0.1"), NodeRole::Master),
+            topology_node("b.test:1", Some("127.0.0.2"), NodeRole::Replica),
+        );
+        let after = snap(
+            topology_node("a.test:1", Some("127.0.0.7"), NodeRole::Master),
+            topology_node("b.test:1", Some("127.0.0.2"), NodeRole::Replica),
+        );
+        let changes = after.changes_since(&before);
+        assert_eq!(
+            changes,
+            vec![TopologyChange::NodeMoved {
+                endpoint: ep("a.test:1"),
+                from: Some("127.0.0.1".parse().unwrap()),
+                to: Some("127.0.0.7".parse().unwrap()),
+            }]
+        );
+        assert_eq!(view_key(&after.shards), view_key(&before.shards));
     }
 }

@@ -1,7 +1,6 @@
 //! The refresher's own logic with a fake topology source and paused time.
 
 use std::{
-    net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
@@ -19,7 +18,7 @@ use super::{
     NodeHealth, NodeRole, RefreshConfig, Shard, TopologyNode, TopologyRefresh,
 };
 use crate::{
-    connect::{connect_fn, ConnectHints},
+    connect::{connect_fn, ConnectHints, Endpoint},
     rebuild::{Rebuild, RebuildConfig},
     Error, ErrorKind,
 };
@@ -28,7 +27,7 @@ use crate::{
 #[derive(Clone)]
 struct FakeSource {
     fetches: Arc<Mutex<Vec<Instant>>>,
-    nodes: Arc<Mutex<(SocketAddr, SocketAddr)>>,
+    shard: Arc<Mutex<Shard>>,
     delay: Duration,
 }
 
@@ -36,9 +35,9 @@ impl FakeSource {
     fn new(delay: Duration) -> Self {
         FakeSource {
             fetches: Arc::default(),
-            nodes: Arc::new(Mutex::new((
-                "127.0.0.1:7000".parse().unwrap(),
-                "127.0.0.2:7000".parse().unwrap(),
+            shard: Arc::new(Mutex::new(shard(
+                node("127.0.0.1:7000", NodeRole::Master),
+                vec![node("127.0.0.2:7000", NodeRole::Replica)],
             ))),
             delay,
         }
@@ -47,33 +46,55 @@ impl FakeSource {
     fn count(&self) -> usize {
         self.fetches.lock().unwrap().len()
     }
+
+    /// The shard is now served by `master`, with `replicas`.
+    fn set(&self, master: TopologyNode, replicas: Vec<TopologyNode>) {
+        *self.shard.lock().unwrap() = shard(master, replicas);
+    }
 }
 
-fn node(addr: SocketAddr, role: NodeRole) -> TopologyNode {
+fn shard(master: TopologyNode, replicas: Vec<TopologyNode>) -> Shard {
+    Shard {
+        slots: vec![0..=16383],
+        master: Some(master),
+        replicas,
+    }
+}
+
+/// A node announced as `endpoint` (an IP, or a name with an `ip` given by `at`).
+fn node(endpoint: &str, role: NodeRole) -> TopologyNode {
+    let endpoint: Endpoint = endpoint.parse().unwrap();
     TopologyNode {
-        id: addr.to_string(),
-        addr,
+        id: endpoint.to_string(),
+        ip: endpoint.ip(),
+        endpoint,
         role,
         health: NodeHealth::Online,
     }
 }
 
+fn at(mut node: TopologyNode, ip: &str) -> TopologyNode {
+    node.ip = Some(ip.parse().unwrap());
+    node
+}
+
+fn failed(mut node: TopologyNode) -> TopologyNode {
+    node.health = NodeHealth::Failed;
+    node
+}
+
 impl FetchTopology for FakeSource {
     fn fetch<'a>(
         &'a self,
-        _known: &'a [SocketAddr],
+        _known: &'a [Endpoint],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, Error>> + Send + 'a>>
     {
         Box::pin(async move {
             self.fetches.lock().unwrap().push(Instant::now());
             tokio::time::sleep(self.delay).await;
-            let (m, r) = *self.nodes.lock().unwrap();
+            let shard = self.shard.lock().unwrap().clone();
             Ok(Fetched {
-                shards: vec![Shard {
-                    slots: vec![0..=16383],
-                    master: Some(node(m, NodeRole::Master)),
-                    replicas: vec![node(r, NodeRole::Replica)],
-                }],
+                shards: vec![shard],
                 agreed_by: 2,
                 answered: 2,
                 asked: 2,
@@ -241,9 +262,9 @@ async fn snapshots_become_known_nodes_and_an_unfollowable_change_rebuilds() {
     );
 
     // Both nodes replaced at new IPs: the client made from the old ones cannot follow.
-    *source.nodes.lock().unwrap() = (
-        "127.0.0.3:7000".parse().unwrap(),
-        "127.0.0.4:7000".parse().unwrap(),
+    source.set(
+        node("127.0.0.3:7000", NodeRole::Master),
+        vec![node("127.0.0.4:7000", NodeRole::Replica)],
     );
     handle
         .wait_for_generation(2, Duration::from_secs(15))
@@ -293,9 +314,9 @@ async fn after_a_change_the_refresher_looks_again_soon_until_things_settle() {
     assert_eq!(source.count(), 2, "start + one period, nothing changed");
 
     // A failover: the next periodic refresh sees it...
-    *source.nodes.lock().unwrap() = (
-        "127.0.0.2:7000".parse().unwrap(),
-        "127.0.0.3:7000".parse().unwrap(),
+    source.set(
+        node("127.0.0.2:7000", NodeRole::Master),
+        vec![node("127.0.0.3:7000", NodeRole::Replica)],
     );
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(source.count(), 3);
@@ -305,4 +326,96 @@ async fn after_a_change_the_refresher_looks_again_soon_until_things_settle() {
     assert_eq!(source.count(), 4, "a settle refresh 1 s after the change");
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert_eq!(source.count(), 4, "no change seen: back to the 30 s period");
+}
+
+/// A rebuild stack whose connects are counted, with a refresher over `source` feeding it.
+async fn counted_rebuilds(
+    source: &FakeSource,
+) -> (
+    Arc<AtomicUsize>,
+    TopologyRefresh<Rebuild<impl crate::connect::Connect>>,
+) {
+    let connects = Arc::new(AtomicUsize::new(0));
+    let counted = connects.clone();
+    let rebuild = Rebuild::new(
+        connect_fn(move |_: &ConnectHints| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok(failing(ErrorKind::Command)) }
+        }),
+        RebuildConfig::default(),
+    );
+    let handle = rebuild.handle();
+    handle
+        .wait_for_generation(1, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let config = RefreshConfig::default()
+        .every(Duration::from_secs(10))
+        .jitter(0.0);
+    let svc =
+        TopologyRefresh::with_fetcher(rebuild, Arc::new(source.clone()), config, Some(handle));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    (connects, svc)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_master_that_died_rebuilds_one_that_stepped_down_does_not() {
+    let source = FakeSource::new(Duration::ZERO);
+    let (connects, svc) = counted_rebuilds(&source).await;
+    assert_eq!(connects.load(Ordering::SeqCst), 1);
+
+    // Graceful failover: the old master stays, as a healthy replica that answers MOVED.
+    source.set(
+        node("127.0.0.2:7000", NodeRole::Master),
+        vec![node("127.0.0.1:7000", NodeRole::Replica)],
+    );
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(svc.handle().stats().published, 2);
+    assert_eq!(
+        connects.load(Ordering::SeqCst),
+        1,
+        "no rebuild for a step-down"
+    );
+
+    // The new master crashes: its replica takes over and the dead one is flagged failed. Its
+    // address may swallow packets, so the inner client would never hear MOVED from it.
+    source.set(
+        node("127.0.0.1:7000", NodeRole::Master),
+        vec![failed(node("127.0.0.2:7000", NodeRole::Replica))],
+    );
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(connects.load(Ordering::SeqCst), 2, "a lost master rebuilds");
+}
+
+#[tokio::test(start_paused = true)]
+async fn nodes_known_by_name_that_move_to_new_ips_need_no_rebuild() {
+    // Kubernetes: pods restart at new IPs under the same names; the inner client connects by
+    // name, so it follows without a new client.
+    let source = FakeSource::new(Duration::ZERO);
+    source.set(
+        at(node("redis-0.svc.test:6379", NodeRole::Master), "127.0.0.1"),
+        vec![at(
+            node("redis-1.svc.test:6379", NodeRole::Replica),
+            "127.0.0.2",
+        )],
+    );
+    let (connects, svc) = counted_rebuilds(&source).await;
+    source.set(
+        at(node("redis-0.svc.test:6379", NodeRole::Master), "127.0.0.7"),
+        vec![at(
+            node("redis-1.svc.test:6379", NodeRole::Replica),
+            "127.0.0.8",
+        )],
+    );
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(svc.handle().stats().published, 2, "the moves are published");
+    let moved = svc
+        .handle()
+        .current()
+        .unwrap()
+        .nodes()
+        .map(|n| n.ip.unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(moved, ["127.0.0.7", "127.0.0.8"]);
+    assert_eq!(connects.load(Ordering::SeqCst), 1, "no rebuild");
 }
