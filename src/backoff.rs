@@ -20,10 +20,13 @@ pub struct JitteredBackoffMaker {
 }
 
 impl JitteredBackoffMaker {
-    /// Delays start at `floor` and grow up to `cap`. Fails when `floor > cap` or `cap` is zero.
+    /// Delays start at `floor` and grow up to `cap`. Fails when `floor` is zero (the delays
+    /// grow from the floor, so they would stay zero: a hot reconnect loop) or exceeds `cap`.
     pub fn new(floor: Duration, cap: Duration) -> Result<Self, Error> {
-        if cap.is_zero() {
-            return Err(Error::config("backoff cap must be greater than zero"));
+        if floor.is_zero() {
+            return Err(Error::config(
+                "backoff floor must be greater than zero (delays grow from it; zero would retry in a hot loop)",
+            ));
         }
         if floor > cap {
             return Err(Error::config(format!(
@@ -177,5 +180,9 @@ mod tests {
             JitteredBackoffMaker::new(Duration::from_secs(2), Duration::from_secs(1)).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Config);
         assert!(JitteredBackoffMaker::new(Duration::ZERO, Duration::ZERO).is_err());
+        // A zero floor used to be accepted and gave zero delays for ever.
+        let e = JitteredBackoffMaker::new(Duration::ZERO, Duration::from_secs(1)).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Config);
+        assert!(e.to_string().contains("floor"), "{e}");
     }
 }

@@ -427,6 +427,15 @@ impl From<tower::BoxError> for Error {
     }
 }
 
+/// What a caught panic said, for the error that reports it.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
 /// The kind of one server error reply.
 fn classify_server(err: &redis::ServerError) -> ErrorKind {
     match err.kind() {

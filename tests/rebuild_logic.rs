@@ -410,3 +410,113 @@ async fn a_clone_starts_unreserved() {
     let err = clone.call(redis::cmd("GET")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connector_that_panics_fails_one_attempt_and_the_rebuild_goes_on() {
+    // The in-flight mark used to be cleared only by a successful install: a panicking connect
+    // left it set, and no rebuild ever started again.
+    let panics = Arc::new(AtomicUsize::new(2));
+    let left = panics.clone();
+    let mut svc = Rebuild::new(
+        connect_fn(move |hints: &ConnectHints| {
+            let panic_now = left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let generation = hints.generation;
+            async move {
+                assert!(!panic_now, "a bug in the user's connector");
+                Ok(Fake {
+                    generation,
+                    behaviour: Arc::new(Mutex::new(Behaviour::Ok)),
+                    release: Arc::default(),
+                })
+            }
+        }),
+        RebuildConfig::default(),
+    );
+    // The caller hears of the bug at once (it is not a passing condition)...
+    let err = get(&mut svc).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    assert!(err.to_string().contains("panicked"), "{err}");
+    // ...and the rebuild carries on behind it, backing off, until a connect works.
+    let mut status = svc.handle().subscribe();
+    status.wait_for(|s| s.generation == 1).await.unwrap();
+    assert_eq!(get(&mut svc).await.unwrap(), Value::Int(1));
+    assert_eq!(svc.handle().status().attempts, 3);
+    assert_eq!(panics.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_rebuild_cut_short_by_its_runtime_starts_again_on_the_next() {
+    // The rebuild task of the first runtime is dropped mid-backoff when that runtime shuts
+    // down; the service lives on and must not wait for a rebuild nobody runs.
+    let script = Script::new();
+    script.fail_connects.store(1, Ordering::SeqCst);
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut svc = first.block_on(async {
+        let svc = script.service(RebuildConfig::default().max_wait(Duration::from_secs(30)));
+        // The first connect fails; the task now sleeps its backoff.
+        let mut status = svc.handle().subscribe();
+        status.wait_for(|s| s.attempts >= 1).await.unwrap();
+        svc
+    });
+    drop(first);
+    assert!(
+        !svc.handle().status().rebuilding,
+        "the dropped task took its in-flight mark with it"
+    );
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let reply = tokio::time::timeout(Duration::from_secs(10), get(&mut svc))
+            .await
+            .expect("the second runtime starts a rebuild of its own");
+        assert_eq!(reply.unwrap(), Value::Int(1));
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_connect_failure_reaches_a_waiting_caller_at_once() {
+    // Waiters looked at the last error before subscribing to status changes: a failure recorded
+    // in between (by the rebuild task, running on the other worker) was seen only at max_wait.
+    for round in 0..50 {
+        let svc = Rebuild::new(
+            connect_fn(|_: &ConnectHints| async {
+                tokio::task::yield_now().await;
+                Err::<Fake, _>(Error::new(ErrorKind::Auth, "WRONGPASS"))
+            }),
+            RebuildConfig::default()
+                .max_wait(Duration::from_secs(30))
+                .backoff(Duration::from_micros(50), Duration::from_micros(200))
+                .unwrap()
+                .eager(false),
+        );
+        let callers: Vec<_> = (0..16)
+            .map(|_| {
+                let mut svc = svc.clone();
+                tokio::spawn(async move {
+                    for _ in 0..20 {
+                        let started = std::time::Instant::now();
+                        let err = tokio::time::timeout(Duration::from_secs(5), get(&mut svc))
+                            .await
+                            .expect("a caller waited for max_wait")
+                            .unwrap_err();
+                        assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+                        assert!(started.elapsed() < Duration::from_secs(5));
+                        svc = svc.clone();
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+}

@@ -7,6 +7,22 @@ use crate::Error;
 /// How to verify the servers, and optionally who we are (mutual TLS).
 ///
 /// Verification is always on; there is deliberately no switch to turn it off.
+///
+/// # Which name a node is verified against
+/// Every connection is verified against the host it is made to: the seed's name for the
+/// configuration endpoint (also when a topology probe goes to one particular IP behind it), and
+/// each node's **announced endpoint** for the nodes. On clusters that announce host names —
+/// AWS MemoryDB and ElastiCache with in-transit encryption, or Redis 7 with
+/// `cluster-announce-hostname` and `cluster-preferred-endpoint-type hostname` — that is the
+/// node's name, so certificates that name DNS names only (a wildcard for the cluster's domain)
+/// verify, and keep verifying when a node's DNS record lags behind a replacement (the
+/// connection then goes to the IP the cluster reports, still verified against the name).
+///
+/// A cluster that announces **IPs** behind certificates without IP SANs cannot be verified
+/// node by node: the redis crate (1.x) checks each node connection against the address it
+/// dials and offers no per-connection server-name override — only
+/// `danger_accept_invalid_hostnames`, which switches name verification off and is not exposed
+/// here. Announce host names on such clusters (or issue certificates with IP SANs).
 #[derive(Clone, Default)]
 pub struct TlsConfig {
     root_ca_pem: Option<Vec<u8>>,

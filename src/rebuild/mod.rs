@@ -261,6 +261,37 @@ where
                     continue;
                 }
             }
+            // Subscribed first, then looked at: a change before the subscription is seen by the
+            // checks below, a later one wakes the wait. (Looking first could miss a failure
+            // recorded in between, and wait all of max_wait for it.)
+            let max_wait = self.max_wait();
+            let waiting = self.waiting.get_or_insert_with(|| {
+                Box::new(Waiting {
+                    deadline: Box::pin(tokio::time::sleep(max_wait)),
+                    changed: None,
+                })
+            });
+            if waiting.changed.is_none() {
+                let mut slot = self.shared.slot.subscribe();
+                slot.borrow_and_update();
+                // A failed connect changes only the status: waking on it lets a non-transient
+                // failure (below) reach the caller at once.
+                let mut status = self.shared.status_receiver();
+                status.borrow_and_update();
+                waiting.changed = Some(Box::pin(async move {
+                    let ended = tokio::select! {
+                        r = slot.changed() => r.is_err(),
+                        r = status.changed() => r.is_err(),
+                    };
+                    // Every sender is gone; the deadline still ends the wait.
+                    if ended {
+                        std::future::pending::<()>().await;
+                    }
+                }));
+                if self.shared.slot.borrow().serving {
+                    continue;
+                }
+            }
             // A connect that failed for a reason that does not pass by itself (wrong password,
             // untrusted certificate, bad configuration) is reported at once rather than after
             // max_wait; the rebuild keeps trying in the background in case it gets fixed.
@@ -284,34 +315,9 @@ where
                     Reason::Start,
                 );
             }
-            let max_wait = self.max_wait();
-            let waiting = self.waiting.get_or_insert_with(|| {
-                Box::new(Waiting {
-                    deadline: Box::pin(tokio::time::sleep(max_wait)),
-                    changed: None,
-                })
-            });
-            if waiting.changed.is_none() {
-                // Subscribed, then looked at: a change before the subscription is seen here, a
-                // later one wakes the wait.
-                let mut slot = self.shared.slot.subscribe();
-                if slot.borrow_and_update().serving {
-                    continue;
-                }
-                // A failed connect changes only the status: waking on it lets a non-transient
-                // failure (above) reach the caller at once.
-                let mut status = self.shared.status_receiver();
-                waiting.changed = Some(Box::pin(async move {
-                    let ended = tokio::select! {
-                        r = slot.changed() => r.is_err(),
-                        r = status.changed() => r.is_err(),
-                    };
-                    // Every sender is gone; the deadline still ends the wait.
-                    if ended {
-                        std::future::pending::<()>().await;
-                    }
-                }));
-            }
+            let Some(waiting) = self.waiting.as_mut() else {
+                continue;
+            };
             let changed = waiting.changed.as_mut().expect("made above");
             if changed.as_mut().poll(cx).is_ready() {
                 waiting.changed = None;

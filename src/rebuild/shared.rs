@@ -2,6 +2,7 @@
 
 use std::{
     fmt,
+    panic::AssertUnwindSafe,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, Weak,
@@ -10,6 +11,7 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
+use futures_util::FutureExt;
 use tokio::{sync::watch, time::Instant};
 
 use super::{RebuildAction, RebuildConfig, RebuildStatus};
@@ -284,6 +286,24 @@ where
     }
 }
 
+/// Clears the in-flight mark if the task ends without installing a client — dropped by a
+/// runtime that shut down, or unwound — so the next call starts a rebuild instead of waiting
+/// for one that will never come.
+struct InFlight<C: Connect>(Weak<Shared<C>>);
+
+impl<C: Connect> Drop for InFlight<C> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            let mut control = shared.control.lock().unwrap_or_else(|p| p.into_inner());
+            if control.rebuilding {
+                control.rebuilding = false;
+                control.status.rebuilding = false;
+                shared.status.send_replace(control.status.clone());
+            }
+        }
+    }
+}
+
 /// The rebuild task: connect until it works, backing off with jitter; ends early when every
 /// service and handle is gone.
 async fn run<C>(weak: Weak<Shared<C>>)
@@ -291,6 +311,7 @@ where
     C: Connect,
     C::Service: Send + Sync + 'static,
 {
+    let _in_flight = InFlight(weak.clone());
     let started = Instant::now();
     let mut backoff = match weak.upgrade() {
         Some(shared) => shared.config.backoff.make(),
@@ -304,14 +325,24 @@ where
         attempt += 1;
         let (hints, _) = shared.next_attempt();
         let generation = hints.generation;
-        let connecting = shared.connector.connect(&hints);
-        let result = match tokio::time::timeout(shared.config.connect_timeout, connecting).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::timeout(format!(
-                "connecting a new inner client took longer than {:?}",
-                shared.config.connect_timeout
-            ))),
-        };
+        let timeout = shared.config.connect_timeout;
+        // A connector that panics (a user's `Connect`) fails this attempt, like an error: the
+        // rebuild backs off and tries again instead of dying with its in-flight mark set.
+        let connecting = AssertUnwindSafe(async {
+            match tokio::time::timeout(timeout, shared.connector.connect(&hints)).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::timeout(format!(
+                    "connecting a new inner client took longer than {timeout:?}"
+                ))),
+            }
+        })
+        .catch_unwind();
+        let result = connecting.await.unwrap_or_else(|panic| {
+            Err(Error::closed(format!(
+                "the connector panicked: {}",
+                crate::error::panic_message(&*panic)
+            )))
+        });
         match result {
             Ok(service) => {
                 shared.install(service, generation, started, attempt);

@@ -2,6 +2,7 @@
 
 use std::{
     collections::HashSet,
+    panic::AssertUnwindSafe,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, Weak,
@@ -9,6 +10,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures_util::FutureExt;
 use tokio::{sync::watch, sync::Notify, time::Instant};
 use tower::util::rng::{HasherRng, Rng};
 
@@ -94,20 +96,16 @@ impl Refresher {
     async fn refresh(&self) -> Result<bool, Error> {
         let previous = self.snapshot.borrow().clone();
         let known = previous.as_ref().map(|s| s.endpoints()).unwrap_or_default();
-        let fetched = self.source.fetch(&known).await;
-        let mut stats = self.stats.borrow().clone();
-        stats.refreshes += 1;
-        stats.triggers = self.triggers.load(Ordering::Relaxed);
-        let fetched = match fetched {
+        let fetched = match self.source.fetch(&known).await {
             Ok(f) => f,
             Err(e) => {
-                stats.failures += 1;
-                crate::metrics::refreshed(false, false, *self.last_change());
-                stats.last_error = Some(e.clone());
-                self.stats.send_replace(stats);
+                self.record_failure(e.clone());
                 return Err(e);
             }
         };
+        let mut stats = self.stats.borrow().clone();
+        stats.refreshes += 1;
+        stats.triggers = self.triggers.load(Ordering::Relaxed);
         let sequence = previous.as_ref().map_or(0, |s| s.sequence) + 1;
         let snapshot = TopologySnapshot {
             shards: fetched.shards,
@@ -151,6 +149,17 @@ impl Refresher {
         }
         self.stats.send_replace(stats);
         Ok(changed && previous.is_some())
+    }
+
+    /// Counts a refresh that ended without a result.
+    fn record_failure(&self, error: Error) {
+        crate::metrics::refreshed(false, false, *self.last_change());
+        let mut stats = self.stats.borrow().clone();
+        stats.refreshes += 1;
+        stats.failures += 1;
+        stats.triggers = self.triggers.load(Ordering::Relaxed);
+        stats.last_error = Some(error);
+        self.stats.send_replace(stats);
     }
 
     fn last_change(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
@@ -230,15 +239,41 @@ fn lost_master(
     })
 }
 
+/// The longest a settle period grows to while the cluster keeps changing (a long live
+/// resharding changes the topology at every refresh).
+const SETTLE_CAP: Duration = Duration::from_secs(60);
+
+/// A wait longer than this is "never": it keeps instant arithmetic from overflowing.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `base` spread by ±`jitter`, saturating at [`FOREVER`] (a configured `Duration::MAX` means
+/// "practically never", not a panic).
 pub(crate) fn jittered(base: Duration, jitter: f64, rng: &mut HasherRng) -> Duration {
+    let base = base.min(FOREVER);
     if jitter <= 0.0 {
         return base;
     }
     let factor = 1.0 + jitter * (2.0 * rng.next_f64() - 1.0);
-    base.mul_f64(factor.max(0.0))
+    Duration::try_from_secs_f64(base.as_secs_f64() * factor.max(0.0))
+        .unwrap_or(FOREVER)
+        .min(FOREVER)
+}
+
+/// Marks the task as gone when it ends while its refresher lives on (its runtime shut down, or
+/// it panicked outside a refresh), so the next call starts it again instead of finding it
+/// silently missing.
+struct TaskGuard(Weak<Refresher>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if let Some(refresher) = self.0.upgrade() {
+            refresher.started.store(false, Ordering::Release);
+        }
+    }
 }
 
 async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
+    let _guard = TaskGuard(weak.clone());
     let mut rng = HasherRng::default();
     let mut last_refresh: Option<Instant> = None;
     // The first refresh runs at once: a snapshot is useful before anything fails.
@@ -277,21 +312,31 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
         }
         due_now = false;
         if let Some(last) = last_refresh {
-            let earliest = last + jittered(min_interval, jitter, &mut rng);
-            tokio::time::sleep_until(earliest).await;
+            tokio::time::sleep_until(last + jittered(min_interval, jitter, &mut rng)).await;
         }
         signal.requested.store(false, Ordering::Release);
         let Some(refresher) = weak.upgrade() else {
             return;
         };
         last_refresh = Some(Instant::now());
-        match refresher.refresh().await {
-            Ok(true) => {
-                let first = min_interval.max(Duration::from_secs(1));
-                settle = Some(settle.map_or(first, |s| s * 2));
+        // A refresh that panics (a bug, ours or a resolver's) is a failed refresh, reported as
+        // such; the task carries on rather than leaving the client without refreshes.
+        let outcome = AssertUnwindSafe(refresher.refresh()).catch_unwind().await;
+        match outcome {
+            Ok(Ok(true)) => {
+                let first = min_interval.max(Duration::from_secs(1)).min(SETTLE_CAP);
+                settle = Some(settle.map_or(first, |s| s.saturating_mul(2).min(SETTLE_CAP)));
             }
-            Ok(false) => settle = None,
-            Err(e) => tracing::warn!(error = %e, "topology refresh failed"),
+            Ok(Ok(false)) => settle = None,
+            Ok(Err(e)) => tracing::warn!(error = %e, "topology refresh failed"),
+            Err(panic) => {
+                let error = Error::closed(format!(
+                    "a topology refresh panicked: {}",
+                    crate::error::panic_message(&*panic)
+                ));
+                tracing::error!(error = %error, "topology refresh panicked; carrying on");
+                refresher.record_failure(error);
+            }
         }
         // Triggers that arrived while this refresh ran are kept as one follow-up refresh (after
         // the minimum interval): they may report a change that happened after this refresh read

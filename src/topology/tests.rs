@@ -419,3 +419,111 @@ async fn nodes_known_by_name_that_move_to_new_ips_need_no_rebuild() {
     assert_eq!(moved, ["127.0.0.7", "127.0.0.8"]);
     assert_eq!(connects.load(Ordering::SeqCst), 1, "no rebuild");
 }
+
+/// A topology that changes at every look: the master alternates (a long live resharding
+/// looks the same to the refresher).
+#[derive(Clone, Default)]
+struct Churning {
+    fetches: Arc<AtomicUsize>,
+    panic_on: Option<usize>,
+}
+
+impl FetchTopology for Churning {
+    fn fetch<'a>(
+        &'a self,
+        _known: &'a [Endpoint],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, Error>> + Send + 'a>>
+    {
+        let n = self.fetches.fetch_add(1, Ordering::SeqCst);
+        let panics = self.panic_on == Some(n);
+        Box::pin(async move {
+            assert!(!panics, "a bug in a topology source");
+            let (m, r) = if n.is_multiple_of(2) {
+                ("127.0.0.1:7000", "127.0.0.2:7000")
+            } else {
+                ("127.0.0.2:7000", "127.0.0.1:7000")
+            };
+            Ok(Fetched {
+                shards: vec![shard(
+                    node(m, NodeRole::Master),
+                    vec![node(r, NodeRole::Replica)],
+                )],
+                agreed_by: 2,
+                answered: 2,
+                asked: 2,
+            })
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_topology_that_keeps_changing_never_stops_the_refresher() {
+    // The settle interval doubled without a cap and overflowed after ~64 changing refreshes in
+    // a row, killing the task for good.
+    let source = Churning::default();
+    let svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Command),
+        Arc::new(source.clone()),
+        RefreshConfig::default().every(None).jitter(0.1),
+        None,
+    );
+    let mut last = 0;
+    for _ in 0..200 {
+        svc.handle().refresh();
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        let now = source.fetches.load(Ordering::SeqCst);
+        assert!(now > last, "the refresher stopped after {now} refreshes");
+        last = now;
+    }
+    assert!(last >= 200, "{last}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_period_of_duration_max_means_never_not_a_panic() {
+    let source = FakeSource::new(Duration::ZERO);
+    let svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Command),
+        Arc::new(source.clone()),
+        RefreshConfig::default()
+            .every(Duration::MAX)
+            .min_interval(Duration::MAX)
+            .jitter(0.5),
+        None,
+    );
+    settle().await;
+    assert_eq!(source.count(), 1);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(source.count(), 1, "no periodic refresh within an hour");
+    assert_eq!(svc.handle().stats().refreshes, 1);
+    let mut rng = tower::util::rng::HasherRng::default();
+    for _ in 0..100 {
+        let _ = jittered(Duration::MAX, 0.5, &mut rng);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_that_panics_is_reported_and_the_refresher_carries_on() {
+    let source = Churning {
+        panic_on: Some(0),
+        ..Churning::default()
+    };
+    let svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Command),
+        Arc::new(source.clone()),
+        RefreshConfig::default().every(None),
+        None,
+    );
+    settle().await;
+    let stats = svc.handle().stats();
+    assert_eq!((stats.refreshes, stats.failures), (1, 1), "{stats:?}");
+    let error = stats.last_error.unwrap();
+    assert_eq!(error.kind(), ErrorKind::Closed);
+    assert!(error.to_string().contains("panicked"), "{error}");
+    let after = svc
+        .handle()
+        .refresh_and_wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(after.refreshes, 2);
+    assert!(svc.handle().current().is_some());
+}
