@@ -30,6 +30,8 @@ use std::fmt;
 
 use redis::{Arg, Cmd, Pipeline};
 
+use crate::Error;
+
 use Idempotency::{Idempotent, NonIdempotent, ReadOnly};
 
 /// How safe it is to send a command again when an earlier attempt may have executed.
@@ -112,11 +114,11 @@ pub fn command_name(cmd: &Cmd) -> Option<String> {
 ///
 /// let table = IdempotencyTable::new()
 ///     // Our only script overwrites one key with a fixed value.
-///     .with_override("EVALSHA", Idempotency::Idempotent)
+///     .with_override("EVALSHA", Idempotency::Idempotent)?
 ///     // We de-duplicate events on SADD's reply: a retry's "0 added" would drop an event.
-///     .with_override("sadd", Idempotency::NonIdempotent)
+///     .with_override("sadd", Idempotency::NonIdempotent)?
 ///     // Only CONFIG SET is affected; CONFIG GET keeps its built-in class.
-///     .with_override("config set", Idempotency::NonIdempotent);
+///     .with_override("config set", Idempotency::NonIdempotent)?;
 ///
 /// let mut evalsha = redis::cmd("EVALSHA");
 /// evalsha.arg("a42059b356c875f0717db19a51f6aaca9ae659ea").arg(0);
@@ -137,6 +139,7 @@ pub fn command_name(cmd: &Cmd) -> Option<String> {
 /// assert_eq!(table.classify_pipeline(&pipe), Idempotency::Idempotent);
 /// pipe.cmd("INCR").arg("hits");
 /// assert_eq!(table.classify_pipeline(&pipe), Idempotency::NonIdempotent);
+/// # Ok::<(), tower_redis_cluster::Error>(())
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct IdempotencyTable {
@@ -153,22 +156,26 @@ impl IdempotencyTable {
     /// Overrides one command (case-insensitive); `"CONFIG SET"` style two-word names address a
     /// subcommand. A later override of the same name replaces an earlier one.
     ///
-    /// # Panics
-    ///
-    /// If `command` is empty or has more than two words: such an override could never match.
-    pub fn with_override(mut self, command: impl AsRef<str>, idempotency: Idempotency) -> Self {
-        self.set_override(command, idempotency);
-        self
+    /// Fails with a [`Config`](crate::ErrorKind::Config) error when `command` is empty or has
+    /// more than two words: such an override could never match.
+    pub fn with_override(
+        mut self,
+        command: impl AsRef<str>,
+        idempotency: Idempotency,
+    ) -> Result<Self, Error> {
+        self.set_override(command, idempotency)?;
+        Ok(self)
     }
 
     /// Overrides one command in place; see [`IdempotencyTable::with_override`].
-    ///
-    /// # Panics
-    ///
-    /// If `command` is empty or has more than two words.
-    pub fn set_override(&mut self, command: impl AsRef<str>, idempotency: Idempotency) {
-        self.overrides
-            .insert(override_key(command.as_ref()), idempotency);
+    pub fn set_override(
+        &mut self,
+        command: impl AsRef<str>,
+        idempotency: Idempotency,
+    ) -> Result<(), Error> {
+        let key = override_key(command.as_ref())?;
+        self.overrides.insert(key, idempotency);
+        Ok(())
     }
 
     /// Classifies a command: its subcommand override, its command override, or the built-in
@@ -238,20 +245,20 @@ impl IdempotencyTable {
     }
 }
 
-fn override_key(command: &str) -> String {
+fn override_key(command: &str) -> Result<String, Error> {
     let mut words = command.split_ascii_whitespace();
     let (Some(name), sub, None) = (words.next(), words.next(), words.next()) else {
-        panic!(
-            "an idempotency override names one command or one `COMMAND SUBCOMMAND` pair, \
-             got {command:?}"
-        );
+        return Err(Error::config(format!(
+            "an idempotency override names one command or one `COMMAND SUBCOMMAND` pair, got {:?}",
+            command.chars().take(100).collect::<String>()
+        )));
     };
     let mut key = name.to_ascii_uppercase();
     if let Some(sub) = sub {
         key.push(' ');
         key.push_str(&sub.to_ascii_uppercase());
     }
-    key
+    Ok(key)
 }
 
 /// How the table decides a command.
@@ -1873,8 +1880,11 @@ mod tests {
     fn command_level_override_beats_the_table() {
         let table = IdempotencyTable::new()
             .with_override("sadd", NonIdempotent)
+            .unwrap()
             .with_override("EVALSHA", Idempotent)
-            .with_override("FT.SEARCH", ReadOnly);
+            .unwrap()
+            .with_override("FT.SEARCH", ReadOnly)
+            .unwrap();
         assert_eq!(table.classify(&cmd_of("SADD s m")), NonIdempotent);
         assert_eq!(table.classify(&cmd_of("sadd s m")), NonIdempotent);
         assert_eq!(table.classify(&cmd_of("EVALSHA abc 0")), Idempotent);
@@ -1890,8 +1900,11 @@ mod tests {
     fn subcommand_override_beats_command_override_beats_table() {
         let mut table = IdempotencyTable::new()
             .with_override("config  set", NonIdempotent)
+            .unwrap()
             .with_override("CLIENT", ReadOnly)
-            .with_override("client kill", Idempotent);
+            .unwrap()
+            .with_override("client kill", Idempotent)
+            .unwrap();
         assert_eq!(
             table.classify(&cmd_of("CONFIG SET maxmemory 1gb")),
             NonIdempotent
@@ -1908,14 +1921,16 @@ mod tests {
         assert_eq!(table.classify(&cmd_of("CLIENT PAUSE 100")), ReadOnly);
         assert_eq!(table.classify(&redis::cmd("CLIENT")), ReadOnly);
         // A later override replaces an earlier one.
-        table.set_override("CLIENT KILL", NonIdempotent);
+        table.set_override("CLIENT KILL", NonIdempotent).unwrap();
         assert_eq!(table.classify(&cmd_of("CLIENT KILL ID 7")), NonIdempotent);
     }
 
     #[test]
     fn long_override_names_still_match() {
         let long = "X".repeat(70);
-        let table = IdempotencyTable::new().with_override(format!("{long} sub"), ReadOnly);
+        let table = IdempotencyTable::new()
+            .with_override(format!("{long} sub"), ReadOnly)
+            .unwrap();
         assert_eq!(table.classify(&cmd_of(&format!("{long} sub k"))), ReadOnly);
         assert_eq!(
             table.classify(&cmd_of(&format!("{long} other k"))),
@@ -1924,15 +1939,22 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "one command or one")]
-    fn three_word_override_is_refused() {
-        let _ = IdempotencyTable::new().with_override("CLIENT KILL ID", Idempotent);
-    }
-
-    #[test]
-    #[should_panic(expected = "one command or one")]
-    fn empty_override_is_refused() {
-        let _ = IdempotencyTable::new().with_override("  ", Idempotent);
+    fn overrides_that_could_never_match_are_config_errors_not_panics() {
+        for bad in ["CLIENT KILL ID", "  ", ""] {
+            let e = IdempotencyTable::new()
+                .with_override(bad, Idempotent)
+                .unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Config, "{bad:?}");
+            assert!(e.to_string().contains("one command or one"), "{e}");
+            let mut table = IdempotencyTable::new();
+            assert!(table.set_override(bad, Idempotent).is_err());
+        }
+        // A huge input is not echoed whole.
+        let huge = "X ".repeat(100_000);
+        let e = IdempotencyTable::new()
+            .with_override(&huge, Idempotent)
+            .unwrap_err();
+        assert!(e.to_string().len() < 500, "{} bytes", e.to_string().len());
     }
 
     #[test]
@@ -1980,7 +2002,9 @@ mod tests {
             IdempotencyTable::new().classify_pipeline(&pipe),
             NonIdempotent
         );
-        let table = IdempotencyTable::new().with_override("evalsha", Idempotent);
+        let table = IdempotencyTable::new()
+            .with_override("evalsha", Idempotent)
+            .unwrap();
         assert_eq!(table.classify_pipeline(&pipe), Idempotent);
     }
 

@@ -761,8 +761,10 @@ async fn overrides_opt_commands_in_and_out() {
     let overrides = IdempotencyTable::new()
         // Our script overwrites a key with a fixed value.
         .with_override("EVALSHA", Idempotency::Idempotent)
+        .unwrap()
         // We act on SADD's "added" count.
-        .with_override("SADD", Idempotency::NonIdempotent);
+        .with_override("SADD", Idempotency::NonIdempotent)
+        .unwrap();
     // With max_retries = 3: 4 attempts when sent again, 1 when not.
     let cases = [
         ("EVALSHA abc 0", IdempotencyTable::new(), 1),

@@ -28,7 +28,7 @@ pub type SharedBudget = Arc<dyn Budget + Send + Sync>;
 ///     // Retries may add at most 10 % of the last 10 s of calls, plus 5 per second.
 ///     .budget(RetryBudget::new(Duration::from_secs(10), 5, 0.1)?)
 ///     // Our one script overwrites a key with a fixed value: safe to send again.
-///     .idempotency(IdempotencyTable::new().with_override("EVALSHA", Idempotency::Idempotent));
+///     .idempotency(IdempotencyTable::new().with_override("EVALSHA", Idempotency::Idempotent)?);
 /// # let _ = config; Ok(()) }
 /// ```
 #[derive(Clone)]
