@@ -246,7 +246,7 @@ impl Client {
         let value = self.send_request(cmd.clone()).await?;
         redis::from_redis_value(value).map_err(|e| {
             Error::new(
-                ErrorKind::Command,
+                ErrorKind::Conversion,
                 "the reply does not convert to the requested type",
             )
             .with_source(e)
@@ -269,7 +269,7 @@ impl Client {
         let values: Vec<Value> = self.send_request(pipeline.clone()).await?;
         redis::from_redis_value(Value::Array(values)).map_err(|e| {
             Error::new(
-                ErrorKind::Command,
+                ErrorKind::Conversion,
                 "the replies do not convert to the requested type",
             )
             .with_source(e)
@@ -291,7 +291,9 @@ impl Client {
         self.info.rebuild.generation()
     }
 
-    /// Waits, at most `timeout`, until the first inner client is connected.
+    /// Waits, at most `timeout`, until the first inner client is connected. Returns the
+    /// connect's own error at once when it cannot pass by itself (`Auth`, `Tls`, `Config` — a
+    /// seed that is a standalone server, say) instead of waiting out `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
         self.info
             .rebuild
@@ -623,8 +625,13 @@ impl ClientBuilder {
             self.concurrency_limit
         );
 
+        // Knobs that cannot work fail the build, not every later call.
+        if let Some(config) = &refresh {
+            config.validate()?;
+        }
         let source = connector.topology_source();
         let mut rebuild_config = self.rebuild.unwrap_or_default();
+        rebuild_config.validate()?;
         // A caller of the Service interface waits for a rebuild in poll_ready, which the
         // call's deadline does not cover: keep that wait within the deadline too.
         if let Some(t) = timeout {

@@ -52,6 +52,9 @@ pub enum ErrorKind {
     Tls,
     /// The server rejected the command itself (`WRONGTYPE`, syntax, `CROSSSLOT`, script errors).
     Command,
+    /// The server answered, but the reply does not convert to the type the caller asked for
+    /// (a client-side mistake: the command ran).
+    Conversion,
     /// The configuration cannot work (no seeds, bad URL, unsupported option).
     Config,
     /// The service was shut down, or a background task it relies on is gone.
@@ -75,6 +78,7 @@ impl ErrorKind {
             ErrorKind::Auth => "auth",
             ErrorKind::Tls => "tls",
             ErrorKind::Command => "command",
+            ErrorKind::Conversion => "conversion",
             ErrorKind::Config => "config",
             ErrorKind::Closed => "closed",
         }
@@ -86,14 +90,15 @@ impl ErrorKind {
     }
 
     /// Whether the condition usually passes by itself (failover, migration, network blip), so that
-    /// the same command may succeed later. `Auth`, `Tls`, `Command`, `Config` and `Closed`
-    /// never do.
+    /// the same command may succeed later. `Auth`, `Tls`, `Command`, `Conversion`, `Config` and
+    /// `Closed` never do.
     pub fn is_transient(self) -> bool {
         !matches!(
             self,
             ErrorKind::Auth
                 | ErrorKind::Tls
                 | ErrorKind::Command
+                | ErrorKind::Conversion
                 | ErrorKind::Config
                 | ErrorKind::Closed
         )
@@ -114,6 +119,7 @@ impl ErrorKind {
             ErrorKind::Auth => "authentication failed",
             ErrorKind::Tls => "TLS handshake failed (check the CA and the server name)",
             ErrorKind::Command => "command rejected by the server",
+            ErrorKind::Conversion => "the reply does not convert to the requested type",
             ErrorKind::Config => "invalid configuration",
             ErrorKind::Closed => "service closed",
         }
@@ -353,11 +359,30 @@ impl fmt::Debug for Error {
     }
 }
 
+/// The most of one part (the message, each cause) that `Display` prints: a 1 MB host name in a
+/// message must not become a multi-megabyte log line.
+const DISPLAY_PART: usize = 512;
+/// The most `Display` prints in all.
+const DISPLAY_TOTAL: usize = 2048;
+
+/// `text` cut at a character boundary near `max` bytes, saying how much was left out.
+fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..end], text.len() - end).into()
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0.kind.describe())?;
+        let mut text = String::from(self.0.kind.describe());
         if let Some(m) = &self.0.message {
-            write!(f, ": {m}")?;
+            text.push_str(": ");
+            text.push_str(&bounded(m, DISPLAY_PART));
         }
         // The root cause is the part a reader acts on (a refused port, a certificate, a DNS name),
         // so it is printed here too rather than left for a reporter that walks `source()`.
@@ -368,18 +393,25 @@ impl fmt::Display for Error {
             .map(|s| s as &(dyn StdError + 'static));
         let mut depth = 0;
         while let Some(c) = cause {
-            write!(f, ": {c}")?;
+            let part = c.to_string();
+            let part = bounded(&part, DISPLAY_PART);
+            // A cause that is already in the text (an error that repeats its source, or a
+            // message that quoted it) is not printed twice.
+            if !part.is_empty() && !text.contains(part.as_ref()) {
+                text.push_str(": ");
+                text.push_str(&part);
+            }
             depth += 1;
-            // The redis crate's error prints its inner error already; stop there to avoid echoes.
-            if depth >= 4 || c.is::<RedisError>() {
+            // Our errors and the redis crate's print their own causes: stop there.
+            if depth >= 4 || c.is::<RedisError>() || c.is::<Error>() {
                 break;
             }
             cause = c.source();
         }
         if let Some(g) = self.0.generation {
-            write!(f, " (client generation {g})")?;
+            text.push_str(&format!(" (client generation {g})"));
         }
-        Ok(())
+        f.write_str(&bounded(&text, DISPLAY_TOTAL))
     }
 }
 
@@ -457,6 +489,8 @@ fn classify_server_kind(kind: ServerErrorKind, detail: Option<&str>) -> ErrorKin
         ServerErrorKind::ResponseError => match detail {
             // Redis 6 answers a wrong password with a plain ERR.
             Some(d) if d.starts_with("invalid password") => ErrorKind::Auth,
+            // A seed that is a standalone server: no retry or rebuild makes it a cluster.
+            Some(d) if d.contains("cluster support disabled") => ErrorKind::Config,
             _ => ErrorKind::Command,
         },
         _ => ErrorKind::Command,
@@ -513,7 +547,7 @@ fn classify_redis(err: &RedisError) -> (ErrorKind, Sent) {
         K::Io => classify_io(err),
         // A reply that cannot be parsed means the stream is out of step; the command was sent.
         K::Parse => (ErrorKind::Connection, Sent::Maybe),
-        K::UnexpectedReturnType => (ErrorKind::Command, Sent::Maybe),
+        K::UnexpectedReturnType => (ErrorKind::Conversion, Sent::Maybe),
         // `Client` covers caller mistakes (empty command) and TLS failures; the latter carry a
         // source and happen while connecting, before any command is written.
         K::Client => {
@@ -783,10 +817,47 @@ mod tests {
     }
 
     #[test]
+    fn nested_errors_print_each_cause_once() {
+        let root = Error::from(RedisError::from(io::Error::from(
+            io::ErrorKind::ConnectionRefused,
+        )));
+        let root_text = root.redis_error().unwrap().to_string();
+        let outer = Error::unreachable("no inner client could serve").with_source(root);
+        let text = outer.to_string();
+        assert_eq!(text.matches(&root_text).count(), 1, "{text}");
+        let twice = Error::timeout("the call did not finish").with_source(outer);
+        let text = twice.to_string();
+        assert_eq!(text.matches(&root_text).count(), 1, "{text}");
+    }
+
+    #[test]
+    fn display_is_bounded_whatever_the_message() {
+        let huge = "h".repeat(1 << 20);
+        let e = Error::config(format!("seed {huge:?} is not a host name"))
+            .with_source(io::Error::other(huge.clone()));
+        let text = e.to_string();
+        assert!(text.len() < 4 * DISPLAY_TOTAL, "{} bytes", text.len());
+        assert!(text.contains("more bytes"), "says it was cut");
+        // Multi-byte characters are cut at a boundary.
+        let wide = Error::config("é".repeat(10_000)).to_string();
+        assert!(wide.len() < 4 * DISPLAY_TOTAL);
+    }
+
+    #[test]
+    fn a_standalone_server_as_seed_is_a_config_error() {
+        let e = Error::from_redis(server_reply(
+            b"-ERR This instance has cluster support disabled\r\n",
+        ));
+        assert_eq!((e.kind(), e.sent()), (ErrorKind::Config, Sent::No));
+        assert!(e.to_string().contains("cluster support disabled"), "{e}");
+    }
+
+    #[test]
     fn transient_kinds() {
         assert!(ErrorKind::ClusterDown.is_transient());
         assert!(ErrorKind::Unreachable.is_transient());
         assert!(!ErrorKind::Command.is_transient());
+        assert!(!ErrorKind::Conversion.is_transient());
         assert!(!ErrorKind::Auth.is_transient());
         assert!(!ErrorKind::Config.is_transient());
     }

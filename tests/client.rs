@@ -10,11 +10,14 @@ use std::{
 };
 
 use support::{assert_documented_kinds, first_success, Load};
-use tower_redis_cluster::{harness::LocalCluster, Client, ErrorKind};
+use tower_redis_cluster::{
+    harness::{LocalCluster, StandaloneServer},
+    Client, ErrorKind,
+};
 
 #[tokio::test]
 async fn invalid_configuration_fails_build_with_a_config_error_that_says_what_to_fix() {
-    let cases: Vec<(tower_redis_cluster::ClientBuilder, &str)> = vec![
+    let mut cases: Vec<(tower_redis_cluster::ClientBuilder, &str)> = vec![
         (Client::builder(), "no seeds"),
         (Client::builder().seed("http://h:1"), "scheme"),
         (Client::builder().seed("h:99999"), "port"),
@@ -45,6 +48,18 @@ async fn invalid_configuration_fails_build_with_a_config_error_that_says_what_to
             if cfg!(feature = "tls") { "PEM" } else { "tls" },
         ),
     ];
+    cases.push((
+        Client::builder()
+            .seed("h:1")
+            .topology_refresh(tower_redis_cluster::topology::RefreshConfig::default().jitter(3.0)),
+        "jitter",
+    ));
+    cases.push((
+        Client::builder().seed("h:1").rebuild(
+            tower_redis_cluster::rebuild::RebuildConfig::default().connect_timeout(Duration::ZERO),
+        ),
+        "connect_timeout",
+    ));
     for (builder, needle) in cases {
         let err = builder.build().await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config, "{err}");
@@ -86,6 +101,46 @@ async fn building_succeeds_while_the_cluster_is_unreachable_and_calls_fail_withi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_connection_ends_at_once_on_errors_that_do_not_pass() {
+    // A standalone server as seed, and a refused password: no wait makes them work, so the
+    // caller hears the real error at once instead of `Unreachable` after its timeout.
+    let standalone = StandaloneServer::builder()
+        .config("user", "app on >right ~* &* +@all")
+        .start()
+        .await
+        .unwrap();
+    let timeout = Duration::from_secs(20);
+    for (builder, kind, needle) in [
+        (
+            Client::builder().seed(standalone.addr().to_string()),
+            ErrorKind::Config,
+            "cluster support disabled",
+        ),
+        (
+            Client::builder()
+                .seed(standalone.addr().to_string())
+                .credentials("app", "wrong"),
+            ErrorKind::Auth,
+            "",
+        ),
+    ] {
+        let client = builder.build().await.unwrap();
+        let started = std::time::Instant::now();
+        let err = client.wait_connected(timeout).await.unwrap_err();
+        assert!(
+            started.elapsed() < timeout / 2,
+            "waited {:?}: {err}",
+            started.elapsed()
+        );
+        assert_eq!(err.kind(), kind, "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+        // A call says the same.
+        let call = client.send(redis::cmd("PING")).await.unwrap_err();
+        assert_eq!(call.kind(), kind, "{call}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_pipelines_and_a_replace_failover_through_the_client() {
     let mut cluster = support::cluster(3, 1).await;
     let client = support::connected(cluster.client_builder()).await;
@@ -96,8 +151,10 @@ async fn queries_pipelines_and_a_replace_failover_through_the_client() {
     let mut get = redis::cmd("GET");
     get.arg("client:k");
     assert_eq!(client.query::<String>(&get).await.unwrap(), "v1");
+    // The command ran; its reply is not a list of numbers: the caller's mistake, not the
+    // server's refusal.
     let wrong: Result<Vec<i64>, _> = client.query(&get).await;
-    assert_eq!(wrong.unwrap_err().kind(), ErrorKind::Command);
+    assert_eq!(wrong.unwrap_err().kind(), ErrorKind::Conversion);
 
     let mut pipe = redis::pipe();
     pipe.cmd("SET").arg("{p}a").arg(1).ignore();

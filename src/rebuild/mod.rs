@@ -429,7 +429,9 @@ impl RebuildHandle {
         self.status.clone()
     }
 
-    /// Waits until the generation reaches `generation`, at most `timeout`.
+    /// Waits until the generation reaches `generation`, at most `timeout`. A connect that fails
+    /// for a reason that does not pass by itself (a refused login, an untrusted certificate, a
+    /// seed that is not a cluster node) ends the wait at once with that error.
     pub async fn wait_for_generation(
         &self,
         generation: u64,
@@ -438,13 +440,21 @@ impl RebuildHandle {
         let mut status = self.status.clone();
         let reached = tokio::time::timeout(timeout, async {
             status
-                .wait_for(|s| s.generation >= generation)
+                .wait_for(|s| {
+                    s.generation >= generation
+                        || s.last_error
+                            .as_ref()
+                            .is_some_and(|e| !e.kind().is_transient())
+                })
                 .await
                 .map(|s| s.clone())
         })
         .await;
         match reached {
-            Ok(Ok(s)) => Ok(s),
+            Ok(Ok(s)) if s.generation >= generation => Ok(s),
+            Ok(Ok(s)) => Err(s.last_error.unwrap_or_else(|| {
+                Error::closed("the rebuild stopped without a client or an error")
+            })),
             Ok(Err(_)) => Err(Error::closed("the rebuild service was dropped")),
             Err(_) => {
                 let mut error = Error::unreachable(format!(
