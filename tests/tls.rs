@@ -381,3 +381,24 @@ async fn tls_nodes_have_no_plaintext_port_and_a_restarted_node_rejoins_over_tls(
     cluster.wait_settled(Duration::from_secs(10)).await.unwrap();
     assert_eq!(cluster.replicas_of(0)[0].addr, replica.addr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_of_a_plaintext_cluster_fails_as_tls_and_says_the_server_did_not_speak_it() {
+    init_tracing();
+    let cluster = support::cluster(1, 0).await;
+    let ca = TestCa::new().unwrap();
+    // A TLS handshake with a plaintext server hangs until the connection timeout (the server
+    // waits for a line end); a short one lets even the first call see the diagnosis.
+    let client = client_for(&cluster)
+        .tls(TlsConfig::custom_ca(ca.cert_pem()))
+        .connection_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let (err, _) = fails_promptly(&client, "TLS to a plaintext port").await;
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
+    assert!(
+        err.to_string().contains("did not speak TLS"),
+        "the error does not name the cause: {err}"
+    );
+}

@@ -317,6 +317,55 @@ impl ClusterConnector {
     }
 }
 
+impl ClusterConnector {
+    /// What the first node speaks, when it is not what this connector speaks: a TLS handshake
+    /// with a plaintext Redis just hangs (the server waits for a line end in the ClientHello),
+    /// and a plaintext command to a TLS port is cut off — both look like network trouble. A
+    /// plaintext `PING` tells them apart: a plaintext server answers in RESP, a TLS server with
+    /// a TLS record. Only run after a connect failed.
+    async fn transport_mismatch(&self, nodes: &[Endpoint]) -> Option<Error> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let node = nodes.first()?;
+        let probe = async {
+            let addr = *self
+                .book
+                .lookup(node.host(), node.port())
+                .await
+                .ok()?
+                .first()?;
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            stream.write_all(b"PING\r\n").await.ok()?;
+            let mut reply = [0u8; 8];
+            let n = stream.read(&mut reply).await.ok()?;
+            Some(reply[..n].to_vec())
+        };
+        let bound = self.connection_timeout.min(Duration::from_millis(500));
+        let reply = tokio::time::timeout(bound, probe).await.ok()??;
+        let plaintext = matches!(reply.first(), Some(b'+' | b'-'));
+        // A TLS record: alert (21) or handshake (22), protocol version 3.x.
+        let tls_record = reply.len() >= 2 && matches!(reply[0], 21 | 22) && reply[1] == 3;
+        let error = match (self.tls_config().is_some(), plaintext, tls_record) {
+            (true, true, _) => Error::new(
+                crate::ErrorKind::Tls,
+                format!(
+                    "the server at {node} did not speak TLS: it answered a plaintext PING \
+                     (is {} its plaintext port? use the TLS port, or turn TLS off)",
+                    node.port()
+                ),
+            ),
+            (false, _, true) => Error::new(
+                crate::ErrorKind::Tls,
+                format!(
+                    "the server at {node} speaks TLS only: connect with TLS (a rediss:// seed \
+                     or tls(..), feature `tls`)"
+                ),
+            ),
+            _ => return None,
+        };
+        Some(error.with_sent(crate::Sent::No))
+    }
+}
+
 impl fmt::Debug for ClusterConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClusterConnector")
@@ -357,9 +406,21 @@ impl Connect for ClusterConnector {
                 .builder(&nodes, static_credentials)?
                 .build()
                 .map_err(Error::from_redis)?;
-            let connection = client.get_async_connection().await.map_err(|e| {
-                Error::from_redis(e).context(format_args!("connecting to {target}"))
-            })?;
+            let connection = match client.get_async_connection().await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    let error =
+                        Error::from_redis(e).context(format_args!("connecting to {target}"));
+                    // A failure without a reason may be a transport mismatch, which no retry
+                    // fixes: say so.
+                    if error.kind().is_transient() {
+                        if let Some(mismatch) = this.transport_mismatch(&nodes).await {
+                            return Err(mismatch.with_source(error));
+                        }
+                    }
+                    return Err(error);
+                }
+            };
             Ok(RedisService::new(connection).resends_internally(this.inner_retries > 0))
         })
     }
