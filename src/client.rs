@@ -71,8 +71,21 @@ use crate::{
 pub struct Client {
     /// This handle's own copy of the layers, made at `poll_ready` and consumed by `call`.
     ready: Option<Core>,
+    /// Set while `poll_ready` waits (for a rebuild, or the concurrency limit): the call's
+    /// deadline runs from the start of that wait. Boxed: a client that is ready at once never
+    /// makes one.
+    waiting: Option<Box<ReadyWait>>,
     /// Shared by every clone: a clone of the client is one reference count.
     info: Arc<Info>,
+}
+
+/// A `Service` caller waiting in `poll_ready`: since when, and the timer that ends the wait at
+/// the deadline.
+struct ReadyWait {
+    since: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The deadline passed before the stack was ready: the call fails without being sent.
+    expired: bool,
 }
 
 impl Clone for Client {
@@ -80,6 +93,7 @@ impl Clone for Client {
         // Readiness is per clone (tower's rule): a clone starts without a stack of its own.
         Client {
             ready: None,
+            waiting: None,
             info: self.info.clone(),
         }
     }
@@ -96,6 +110,18 @@ struct Info {
 }
 
 impl Info {
+    /// The error of a call whose deadline passed: `what` happened, and, while no inner client
+    /// serves, the last connect failure as the reason.
+    fn deadline_error(&self, what: &str) -> Error {
+        let deadline = self.deadline.unwrap_or_default();
+        let mut error = Error::timeout(format!("{what} ({deadline:?})"));
+        let status = self.rebuild.status();
+        if let (false, Some(cause)) = (status.serving, status.last_error) {
+            error = error.with_source(cause);
+        }
+        error
+    }
+
     /// `call` — readiness and call together — within the overall deadline, counted.
     fn within_deadline<F, I>(this: I, call: F, now: Instant) -> Deadline<F, I>
     where
@@ -203,16 +229,9 @@ where
                 }
                 let sleep = this.sleep.as_pin_mut().expect("set above");
                 ready!(sleep.poll(cx));
-                let deadline = this.info.deadline.unwrap_or_default();
-                let mut error = Error::timeout(format!(
-                    "the call did not finish within its deadline ({deadline:?})"
-                ));
-                // While no inner client serves, the reason is the last connect failure.
-                let status = this.info.rebuild.status();
-                if let (false, Some(cause)) = (status.serving, status.last_error) {
-                    error = error.with_source(cause);
-                }
-                Err(error)
+                Err(this
+                    .info
+                    .deadline_error("the call did not finish within its deadline"))
             }
         };
         crate::metrics::call_finished(result.as_ref().map(|_| ()).map_err(Error::kind));
@@ -304,28 +323,82 @@ impl Client {
 
     /// The `Service` interface's readiness: this handle's stack, cloned from the shared one
     /// if it has none.
+    ///
+    /// The wait counts against the call's deadline, as it does for the helpers: a caller that
+    /// waits for a rebuild or for a slot under the concurrency limit is ready once the
+    /// deadline passes, and its call then fails with `Timeout` without being sent.
     fn poll_ready_service<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>>
     where
         Core: Service<Req, Error = Error>,
     {
+        if self.waiting.as_ref().is_some_and(|w| w.expired) {
+            return Poll::Ready(Ok(()));
+        }
         let info = &self.info;
         let core = self.ready.get_or_insert_with(|| info.core.clone());
-        Service::<Req>::poll_ready(core, cx)
+        match Service::<Req>::poll_ready(core, cx) {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending => {
+                let deadline = info.deadline;
+                let wait = self.waiting.get_or_insert_with(|| {
+                    let since = Instant::now();
+                    Box::new(ReadyWait {
+                        since,
+                        // A deadline too far to represent is no deadline.
+                        timer: deadline
+                            .and_then(|d| since.checked_add(d))
+                            .map(|at| Box::pin(tokio::time::sleep_until(at))),
+                        expired: false,
+                    })
+                });
+                let expired = wait
+                    .timer
+                    .as_mut()
+                    .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
+                if !expired {
+                    return Poll::Pending;
+                }
+                // Whatever the layers reserved goes; the call reports the wait.
+                wait.expired = true;
+                self.ready = None;
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 
     /// The `Service` interface's call: the stack made ready is consumed by the call (no clone
-    /// is left behind for the next one until it is needed), within the deadline.
+    /// is left behind for the next one until it is needed), within the deadline — counted from
+    /// the start of a wait in `poll_ready`.
     fn call_service<Req>(&mut self, request: Req) -> ResponseFuture<Req>
     where
         Req: RetryRequest,
         Limited: Service<Req> + Service<Arc<Req>, Error = Error>,
     {
+        let waited = self.waiting.take();
+        if waited.as_ref().is_some_and(|w| w.expired) {
+            let error = self
+                .info
+                .deadline_error(
+                    "the client was not ready within the call's deadline: the command was not sent",
+                )
+                .with_sent(crate::Sent::No);
+            crate::metrics::call_finished(Err(error.kind()));
+            return ResponseFuture {
+                state: CallState::Expired { error: Some(error) },
+            };
+        }
         // Without `poll_ready` first (against tower's contract) the call still works: it makes
         // its stack ready itself.
         let core = self.ready.take().unwrap_or_else(|| self.info.core.clone());
-        let now = Instant::now();
+        let started = waited.map_or_else(Instant::now, |w| w.since);
         ResponseFuture {
-            inner: Info::within_deadline(self.info.clone(), OneCall::new(core, request, now), now),
+            state: CallState::Call {
+                inner: Info::within_deadline(
+                    self.info.clone(),
+                    OneCall::new(core, request, started),
+                    started,
+                ),
+            },
         }
     }
 }
@@ -339,9 +412,11 @@ impl fmt::Debug for Client {
     }
 }
 
-/// The stack as a `Service`: readiness from the layers (a rebuild in progress makes callers
-/// wait here, at most `max_wait`, which the builder caps at the timeout), the call within the
-/// overall deadline. Clones are cheap and independent, as tower expects.
+/// The stack as a `Service`: readiness from the layers (a rebuild in progress or the
+/// concurrency limit makes callers wait here), the call within the overall deadline, which
+/// starts with that wait: a caller that is still not ready when it passes is let through to a
+/// call that fails with `Timeout` (`Sent::No`). Clones are cheap and independent, as tower
+/// expects.
 impl Service<Cmd> for Client {
     type Response = Value;
     type Error = Error;
@@ -379,7 +454,23 @@ pin_project! {
         Limited: Service<Arc<Req>>,
     {
         #[pin]
-        inner: Deadline<OneCall<Req>, Arc<Info>>,
+        state: CallState<Req>,
+    }
+}
+
+pin_project! {
+    #[project = CallStateProj]
+    enum CallState<Req>
+    where
+        Limited: Service<Req>,
+        Limited: Service<Arc<Req>>,
+    {
+        Call {
+            #[pin]
+            inner: Deadline<OneCall<Req>, Arc<Info>>,
+        },
+        /// The deadline passed while waiting to be ready.
+        Expired { error: Option<Error> },
     }
 }
 
@@ -393,7 +484,12 @@ where
     type Output = Result<T, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().inner.poll(cx)
+        match self.project().state.project() {
+            CallStateProj::Call { inner } => inner.poll(cx),
+            CallStateProj::Expired { error } => Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| Error::closed("response future polled after completion")))),
+        }
     }
 }
 
@@ -657,6 +753,7 @@ impl ClientBuilder {
         };
         Ok(Client {
             ready: None,
+            waiting: None,
             info: Arc::new(Info {
                 core,
                 rebuild: rebuild_handle,

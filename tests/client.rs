@@ -141,6 +141,53 @@ async fn waiting_for_a_connection_ends_at_once_on_errors_that_do_not_pass() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_covers_the_wait_for_readiness_on_the_service_path_too() {
+    use tower::{Service, ServiceExt};
+    // A caller of the `Service` interface (ready, then call) waited without bound for a slot
+    // under the concurrency limit before its deadline even started.
+    let cluster = support::cluster(1, 0).await;
+    let deadline = Duration::from_millis(300);
+    let client = support::connected(
+        cluster
+            .client_builder()
+            .concurrency_limit(1)
+            .timeout(deadline),
+    )
+    .await;
+    // One clone holds the only slot and never calls.
+    let mut holder = client.clone();
+    ServiceExt::<redis::Cmd>::ready(&mut holder).await.unwrap();
+
+    let mut waiter = client.clone();
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        ServiceExt::<redis::Cmd>::ready(&mut waiter).await?;
+        waiter.call(redis::cmd("PING")).await
+    })
+    .await
+    .expect("the wait for readiness was not bounded by the deadline");
+    let err = outcome.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert_eq!(
+        err.sent(),
+        tower_redis_cluster::Sent::No,
+        "never sent: {err}"
+    );
+    assert!(took >= deadline && took < deadline * 3, "{took:?}");
+
+    // Once the slot is free, the same handle serves again.
+    drop(holder);
+    let reply = ServiceExt::<redis::Cmd>::ready(&mut waiter)
+        .await
+        .unwrap()
+        .call(redis::cmd("PING"))
+        .await
+        .unwrap();
+    assert_eq!(reply, Value::SimpleString("PONG".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_pipelines_and_a_replace_failover_through_the_client() {
     let mut cluster = support::cluster(3, 1).await;
     let client = support::connected(cluster.client_builder()).await;
