@@ -58,6 +58,7 @@
 //! ```
 
 mod admin;
+mod blackhole;
 mod cluster;
 mod error;
 mod launch;
@@ -79,6 +80,23 @@ pub use tls::TestCa;
 /// `redis_server_path` is given to a builder).
 pub const REDIS_SERVER_ENV: &str = process::ENV_REDIS_SERVER;
 
+/// Environment variable that names the `nft` binary (nftables) used by
+/// [`LocalClusterBuilder::blackhole_dead_nodes`] (when no `nft_path` is given to the builder).
+pub const NFT_ENV: &str = blackhole::ENV_NFT;
+
+/// Deletes the nftables tables of [`blackhole_dead_nodes`](LocalClusterBuilder::blackhole_dead_nodes)
+/// clusters whose process is gone (one killed with SIGKILL, or ended by `std::process::exit`,
+/// cannot delete its own), and returns their names. Tables of running processes are left
+/// alone.
+///
+/// The first blackholing cluster of every process does this by itself; call it to clean up
+/// without starting one (e.g. at the start of a CI job). Finds `nft` like the builder does
+/// (`TRC_NFT`, else `PATH`, else `/usr/sbin/nft`, `/sbin/nft`), and needs root or
+/// `CAP_NET_ADMIN`.
+pub fn sweep_stale_blackhole_tables() -> Result<Vec<String>, HarnessError> {
+    blackhole::sweep(&blackhole::find_nft(None)?)
+}
+
 /// A node of a [`LocalCluster`], as the harness last saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NodeInfo {
@@ -91,6 +109,10 @@ pub struct NodeInfo {
     /// The shard (0-based) the node serves or replicates. Shard `i` of `n` owns the slots
     /// `i * 16384 / n ..= (i + 1) * 16384 / n - 1` throughout the cluster's life.
     pub shard: usize,
+    /// The host name the node announces (`node-<n>.<domain>`), with
+    /// [`announce_hostnames`](LocalClusterBuilder::announce_hostnames); resolvable through the
+    /// cluster's [`name_map`](LocalCluster::name_map).
+    pub hostname: Option<String>,
 }
 
 /// A node's role in its shard.

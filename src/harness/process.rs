@@ -159,6 +159,16 @@ impl SubnetLease {
         Ipv4Addr::new(127, self.a, self.b, host)
     }
 
+    /// The `A` of `127.A.B.0/24`.
+    pub(crate) fn a(&self) -> u8 {
+        self.a
+    }
+
+    /// The `B` of `127.A.B.0/24`.
+    pub(crate) fn b(&self) -> u8 {
+        self.b
+    }
+
     pub(crate) fn port(&self) -> u16 {
         self.port
     }
