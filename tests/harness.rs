@@ -652,6 +652,8 @@ struct OrphanChild {
     pids: Vec<u32>,
     /// The child's temp dirs: no destructor removes them when it exits without unwinding.
     dirs: Vec<std::path::PathBuf>,
+    /// The nftables table of its cluster, in the `-blackhole` modes.
+    table: Option<String>,
 }
 
 impl Drop for OrphanChild {
@@ -690,17 +692,19 @@ fn start_orphan_child(mode: &str) -> OrphanChild {
         {
             // libtest may have written `test orphan_child ... ` on the same line.
             if let Some((_, rest)) = line.split_once("TRC_ORPHAN ") {
-                let (pids, dirs) = rest.split_once(" dirs ").unwrap();
+                let (pids, rest) = rest.split_once(" dirs ").unwrap();
+                let (dirs, table) = rest.split_once(" table ").unwrap();
                 let pids: Vec<u32> = pids
                     .split_whitespace()
                     .map(|p| p.parse().unwrap())
                     .collect();
                 let dirs = dirs.split_whitespace().map(Into::into).collect();
-                let _ = tx.send((pids, dirs));
+                let table = (table != "-").then(|| table.to_owned());
+                let _ = tx.send((pids, dirs, table));
             }
         }
     });
-    let (pids, dirs) = match rx.recv_timeout(Duration::from_secs(60)) {
+    let (pids, dirs, table) = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(printed) => printed,
         Err(e) => {
             let _ = child.kill();
@@ -709,7 +713,12 @@ fn start_orphan_child(mode: &str) -> OrphanChild {
         }
     };
     assert!(pids.len() >= 3, "{pids:?}");
-    OrphanChild { child, pids, dirs }
+    OrphanChild {
+        child,
+        pids,
+        dirs,
+        table,
+    }
 }
 
 /// Whether the process is gone: no `/proc/<pid>`, or a zombie (dead, waiting to be reaped by
@@ -766,16 +775,63 @@ fn nodes_die_with_a_program_that_is_sigkilled() {
     assert_all_gone(&pids, "SIGKILL");
 }
 
+fn nft_table_exists(table: &str) -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "inet", table])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// A process that dies with a blackholing cluster cannot delete its nftables table; the next
+/// process's first blackholing cluster does, and so does an explicit sweep. (No other test of
+/// this binary blackholes, so nothing else sweeps meanwhile.)
+#[test]
+fn nft_tables_of_dead_processes_are_swept() {
+    let mut a = start_orphan_child("wait-blackhole");
+    let table_a = a.table.clone().expect("the child's table");
+    assert!(
+        table_a.starts_with(&format!("trc_{}_", a.child.id())),
+        "{table_a}"
+    );
+    assert!(nft_table_exists(&table_a));
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    assert_all_gone(&a.pids, "SIGKILL");
+    assert!(
+        nft_table_exists(&table_a),
+        "no Drop ran, yet {table_a} is gone"
+    );
+
+    // Another process starts a blackholing cluster, and exits without dropping it.
+    let mut b = start_orphan_child("exit-blackhole");
+    let table_b = b.table.clone().expect("the child's table");
+    assert!(!nft_table_exists(&table_a), "{table_a} was not swept");
+    assert!(b.child.wait().unwrap().success());
+    assert_all_gone(&b.pids, "std::process::exit(0)");
+    assert!(nft_table_exists(&table_b));
+
+    let removed = tower_redis_cluster::harness::sweep_stale_blackhole_tables().unwrap();
+    assert!(removed.contains(&table_b), "{removed:?}");
+    assert!(!nft_table_exists(&table_b));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "run by the nodes_die_with_* tests in a child process"]
+#[ignore = "run by the nodes_die_with_* and nft_tables_* tests in a child process"]
 async fn orphan_child() {
     let Ok(mode) = std::env::var(ORPHAN_CHILD_ENV) else {
         eprintln!("only meaningful when started by a nodes_die_with_* test");
         return;
     };
+    let (mode, blackhole) = match mode.strip_suffix("-blackhole") {
+        Some(mode) => (mode.to_owned(), true),
+        None => (mode, false),
+    };
     let cluster = LocalCluster::builder()
         .shards(1)
         .replicas(1)
+        .blackhole_dead_nodes(blackhole)
         .start()
         .await
         .unwrap();
@@ -788,10 +844,11 @@ async fn orphan_child() {
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "TRC_ORPHAN {} dirs {} {}",
+            "TRC_ORPHAN {} dirs {} {} table {}",
             pids.join(" "),
             cluster.dir().display(),
-            standalone.dir().display()
+            standalone.dir().display(),
+            cluster.blackhole_table().unwrap_or("-")
         )
         .unwrap();
         out.flush().unwrap();
