@@ -845,13 +845,17 @@ async fn a_moved_node_is_the_same_node_at_a_new_ip() {
     assert!(!connect_answers(old.addr, Duration::from_millis(300)).await);
     read_keys(&c, 50).await;
 
-    // A replica moves without a failover, and can move again.
+    // A replica moves without a failover, and can move again. With its name frozen (a stale
+    // DNS record), the name keeps pointing at the old IP while the nodes know the new one.
     let old = moved;
+    names.freeze(&name, true);
     let moved = c.move_node(old.addr).await.unwrap();
     assert_eq!(moved.id, old.id);
     assert_eq!(moved.role, Role::Replica);
     assert_ne!(moved.addr, old.addr);
     assert_known_everywhere_at(&c, &moved).await;
+    assert_eq!(names.lookup(&name), vec![old.addr], "a frozen name moved");
+    names.freeze(&name, false);
     read_keys(&c, 50).await;
 
     // A node that was down long enough for the others to flag it `fail` moves too: the flag is

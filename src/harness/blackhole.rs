@@ -15,11 +15,12 @@
 //! process [sweeps](sweep) the tables of processes that are gone.
 
 use std::{
-    io::{self, Write as _},
+    io::{self, Read, Write as _},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -60,7 +61,11 @@ pub(crate) fn find_nft(explicit: Option<&Path>) -> Result<PathBuf, HarnessError>
     }
 }
 
-/// Runs `nft <args>` with `script` on stdin (when given); the error carries nft's own message.
+/// How long one `nft` command may take; it normally takes a few milliseconds.
+const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `nft <args>` with `script` on stdin (when given), for at most [`NFT_TIMEOUT`]; the
+/// error carries nft's own message.
 fn nft(bin: &Path, args: &[&str], script: Option<&str>) -> Result<String, HarnessError> {
     let shown = || {
         let mut s = format!("{} {}", bin.display(), args.join(" "));
@@ -68,6 +73,10 @@ fn nft(bin: &Path, args: &[&str], script: Option<&str>) -> Result<String, Harnes
             s += &format!(" <<'EOF'\n{script}EOF");
         }
         s
+    };
+    let failed = |output: String| HarnessError::NftFailed {
+        command: shown(),
+        output,
     };
     let mut child = Command::new(bin)
         .args(args)
@@ -83,32 +92,58 @@ fn nft(bin: &Path, args: &[&str], script: Option<&str>) -> Result<String, Harnes
             io::ErrorKind::NotFound => HarnessError::NftNotFound {
                 tried: bin.to_path_buf(),
             },
-            _ => HarnessError::NftFailed {
-                command: shown(),
-                output: e.to_string(),
-            },
+            _ => failed(e.to_string()),
         })?;
     if let (Some(script), Some(mut stdin)) = (script, child.stdin.take()) {
-        // A failed write shows up as nft's own error below.
+        // A failed write shows up as nft's own error below. Dropping stdin ends the script.
         let _ = stdin.write_all(script.as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| HarnessError::NftFailed {
-            command: shown(),
-            output: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(HarnessError::NftFailed {
-            command: shown(),
-            output: format!(
-                "{} ({})",
-                String::from_utf8_lossy(&out.stderr).trim(),
-                out.status
-            ),
+    // Read on threads of their own, so that a chatty nft never blocks on a full pipe while
+    // this thread waits for it with a deadline.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).into_owned()
         })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < NFT_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed(format!(
+                    "no answer within {NFT_TIMEOUT:?}; killed it"
+                )));
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if status.success() {
+        Ok(stdout)
+    } else {
+        Err(failed(format!("{} ({status})", stderr.trim())))
     }
 }
 

@@ -367,7 +367,6 @@ impl LocalClusterBuilder {
                 timeout: self.timeout,
                 keep_rdb,
                 tls: server_tls,
-                require_client_certs: self.require_client_certs,
                 announce_hostnames: self.announce_hostnames,
                 tls_names_only: self.tls_names_only,
             },
@@ -549,7 +548,6 @@ struct Settings {
     keep_rdb: bool,
     /// `Some` on a TLS cluster.
     tls: Option<ServerTls>,
-    require_client_certs: bool,
     announce_hostnames: bool,
     tls_names_only: bool,
 }
@@ -753,18 +751,22 @@ impl LocalCluster {
     /// # Ok(()) }
     /// ```
     pub fn client_builder(&self) -> crate::ClientBuilder {
-        let mut builder = crate::Client::builder()
+        let builder = crate::Client::builder()
             .seed(self.seed())
             .resolver(self.name_map());
         #[cfg(feature = "tls")]
-        if let Some(tls) = &self.settings.tls {
-            let mut config = crate::TlsConfig::custom_ca(tls.ca_pem());
-            if self.settings.require_client_certs {
-                let (cert, key) = tls.client_identity();
-                config = config.client_identity(cert, key);
+        let builder = match &self.settings.tls {
+            Some(tls) => {
+                let config = crate::TlsConfig::custom_ca(tls.ca_pem());
+                builder.tls(if tls.requires_client_certs() {
+                    let (cert, key) = tls.client_identity();
+                    config.client_identity(cert, key)
+                } else {
+                    config
+                })
             }
-            builder = builder.tls(config);
-        }
+            None => builder,
+        };
         match (&self.settings.user, &self.settings.password) {
             (Some((user, password)), _) => builder.credentials(user.clone(), password.clone()),
             (None, Some(password)) => builder.password(password.clone()),

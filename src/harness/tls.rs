@@ -207,6 +207,12 @@ impl ServerTls {
         self.client.clone()
     }
 
+    /// Whether nodes refuse clients without a certificate (`tls-auth-clients yes`).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn requires_client_certs(&self) -> bool {
+        self.require_client_certs
+    }
+
     /// Writes the node's certificate (for `ips` and `dns_names`), key and the CA into `dir`, and
     /// returns the redis.conf lines that use them.
     ///
