@@ -160,7 +160,8 @@ impl LocalClusterBuilder {
     ///
     /// The cluster gets a CA of its own ([`LocalCluster::ca_pem`]) and every node — also each
     /// node started later at a new IP — a certificate from it naming the node's IP and the
-    /// [configuration endpoint](LocalCluster::config_endpoint). Nodes listen with TLS on the
+    /// [configuration endpoint](LocalCluster::config_endpoint) (or only `*.<domain>`, with
+    /// [`tls_names_only`](Self::tls_names_only)). Nodes listen with TLS on the
     /// cluster's port and have no plaintext port; the cluster bus and replication use TLS too.
     /// Clients need the CA (e.g. `TlsConfig::custom_ca(cluster.ca_pem().unwrap())`) and can
     /// connect to [`seed_url`](LocalCluster::seed_url). Client certificates are verified when
@@ -945,7 +946,9 @@ impl LocalCluster {
     /// and ok; every shard's slots served by one running master; all running nodes agree on who
     /// serves each slot and on each running node's role; no running node is flagged
     /// `fail`/`fail?`/`handshake`/`noaddr` or disconnected by another; and the nodes know
-    /// exactly the current members, so removed (forgotten) nodes are absent from every view.
+    /// exactly the current members, so removed (forgotten) nodes are absent from every view, at
+    /// their current addresses and (with
+    /// [`announce_hostnames`](LocalClusterBuilder::announce_hostnames)) host names.
     /// Stopped members may be flagged as failed but must not serve slots. A paused node cannot
     /// answer, so the cluster is not healthy while one is paused.
     pub async fn wait_healthy(&self, timeout: Duration) -> Result<(), HarnessError> {
@@ -1947,6 +1950,7 @@ impl LocalCluster {
                 id: m.id.clone(),
                 addr: m.addr,
                 running: m.running(),
+                hostname: m.hostname.clone(),
             })
             .collect()
     }
@@ -2016,7 +2020,8 @@ impl LocalCluster {
     }
 
     /// Polls until every running member knows every other running member (after `CLUSTER
-    /// MEET`): present in its CLUSTER NODES, handshake done, at the right address.
+    /// MEET`): present in its CLUSTER NODES, handshake done, at the right address, with the
+    /// right host name.
     async fn wait_known(&self, deadline: Instant) -> Result<(), HarnessError> {
         let started = Instant::now();
         let creds = &self.settings.creds;
@@ -2036,7 +2041,11 @@ impl LocalCluster {
                 let view = topology::parse_cluster_nodes(&text)?;
                 for other in running {
                     let ok = view.iter().any(|v| {
-                        v.id == other.id && v.addr == Some(other.addr) && !v.handshake && !v.noaddr
+                        v.id == other.id
+                            && v.addr == Some(other.addr)
+                            && !v.handshake
+                            && !v.noaddr
+                            && (other.hostname.is_none() || v.hostname == other.hostname)
                     });
                     if !ok {
                         return Err(format!("{} does not know {} yet", e.addr, other.addr));

@@ -36,8 +36,9 @@
 //! # TLS
 //! [`LocalClusterBuilder::tls`] (crate feature `tls`) makes a TLS-only cluster: a throwaway
 //! [`TestCa`] per cluster, a certificate per node naming its IP and the configuration endpoint
-//! (a node started later at a new IP gets its own), no plaintext port, and TLS on the cluster bus
-//! and for replication. [`LocalCluster::ca_pem`], [`LocalCluster::client_identity`] and
+//! (a node started later at a new IP gets its own; with
+//! [`tls_names_only`](LocalClusterBuilder::tls_names_only), one wildcard name and no IP), no
+//! plaintext port, and TLS on the cluster bus and for replication. [`LocalCluster::ca_pem`], [`LocalCluster::client_identity`] and
 //! [`LocalCluster::seed_url`] (`rediss://…`) give a client what it needs;
 //! [`LocalClusterBuilder::require_client_certs`] turns on mutual TLS.
 //!
