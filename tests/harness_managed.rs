@@ -370,6 +370,7 @@ async fn names_only_certificates_verify_names_not_ips() {
             .await
             .err()
             .unwrap_or_else(|| panic!("{} verified as its IP", n.addr));
+        eprintln!("[names-only] {} verified as its IP: {err}", n.addr);
         let msg = err.to_string().to_lowercase();
         assert!(
             msg.contains("certificate") || msg.contains("notvalidforname"),
