@@ -998,6 +998,10 @@ impl LocalCluster {
     /// elected master, which takes about 2–3 × the node timeout). The dead node is then
     /// forgotten (`CLUSTER FORGET` on every running node) and removed from the name map; returns
     /// the new master once the cluster is healthy and in sync.
+    ///
+    /// The election needs the votes of a majority of *all* masters, the dead one included, so
+    /// it only happens with at least 3 shards; with 1 or 2 this ends in
+    /// [`HarnessError::Timeout`] (fail over gracefully with [`failover`](Self::failover)).
     pub async fn kill_master(&mut self, shard: usize) -> Result<NodeInfo, HarnessError> {
         let started = Instant::now();
         let deadline = started + self.settings.timeout;
