@@ -638,3 +638,228 @@ async fn env_child_missing_redis_server() {
     }
     assert!(err.to_string().contains("apt-get"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// No orphans: nodes die with the program even when no Drop runs
+// ---------------------------------------------------------------------------------------------
+
+/// The environment variable that turns `orphan_child` on and says how the child ends.
+const ORPHAN_CHILD_ENV: &str = "TRC_HARNESS_ORPHAN_CHILD";
+
+/// A running child test process and what it printed.
+struct OrphanChild {
+    child: std::process::Child,
+    pids: Vec<u32>,
+    /// The child's temp dirs: no destructor removes them when it exits without unwinding.
+    dirs: Vec<std::path::PathBuf>,
+    /// The nftables table of its cluster, in the `-blackhole` modes.
+    table: Option<String>,
+}
+
+impl Drop for OrphanChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Runs this test binary again, filtered to `orphan_child` in `mode`, and waits (bounded) until
+/// it has printed the pids of its redis-servers.
+fn start_orphan_child(mode: &str) -> OrphanChild {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "orphan_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ORPHAN_CHILD_ENV, mode)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads to the end, so the child never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            // libtest may have written `test orphan_child ... ` on the same line.
+            if let Some((_, rest)) = line.split_once("TRC_ORPHAN ") {
+                let (pids, rest) = rest.split_once(" dirs ").unwrap();
+                let (dirs, table) = rest.split_once(" table ").unwrap();
+                let pids: Vec<u32> = pids
+                    .split_whitespace()
+                    .map(|p| p.parse().unwrap())
+                    .collect();
+                let dirs = dirs.split_whitespace().map(Into::into).collect();
+                let table = (table != "-").then(|| table.to_owned());
+                let _ = tx.send((pids, dirs, table));
+            }
+        }
+    });
+    let (pids, dirs, table) = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(printed) => printed,
+        Err(e) => {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            panic!("the child printed no pids ({e}); it ended with {status}");
+        }
+    };
+    assert!(pids.len() >= 3, "{pids:?}");
+    OrphanChild {
+        child,
+        pids,
+        dirs,
+        table,
+    }
+}
+
+/// Whether the process is gone: no `/proc/<pid>`, or a zombie (dead, waiting to be reaped by
+/// whoever adopted it — this machine's init may not reap).
+fn dead_or_zombie(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| matches!(state, 'Z' | 'X')),
+    }
+}
+
+/// Waits (at most 10 s) until every pid is gone.
+fn assert_all_gone(pids: &[u32], how: &str) {
+    let started = Instant::now();
+    loop {
+        let alive: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|&p| !dead_or_zombie(p))
+            .collect();
+        if alive.is_empty() {
+            eprintln!(
+                "[timing] redis-servers gone {:?} after {how}",
+                started.elapsed()
+            );
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            panic!("redis-server processes {alive:?} outlived their test process ({how})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn nodes_die_with_a_program_that_calls_exit() {
+    let mut child = start_orphan_child("exit");
+    let status = child.child.wait().unwrap();
+    assert!(status.success(), "the child ended with {status}");
+    assert_all_gone(&child.pids, "std::process::exit(0)");
+}
+
+#[test]
+fn nodes_die_with_a_program_that_is_sigkilled() {
+    let mut child = start_orphan_child("wait");
+    let pids = child.pids.clone();
+    assert!(pids.iter().all(|&p| !dead_or_zombie(p)), "{pids:?}");
+    child.child.kill().unwrap();
+    child.child.wait().unwrap();
+    assert_all_gone(&pids, "SIGKILL");
+}
+
+fn nft_table_exists(table: &str) -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "inet", table])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// A process that dies with a blackholing cluster cannot delete its nftables table; the next
+/// process's first blackholing cluster does, and so does an explicit sweep. (No other test of
+/// this binary blackholes, so nothing else sweeps meanwhile.)
+#[test]
+fn nft_tables_of_dead_processes_are_swept() {
+    let mut a = start_orphan_child("wait-blackhole");
+    let table_a = a.table.clone().expect("the child's table");
+    assert!(
+        table_a.starts_with(&format!("trc_{}_", a.child.id())),
+        "{table_a}"
+    );
+    assert!(nft_table_exists(&table_a));
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    assert_all_gone(&a.pids, "SIGKILL");
+    assert!(
+        nft_table_exists(&table_a),
+        "no Drop ran, yet {table_a} is gone"
+    );
+
+    // Another process starts a blackholing cluster, and exits without dropping it.
+    let mut b = start_orphan_child("exit-blackhole");
+    let table_b = b.table.clone().expect("the child's table");
+    assert!(!nft_table_exists(&table_a), "{table_a} was not swept");
+    assert!(b.child.wait().unwrap().success());
+    assert_all_gone(&b.pids, "std::process::exit(0)");
+    assert!(nft_table_exists(&table_b));
+
+    let removed = tower_redis_cluster::harness::sweep_stale_blackhole_tables().unwrap();
+    assert!(removed.contains(&table_b), "{removed:?}");
+    assert!(!nft_table_exists(&table_b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the nodes_die_with_* and nft_tables_* tests in a child process"]
+async fn orphan_child() {
+    let Ok(mode) = std::env::var(ORPHAN_CHILD_ENV) else {
+        eprintln!("only meaningful when started by a nodes_die_with_* test");
+        return;
+    };
+    let (mode, blackhole) = match mode.strip_suffix("-blackhole") {
+        Some(mode) => (mode.to_owned(), true),
+        None => (mode, false),
+    };
+    let cluster = LocalCluster::builder()
+        .shards(1)
+        .replicas(1)
+        .blackhole_dead_nodes(blackhole)
+        .start()
+        .await
+        .unwrap();
+    let standalone = StandaloneServer::start().await.unwrap();
+    let mut pids = cluster.pids();
+    pids.push(standalone.pid());
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "TRC_ORPHAN {} dirs {} {} table {}",
+            pids.join(" "),
+            cluster.dir().display(),
+            standalone.dir().display(),
+            cluster.blackhole_table().unwrap_or("-")
+        )
+        .unwrap();
+        out.flush().unwrap();
+    }
+    match mode.as_str() {
+        // No destructor runs: the cluster and the server are still alive here.
+        "exit" => std::process::exit(0),
+        "wait" => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            panic!("the parent test did not kill this process within 60 s");
+        }
+        other => panic!("unknown {ORPHAN_CHILD_ENV} mode {other:?}"),
+    }
+}

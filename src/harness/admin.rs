@@ -22,6 +22,27 @@ pub(crate) struct Credentials {
     /// Set on TLS nodes, which have no plaintext port: the CA that verifies them and the
     /// harness's client certificate.
     pub(crate) tls: Option<Arc<AdminTls>>,
+    /// With names-only node certificates: the name to verify every node against (one the
+    /// wildcard covers), instead of its IP, which the certificates do not carry.
+    pub(crate) tls_name: Option<String>,
+}
+
+/// A resolver that answers every name with one address: how an admin connection reaches a
+/// particular node while its TLS layer verifies a *name* (the redis crate verifies the host it
+/// was given and connects to what the resolver returns).
+struct Pinned(SocketAddr);
+
+impl redis::io::AsyncDNSResolver for Pinned {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        _host: &'b str,
+        _port: u16,
+    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
+        let addr = self.0;
+        Box::pin(async move {
+            Ok(Box::new(std::iter::once(addr)) as Box<dyn Iterator<Item = SocketAddr> + Send>)
+        })
+    }
 }
 
 impl Credentials {
@@ -33,9 +54,13 @@ impl Credentials {
         if let Some(password) = &self.password {
             redis = redis.set_password(password);
         }
-        let host = addr.ip().to_string();
-        // With TLS the IP is also the name the node's certificate is checked against (each node
-        // certificate carries its IP).
+        // With TLS the host is also the name the node's certificate is checked against: the IP
+        // (each node certificate carries its IP), or the name of the names-only mode, which
+        // `connect` then pins to `addr`.
+        let host = match (&self.tls, &self.tls_name) {
+            (Some(_), Some(name)) => name.clone(),
+            _ => addr.ip().to_string(),
+        };
         let target = if self.tls.is_some() {
             ConnectionAddr::TcpTls {
                 host,
@@ -66,9 +91,9 @@ impl Credentials {
         }
     }
 
-    /// `redis://[user:pass@]ip:port` (`rediss://` on TLS nodes), with the credentials
-    /// percent-encoded.
-    pub(crate) fn url(&self, addr: SocketAddr) -> String {
+    /// `redis://[user:pass@]<target>` (`rediss://` on TLS nodes), with the credentials
+    /// percent-encoded; `target` is `ip:port` or `host:port`.
+    pub(crate) fn url(&self, target: &str) -> String {
         let auth = match (&self.user, &self.password) {
             (Some(u), Some(p)) => format!("{}:{}@", percent_encode(u), percent_encode(p)),
             (None, Some(p)) => format!(":{}@", percent_encode(p)),
@@ -80,7 +105,7 @@ impl Credentials {
         } else {
             "redis"
         };
-        format!("{scheme}://{auth}{addr}")
+        format!("{scheme}://{auth}{target}")
     }
 }
 
@@ -107,9 +132,12 @@ pub(crate) async fn connect(
     response_timeout: Duration,
 ) -> Result<MultiplexedConnection, HarnessError> {
     let client = creds.client(addr)?;
-    let config = AsyncConnectionConfig::new()
+    let mut config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(connect_timeout))
         .set_response_timeout(Some(response_timeout));
+    if creds.tls.is_some() && creds.tls_name.is_some() {
+        config = config.set_dns_resolver(Pinned(addr));
+    }
     let limit = connect_timeout + response_timeout;
     match tokio::time::timeout(
         limit,

@@ -1,6 +1,7 @@
 //! [`LocalCluster`]: a real Redis Cluster of `redis-server` processes, one loopback IP per node.
 
 use std::{
+    collections::BTreeSet,
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -13,6 +14,7 @@ use tracing::{debug, info};
 
 use super::{
     admin::{self, cmd, Credentials, RESPONSE_TIMEOUT},
+    blackhole::{self, Blackhole},
     error::{io_context, HarnessError},
     launch,
     name_map::NameMap,
@@ -45,6 +47,12 @@ pub struct LocalClusterBuilder {
     keep_dir: bool,
     tls: bool,
     require_client_certs: bool,
+    announce_hostnames: bool,
+    tls_names_only: bool,
+    blackhole_dead_nodes: bool,
+    nft: Option<PathBuf>,
+    /// Set by `managed()`: the user `app` with a random password, unless `user` is set.
+    managed_user: bool,
 }
 
 impl Default for LocalClusterBuilder {
@@ -62,6 +70,11 @@ impl Default for LocalClusterBuilder {
             keep_dir: false,
             tls: false,
             require_client_certs: false,
+            announce_hostnames: false,
+            tls_names_only: false,
+            blackhole_dead_nodes: false,
+            nft: None,
+            managed_user: false,
         }
     }
 }
@@ -147,7 +160,8 @@ impl LocalClusterBuilder {
     ///
     /// The cluster gets a CA of its own ([`LocalCluster::ca_pem`]) and every node — also each
     /// node started later at a new IP — a certificate from it naming the node's IP and the
-    /// [configuration endpoint](LocalCluster::config_endpoint). Nodes listen with TLS on the
+    /// [configuration endpoint](LocalCluster::config_endpoint) (or only `*.<domain>`, with
+    /// [`tls_names_only`](Self::tls_names_only)). Nodes listen with TLS on the
     /// cluster's port and have no plaintext port; the cluster bus and replication use TLS too.
     /// Clients need the CA (e.g. `TlsConfig::custom_ca(cluster.ca_pem().unwrap())`) and can
     /// connect to [`seed_url`](LocalCluster::seed_url). Client certificates are verified when
@@ -165,13 +179,103 @@ impl LocalClusterBuilder {
         self
     }
 
+    /// Every node announces a host name of its own, `node-<n>.<domain>` (`n`: its host number
+    /// in the cluster's subnet, never reused; `domain`: [`LocalCluster::domain`]), registered in
+    /// the [name map](LocalCluster::name_map) and pointing at the node's IP. Default off.
+    ///
+    /// The nodes are configured with `cluster-announce-hostname` and
+    /// `cluster-preferred-endpoint-type hostname`, as AWS MemoryDB/ElastiCache nodes are:
+    /// `CLUSTER SLOTS`, `CLUSTER SHARDS` and `MOVED`/`ASK` redirections name nodes by host name,
+    /// so a client must resolve those names (give it the name map, e.g.
+    /// [`client_builder`](LocalCluster::client_builder), or `DnsAdapter(cluster.name_map())` for
+    /// a redis-crate client). `CLUSTER NODES` shows `ip:port@cport,hostname`; `CLUSTER MEET`
+    /// and replication still use IPs. A node [replaced](LocalCluster::replace_node) gets a new
+    /// name; one [moved](LocalCluster::move_node) or
+    /// [replaced under its name](LocalCluster::replace_node_keeping_name) keeps its name, which
+    /// then points at the new IP. Without TLS names-only certificates, each node certificate also
+    /// names the node's host name.
+    pub fn announce_hostnames(mut self, enabled: bool) -> Self {
+        self.announce_hostnames = enabled;
+        self
+    }
+
+    /// With [`tls`](Self::tls): every node certificate carries exactly one name, the wildcard
+    /// DNS name `*.<domain>`, and no IP — what managed services issue. Default off (each node
+    /// certificate names its IP, the configuration endpoint and, with
+    /// [`announce_hostnames`](Self::announce_hostnames), its host name).
+    ///
+    /// A client must then verify nodes by name: connect to the
+    /// [configuration endpoint](LocalCluster::config_endpoint) or node host names (resolved
+    /// through the name map), not to IPs, whose verification fails. The cluster bus and
+    /// replication are unaffected (Redis does not check peer names there), and the harness's
+    /// own connections verify the configuration endpoint's name, pinned to each node's IP.
+    /// [`LocalCluster::node_urls`] then name nodes by host name when they announce one.
+    /// [`start`](Self::start) fails with [`HarnessError::Invalid`] without `tls(true)`.
+    pub fn tls_names_only(mut self, enabled: bool) -> Self {
+        self.tls_names_only = enabled;
+        self
+    }
+
+    /// Killed nodes vanish like cloud hosts instead of refusing connections. Default off. Needs
+    /// `nft` (nftables), run as root or with `CAP_NET_ADMIN`; [`start`](Self::start) fails with
+    /// [`HarnessError::NftNotFound`] or [`HarnessError::NftFailed`] (which say how to fix it)
+    /// rather than silently skipping it.
+    ///
+    /// Once the harness kills a node ([`kill_master`](LocalCluster::kill_master),
+    /// [`kill_node`](LocalCluster::kill_node), the old node of
+    /// [`replace_node`](LocalCluster::replace_node) and its variants,
+    /// [`stop_all`](LocalCluster::stop_all), [`restart_node`](LocalCluster::restart_node) while
+    /// the node is down), every packet to and from its `ip:port` and its bus port
+    /// `ip:port+10000` is dropped: connects hang until the client's timeout, established
+    /// connections go silent (no FIN, no reset). The rules go in *before* the process is killed,
+    /// so its dying FIN/RST never reaches a client. They are lifted when the harness starts the
+    /// node again at the same address ([`restart_node`](LocalCluster::restart_node),
+    /// [`start_all`](LocalCluster::start_all)).
+    ///
+    /// The rules live in one nftables table per cluster,
+    /// [`trc_<pid>_<a>_<b>`](LocalCluster::blackhole_table), limited to the cluster's subnet
+    /// `127.a.b.0/24`, and deleted when the cluster is dropped (also while a test unwinds from
+    /// a panic). A process that ends without dropping its cluster leaves its table behind; the
+    /// first blackholing cluster of each later process deletes the tables of processes that are
+    /// gone (see also [`sweep_stale_blackhole_tables`](super::sweep_stale_blackhole_tables)).
+    pub fn blackhole_dead_nodes(mut self, enabled: bool) -> Self {
+        self.blackhole_dead_nodes = enabled;
+        self
+    }
+
+    /// The `nft` binary for [`blackhole_dead_nodes`](Self::blackhole_dead_nodes). Default:
+    /// `TRC_NFT` if set, else `nft` on `PATH`, else `/usr/sbin/nft` or `/sbin/nft`.
+    pub fn nft_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.nft = Some(path.into());
+        self
+    }
+
+    /// The managed-cluster profile: the cluster looks like AWS MemoryDB/ElastiCache to a
+    /// client. Shorthand for [`tls(true)`](Self::tls),
+    /// [`announce_hostnames(true)`](Self::announce_hostnames),
+    /// [`tls_names_only(true)`](Self::tls_names_only), the ACL [`user`](Self::user) `app` with
+    /// a random password (unless a user is set, before or after), and
+    /// [`blackhole_dead_nodes(true)`](Self::blackhole_dead_nodes). Needs the crate's `tls`
+    /// feature and `nft` with root or `CAP_NET_ADMIN`.
+    ///
+    /// [`LocalCluster::client_builder`] gives a client configured for it (seed, name map, CA,
+    /// credentials); [`LocalCluster::user`] gives the credentials.
+    pub fn managed(mut self) -> Self {
+        self.tls = true;
+        self.announce_hostnames = true;
+        self.tls_names_only = true;
+        self.blackhole_dead_nodes = true;
+        self.managed_user = true;
+        self
+    }
+
     /// Starts the nodes, creates the cluster and waits until it is healthy and every replica is
     /// in sync.
     ///
     /// Slots are split evenly over the shards (`CLUSTER ADDSLOTSRANGE`), node 1 meets everyone
     /// (`CLUSTER MEET`), and once every node knows every other one, replicas are attached with
     /// `CLUSTER REPLICATE`. If anything fails, the processes already started are killed.
-    pub async fn start(self) -> Result<LocalCluster, HarnessError> {
+    pub async fn start(mut self) -> Result<LocalCluster, HarnessError> {
         let started = Instant::now();
         let deadline = started + self.timeout;
         if self.tls && !cfg!(feature = "tls") {
@@ -180,6 +284,12 @@ impl LocalClusterBuilder {
         if self.require_client_certs && !self.tls {
             return Err(HarnessError::Invalid(
                 "require_client_certs(true) needs tls(true)".into(),
+            ));
+        }
+        if self.tls_names_only && !self.tls {
+            return Err(HarnessError::Invalid(
+                "tls_names_only(true) needs tls(true): it is about the nodes' TLS certificates"
+                    .into(),
             ));
         }
         let bin = process::find_redis_server(self.redis_server.as_deref())?;
@@ -195,18 +305,29 @@ impl LocalClusterBuilder {
                 MAX_HOST / 2
             )));
         }
+        // Found before anything starts, so a missing nft fails at once.
+        let nft = if self.blackhole_dead_nodes {
+            Some(blackhole::find_nft(self.nft.as_deref())?)
+        } else {
+            None
+        };
+        if self.managed_user && self.user.is_none() {
+            self.user = Some(("app".into(), random_password()));
+        }
         let lease = SubnetLease::acquire(total as u8, true)?;
+        let blackhole = match nft {
+            Some(nft) => Some(Blackhole::create(nft, lease.a(), lease.b())?),
+            None => None,
+        };
         let tempdir = tempfile::Builder::new()
             .prefix("trc-cluster-")
             .tempdir()
             .map_err(|e| io_context(e, "creating the cluster's temp dir"))?;
         let keep_dir = self.keep_dir || env_flag("TRC_HARNESS_KEEP_DIR");
-        let endpoint = format!("clustercfg.trc-{:08x}.test", process::random_u64() as u32);
+        let domain = format!("trc-{:08x}.test", process::random_u64() as u32);
+        let endpoint = format!("clustercfg.{domain}");
         let server_tls = if self.tls {
-            Some(ServerTls::new(
-                vec![endpoint.clone()],
-                self.require_client_certs,
-            )?)
+            Some(ServerTls::new(self.require_client_certs)?)
         } else {
             None
         };
@@ -224,20 +345,9 @@ impl LocalClusterBuilder {
             (None, None) => Credentials::default(),
         };
         creds.tls = server_tls.as_ref().map(|t| t.admin.clone());
-        let mut auth_lines = String::new();
-        if let Some(p) = &self.password {
-            auth_lines += &format!("requirepass {}\n", process::quote(p));
-        }
-        if let Some((u, p)) = &self.user {
-            auth_lines += &format!(
-                "user {} on {} ~* &* +@all\nmasteruser {}\n",
-                process::quote(u),
-                process::quote(&format!(">{p}")),
-                process::quote(u)
-            );
-        }
-        if let Some(p) = &creds.password {
-            auth_lines += &format!("masterauth {}\n", process::quote(p));
+        if self.tls_names_only {
+            // The wildcard covers it, and it is the name a client of the cluster verifies.
+            creds.tls_name = Some(endpoint.clone());
         }
         // A user who configures RDB saving wants the files kept across restarts.
         let keep_rdb = self
@@ -252,22 +362,28 @@ impl LocalClusterBuilder {
                 replicas: self.replicas,
                 node_timeout: self.node_timeout,
                 extra: self.config,
-                auth_lines,
+                user: self.user,
+                password: self.password,
                 creds,
                 timeout: self.timeout,
                 keep_rdb,
                 tls: server_tls,
+                announce_hostnames: self.announce_hostnames,
+                tls_names_only: self.tls_names_only,
             },
+            domain,
             endpoint,
             names: self.name_map.unwrap_or_default(),
             state: Mutex::new(State {
                 members: Vec::new(),
                 next_host: 1,
                 forgotten: Vec::new(),
+                names: BTreeSet::new(),
             }),
             dir_path,
             tempdir: Some(tempdir),
             keep_dir,
+            blackhole,
             lease,
         };
         info!(
@@ -288,17 +404,18 @@ impl LocalClusterBuilder {
                 (Role::Replica, (i - self.shards) % self.shards)
             };
             let (host, addr, dir) = cluster.next_node_dir()?;
-            planned.push((host, addr, dir, role, shard));
+            let hostname = cluster.hostname_for(host);
+            planned.push((host, addr, dir, role, shard, hostname));
         }
         let launched = join_all(
             planned
                 .iter()
-                .map(|(host, _, dir, _, _)| cluster.start_node(*host, dir)),
+                .map(|(host, _, dir, _, _, name)| cluster.start_node(*host, dir, name.as_deref())),
         )
         .await;
         // On an error, the processes not registered yet are killed as `launched` drops, and the
         // registered ones with `cluster`.
-        for ((host, addr, dir, role, shard), proc) in planned.into_iter().zip(launched) {
+        for ((host, addr, dir, role, shard, hostname), proc) in planned.into_iter().zip(launched) {
             cluster.lock().members.push(Member {
                 id: String::new(),
                 host,
@@ -306,6 +423,7 @@ impl LocalClusterBuilder {
                 dir,
                 role,
                 shard,
+                hostname,
                 process: Some(proc?),
             });
         }
@@ -400,6 +518,8 @@ impl LocalClusterBuilder {
 /// [module documentation](super) for an overview.
 pub struct LocalCluster {
     settings: Settings,
+    /// `trc-XXXXXXXX.test`: the configuration endpoint and node host names live under it.
+    domain: String,
     endpoint: String,
     names: NameMap,
     state: Mutex<State>,
@@ -407,6 +527,9 @@ pub struct LocalCluster {
     // Declared after `state` so it is removed only after Drop::drop has killed the processes.
     tempdir: Option<tempfile::TempDir>,
     keep_dir: bool,
+    /// With `blackhole_dead_nodes`. Taken (and its table deleted) by Drop::drop after the
+    /// processes are killed, before `lease` hands the subnet to another cluster.
+    blackhole: Option<Blackhole>,
     lease: SubnetLease,
 }
 
@@ -417,12 +540,40 @@ struct Settings {
     replicas: usize,
     node_timeout: Duration,
     extra: Vec<(String, String)>,
-    auth_lines: String,
+    /// The ACL user and its *current* password (changed by `set_user_password`).
+    user: Option<(String, String)>,
+    /// The default user's current password (`requirepass`).
+    password: Option<String>,
     creds: Credentials,
     timeout: Duration,
     keep_rdb: bool,
     /// `Some` on a TLS cluster.
     tls: Option<ServerTls>,
+    announce_hostnames: bool,
+    tls_names_only: bool,
+}
+
+impl Settings {
+    /// The redis.conf lines for the current passwords: written at every node start, so a node
+    /// started after a password rotation gets the new one.
+    fn auth_lines(&self) -> String {
+        let mut lines = String::new();
+        if let Some(p) = &self.password {
+            lines += &format!("requirepass {}\n", process::quote(p));
+        }
+        if let Some((u, p)) = &self.user {
+            lines += &format!(
+                "user {} on {} ~* &* +@all\nmasteruser {}\n",
+                process::quote(u),
+                process::quote(&format!(">{p}")),
+                process::quote(u)
+            );
+        }
+        if let Some(p) = &self.creds.password {
+            lines += &format!("masterauth {}\n", process::quote(p));
+        }
+        lines
+    }
 }
 
 #[derive(Debug)]
@@ -435,6 +586,9 @@ struct State {
     /// in its `nodes.conf`, and would reintroduce it through gossip once the others' 60 s ban
     /// expires; so a restarted member is told to forget them too.
     forgotten: Vec<String>,
+    /// Every name the cluster put into the name map (the configuration endpoint and node host
+    /// names), removed from it on drop.
+    names: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -445,6 +599,8 @@ struct Member {
     dir: PathBuf,
     role: Role,
     shard: usize,
+    /// The announced host name, with `announce_hostnames`.
+    hostname: Option<String>,
     /// `None` once the harness killed the node (`kill_node`, `stop_all`).
     process: Option<Arc<NodeProcess>>,
 }
@@ -456,6 +612,7 @@ impl Member {
             addr: self.addr,
             role: self.role,
             shard: self.shard,
+            hostname: self.hostname.clone(),
         }
     }
 
@@ -479,8 +636,12 @@ impl fmt::Debug for LocalCluster {
                     .iter()
                     .map(|m| {
                         format!(
-                            "{} {:?} shard {}{}",
+                            "{}{} {:?} shard {}{}",
                             m.addr,
+                            m.hostname
+                                .as_deref()
+                                .map(|h| format!(" ({h})"))
+                                .unwrap_or_default(),
                             m.role,
                             m.shard,
                             if m.running() { "" } else { " (stopped)" }
@@ -512,6 +673,29 @@ impl LocalCluster {
     /// resolvable by the OS: resolve it through [`name_map`](Self::name_map).
     pub fn config_endpoint(&self) -> String {
         self.endpoint.clone()
+    }
+
+    /// The cluster's own domain, e.g. `trc-1a2b3c4d.test`: the configuration endpoint is
+    /// `clustercfg.<domain>`, announced node host names are `node-<n>.<domain>`
+    /// ([`announce_hostnames`](LocalClusterBuilder::announce_hostnames)), and names-only node
+    /// certificates are issued for `*.<domain>`
+    /// ([`tls_names_only`](LocalClusterBuilder::tls_names_only)).
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// The ACL user and its current password ([`LocalClusterBuilder::user`], or `app` with a
+    /// random password under [`managed`](LocalClusterBuilder::managed)), following
+    /// [`set_user_password`](Self::set_user_password); `None` without an ACL user.
+    pub fn user(&self) -> Option<(String, String)> {
+        self.settings.user.clone()
+    }
+
+    /// The nftables table of [`blackhole_dead_nodes`](LocalClusterBuilder::blackhole_dead_nodes)
+    /// (`trc_<pid>_<a>_<b>`, family `inet`), e.g. for `nft list table inet <name>` while
+    /// debugging; `None` without blackholing.
+    pub fn blackhole_table(&self) -> Option<&str> {
+        self.blackhole.as_ref().map(Blackhole::table)
     }
 
     /// `"<config_endpoint>:<port>"`, the seed a client of a managed cluster is configured with.
@@ -546,8 +730,16 @@ impl LocalCluster {
     }
 
     /// A [`Client`](crate::Client) builder for this cluster, as an application would configure
-    /// it: the [seed](Self::seed) name, resolved through the [name map](Self::name_map). TLS
-    /// clusters need [`tls`](crate::ClientBuilder::tls) on top.
+    /// it: the [seed](Self::seed) name, resolved through the [name map](Self::name_map) (which
+    /// also resolves announced node host names); the cluster's credentials
+    /// ([`user`](LocalClusterBuilder::user), else [`password`](LocalClusterBuilder::password));
+    /// and on a TLS cluster (with the crate's `tls` feature)
+    /// [`TlsConfig::custom_ca`](crate::TlsConfig::custom_ca) with [`ca_pem`](Self::ca_pem), plus
+    /// the [client identity](Self::client_identity) when client certificates are required. So
+    /// it is ready to use for every profile, [`managed`](LocalClusterBuilder::managed) included;
+    /// anything set on it afterwards (e.g. other credentials) replaces what it set. The
+    /// credentials are the current ones: after [`set_user_password`](Self::set_user_password),
+    /// take a new builder.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -560,14 +752,35 @@ impl LocalCluster {
     /// # Ok(()) }
     /// ```
     pub fn client_builder(&self) -> crate::ClientBuilder {
-        crate::Client::builder()
+        let builder = crate::Client::builder()
             .seed(self.seed())
-            .resolver(self.name_map())
+            .resolver(self.name_map());
+        #[cfg(feature = "tls")]
+        let builder = match &self.settings.tls {
+            Some(tls) => {
+                let config = crate::TlsConfig::custom_ca(tls.ca_pem());
+                builder.tls(if tls.requires_client_certs() {
+                    let (cert, key) = tls.client_identity();
+                    config.client_identity(cert, key)
+                } else {
+                    config
+                })
+            }
+            None => builder,
+        };
+        match (&self.settings.user, &self.settings.password) {
+            (Some((user, password)), _) => builder.credentials(user.clone(), password.clone()),
+            (None, Some(password)) => builder.password(password.clone()),
+            (None, None) => builder,
+        }
     }
 
     /// The name map in which [`config_endpoint`](Self::config_endpoint) points at every member
-    /// node (running, or stopped but not removed). Each operation updates it unless the name is
-    /// [frozen](NameMap::freeze).
+    /// node (running, or stopped but not removed), and, with
+    /// [`announce_hostnames`](LocalClusterBuilder::announce_hostnames), each member's host name
+    /// at its IP. Each operation updates it unless the name is [frozen](NameMap::freeze); a
+    /// removed node's host name is removed (unless frozen). Names the cluster registered are
+    /// removed from the map when it is dropped.
     pub fn name_map(&self) -> NameMap {
         self.names.clone()
     }
@@ -649,12 +862,20 @@ impl LocalCluster {
     /// `redis://[user:password@]ip:port` of every running node, e.g. for
     /// `redis::cluster::ClusterClient::new(cluster.node_urls())`. Credentials set with
     /// [`password`](LocalClusterBuilder::password)/[`user`](LocalClusterBuilder::user) are
-    /// included. On a TLS cluster they are `rediss://` URLs, and a client also needs
-    /// [`ca_pem`](Self::ca_pem) (the system roots do not trust the cluster's CA).
+    /// included (the current ones). On a TLS cluster they are `rediss://` URLs, and a client also
+    /// needs [`ca_pem`](Self::ca_pem) (the system roots do not trust the cluster's CA).
+    ///
+    /// With [`tls_names_only`](LocalClusterBuilder::tls_names_only) an IP cannot be verified, so
+    /// nodes that announce a host name are given by it (`rediss://…@node-3.<domain>:port`),
+    /// which a client must resolve through the [name map](Self::name_map) (e.g.
+    /// `ClusterClientBuilder::async_dns_resolver(DnsAdapter(cluster.name_map()))`).
     pub fn node_urls(&self) -> Vec<String> {
-        self.addrs()
+        self.nodes()
             .into_iter()
-            .map(|a| self.settings.creds.url(a))
+            .map(|n| match (&n.hostname, self.settings.tls_names_only) {
+                (Some(name), true) => self.settings.creds.url(&format!("{name}:{}", self.port())),
+                _ => self.settings.creds.url(&n.addr.to_string()),
+            })
             .collect()
     }
 
@@ -725,7 +946,9 @@ impl LocalCluster {
     /// and ok; every shard's slots served by one running master; all running nodes agree on who
     /// serves each slot and on each running node's role; no running node is flagged
     /// `fail`/`fail?`/`handshake`/`noaddr` or disconnected by another; and the nodes know
-    /// exactly the current members, so removed (forgotten) nodes are absent from every view.
+    /// exactly the current members, so removed (forgotten) nodes are absent from every view, at
+    /// their current addresses and (with
+    /// [`announce_hostnames`](LocalClusterBuilder::announce_hostnames)) host names.
     /// Stopped members may be flagged as failed but must not serve slots. A paused node cannot
     /// answer, so the cluster is not healthy while one is paused.
     pub async fn wait_healthy(&self, timeout: Duration) -> Result<(), HarnessError> {
@@ -775,6 +998,10 @@ impl LocalCluster {
     /// elected master, which takes about 2–3 × the node timeout). The dead node is then
     /// forgotten (`CLUSTER FORGET` on every running node) and removed from the name map; returns
     /// the new master once the cluster is healthy and in sync.
+    ///
+    /// The election needs the votes of a majority of *all* masters, the dead one included, so
+    /// it only happens with at least 3 shards; with 1 or 2 this ends in
+    /// [`HarnessError::Timeout`] (fail over gracefully with [`failover`](Self::failover)).
     pub async fn kill_master(&mut self, shard: usize) -> Result<NodeInfo, HarnessError> {
         let started = Instant::now();
         let deadline = started + self.settings.timeout;
@@ -793,7 +1020,7 @@ impl LocalCluster {
             )));
         }
         info!(endpoint = %self.endpoint, shard, master = %master.addr, "killing master");
-        self.kill_process(master.addr);
+        self.kill_process(master.addr)?;
 
         let new_master = loop {
             let checks = join_all(replicas.iter().map(|r| self.reports_master(r.addr))).await;
@@ -811,7 +1038,7 @@ impl LocalCluster {
             tokio::time::sleep(POLL).await;
         };
         debug!(shard, new_master = %new_master.addr, elapsed = ?started.elapsed(), "replica promoted");
-        self.remove_member(&master.id, deadline).await?;
+        self.remove_member(&master.id, deadline, true).await?;
         self.wait_until(
             deadline,
             true,
@@ -833,6 +1060,12 @@ impl LocalCluster {
     /// 60 s during which a forgotten node may not be re-learnt through gossip). Waits until the
     /// cluster is healthy and the new replica in sync. The name map loses the old address and
     /// gains the new one. `addr` may also be a stopped member (see [`kill_node`](Self::kill_node)).
+    ///
+    /// With [`announce_hostnames`](LocalClusterBuilder::announce_hostnames) the new node has a
+    /// new name, `node-<n>.<domain>` for its new host number, registered in the name map as it
+    /// starts; the old node's name is removed from the map once the node is forgotten, unless it
+    /// is [frozen](NameMap::freeze) (a stale DNS record of a host that is gone). To keep the name,
+    /// see [`replace_node_keeping_name`](Self::replace_node_keeping_name).
     pub async fn replace_node(&mut self, addr: SocketAddr) -> Result<NodeInfo, HarnessError> {
         let started = Instant::now();
         let deadline = started + self.settings.timeout;
@@ -862,7 +1095,7 @@ impl LocalCluster {
             }
         }
 
-        let new = self.add_replica(shard, deadline).await?;
+        let new = self.add_replica(shard, deadline, None).await?;
 
         if self.node(addr).is_some_and(|n| n.role == Role::Master) {
             // The shard had no other replica: hand it to the new node now that it is in sync.
@@ -871,8 +1104,8 @@ impl LocalCluster {
                 .await?;
         }
 
-        self.kill_process(addr);
-        self.remove_member(&old.id, deadline).await?;
+        self.kill_process(addr)?;
+        self.remove_member(&old.id, deadline, true).await?;
         self.wait_until(
             deadline,
             true,
@@ -956,6 +1189,9 @@ impl LocalCluster {
     /// after about 2–3 × the node timeout. Start it again with
     /// [`restart_node`](Self::restart_node), or replace it with
     /// [`replace_node`](Self::replace_node). Does not wait. Returns the node as last known.
+    ///
+    /// Clients get refused connections, or, with
+    /// [`blackhole_dead_nodes`](LocalClusterBuilder::blackhole_dead_nodes), no answer at all.
     pub async fn kill_node(&mut self, addr: SocketAddr) -> Result<NodeInfo, HarnessError> {
         let info = self
             .lock()
@@ -965,7 +1201,7 @@ impl LocalCluster {
             .map(Member::info)
             .ok_or(HarnessError::UnknownNode { addr })?;
         info!(endpoint = %self.endpoint, %addr, role = ?info.role, "killing node");
-        self.kill_process(addr);
+        self.kill_process(addr)?;
         Ok(info)
     }
 
@@ -977,6 +1213,9 @@ impl LocalCluster {
     /// RDB file a replica wrote during a full sync, unless `save` was configured). A master
     /// restarted before its replicas took over therefore empties its shard, as a real crash
     /// without persistence would; fail it over first to keep the data.
+    ///
+    /// With [`blackhole_dead_nodes`](LocalClusterBuilder::blackhole_dead_nodes) the node's
+    /// address is blackholed while it is down and reachable again once it starts.
     pub async fn restart_node(&mut self, addr: SocketAddr) -> Result<NodeInfo, HarnessError> {
         let started = Instant::now();
         let deadline = started + self.settings.timeout;
@@ -984,7 +1223,7 @@ impl LocalCluster {
             return Err(HarnessError::UnknownNode { addr });
         }
         info!(endpoint = %self.endpoint, %addr, "restarting node");
-        self.kill_process(addr);
+        self.kill_process(addr)?;
         self.start_stopped(&[addr], deadline).await?;
         self.wait_until(
             deadline,
@@ -996,7 +1235,8 @@ impl LocalCluster {
         self.node(addr).ok_or(HarnessError::UnknownNode { addr })
     }
 
-    /// The whole cluster goes down: every node is SIGKILLed (clients get refused connections).
+    /// The whole cluster goes down: every node is SIGKILLed (clients get refused connections, or
+    /// no answer with [`blackhole_dead_nodes`](LocalClusterBuilder::blackhole_dead_nodes)).
     ///
     /// Directories and `nodes.conf` files are kept and the name map still lists the nodes, so
     /// [`start_all`](Self::start_all) brings the same cluster back. Data is lost (no
@@ -1005,7 +1245,7 @@ impl LocalCluster {
     pub async fn stop_all(&mut self) -> Result<(), HarnessError> {
         info!(endpoint = %self.endpoint, "stopping every node");
         for addr in self.addrs() {
-            self.kill_process(addr);
+            self.kill_process(addr)?;
         }
         Ok(())
     }
@@ -1024,9 +1264,259 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Replaces the node at `addr` by a new node at a new IP that announces the *old node's host
+    /// name*, as a Kubernetes pod without persistence comes back, or a managed service reuses a
+    /// node's DNS name for its replacement. Needs
+    /// [`announce_hostnames`](LocalClusterBuilder::announce_hostnames). Returns the new node.
+    ///
+    /// Two live nodes must never announce the same name, so the old node goes first: if it is a
+    /// running master, its shard is failed over to another replica (with none,
+    /// [`HarnessError::Invalid`]: the shard would be left without a node); then it is killed
+    /// (and [blackholed](LocalClusterBuilder::blackhole_dead_nodes)) and forgotten by every
+    /// node. Then the new node — new id, empty — starts at the next free IP announcing the old
+    /// name, the name is pointed at the new IP (unless [frozen](NameMap::freeze): a stale
+    /// record), and the node is introduced, made a replica of the shard's master and waited for
+    /// until the cluster is settled. Meanwhile the shard has one replica fewer. `addr` may also be
+    /// a stopped member.
+    pub async fn replace_node_keeping_name(
+        &mut self,
+        addr: SocketAddr,
+    ) -> Result<NodeInfo, HarnessError> {
+        let started = Instant::now();
+        let deadline = started + self.settings.timeout;
+        self.wait_until(
+            deadline,
+            true,
+            "the cluster to be settled before a replacement",
+        )
+        .await?;
+        let (old, old_running) = self.member(addr)?;
+        let Some(name) = old.hostname.clone() else {
+            return Err(HarnessError::Invalid(format!(
+                "replace_node_keeping_name({addr}): the node has no host name to keep; start the \
+                 cluster with announce_hostnames(true) (or managed()), or use replace_node"
+            )));
+        };
+        let shard = old.shard;
+        if old_running && old.role == Role::Master {
+            let replica = self.oldest_replica(shard).ok_or_else(|| {
+                HarnessError::Invalid(format!(
+                    "replace_node_keeping_name({addr}): it is the master of shard {shard}, which \
+                     has no other running replica; its replacement can only start once it is \
+                     gone (two nodes must not announce {name}), which would leave the shard \
+                     without a node. Add a replica first, or use replace_node, which does"
+                ))
+            })?;
+            info!(endpoint = %self.endpoint, %addr, to = %replica.addr, "failing over before a replacement");
+            self.promote(replica.addr, deadline).await?;
+            self.wait_until(deadline, true, "the cluster to be healthy after a failover")
+                .await?;
+        }
+        info!(endpoint = %self.endpoint, %addr, %name, shard, "replacing node under its name");
+        self.kill_process(addr)?;
+        self.remove_member(&old.id, deadline, false).await?;
+        let new = self.add_replica(shard, deadline, Some(name)).await?;
+        info!(endpoint = %self.endpoint, old = %addr, new = %new.addr, elapsed = ?started.elapsed(), "node replaced under its name");
+        Ok(new)
+    }
+
+    /// Moves the node at `addr` to a new IP: the *same* node — same directory, `nodes.conf`,
+    /// node id and host name — starts again at the next free IP of the subnet, like a
+    /// Kubernetes pod with a persistent volume rescheduled onto another host. Returns the node
+    /// at its new address.
+    ///
+    /// If it is a running master, its shard is first failed over to another replica (with none,
+    /// [`HarnessError::Invalid`]: the shard would go down and, without persistence, come back
+    /// empty). Then it is killed (the old address
+    /// [blackholed](LocalClusterBuilder::blackhole_dead_nodes)) and started again with
+    /// `bind`/`cluster-announce-ip` set to the new IP. Redis needs no `CLUSTER MEET`: the node
+    /// still knows its peers from `nodes.conf` and pings them from the new IP, and each peer
+    /// updates the node's address when a ping arrives from a known id at a new address. The
+    /// harness waits until every node sees it at the new address and the cluster is settled.
+    /// The configuration endpoint loses the old address and gains the new one, and the node's
+    /// host name points at the new IP (each unless [frozen](NameMap::freeze)). Without TLS
+    /// names-only certificates, the node gets a new certificate for its new IP. Data it held is
+    /// resynchronised from its master (no persistence). `addr` may also be a stopped member.
+    pub async fn move_node(&mut self, addr: SocketAddr) -> Result<NodeInfo, HarnessError> {
+        let started = Instant::now();
+        let deadline = started + self.settings.timeout;
+        self.wait_until(
+            deadline,
+            true,
+            "the cluster to be settled before moving a node",
+        )
+        .await?;
+        let (old, old_running) = self.member(addr)?;
+        let shard = old.shard;
+        if old_running && old.role == Role::Master {
+            let replica = self.oldest_replica(shard).ok_or_else(|| {
+                HarnessError::Invalid(format!(
+                    "move_node({addr}): it is the master of shard {shard}, which has no running \
+                     replica to take over while it moves; without persistence the shard would \
+                     come back empty. Add a replica first (replace_node does), or use \
+                     restart_node to restart it in place"
+                ))
+            })?;
+            info!(endpoint = %self.endpoint, %addr, to = %replica.addr, "failing over before a move");
+            self.promote(replica.addr, deadline).await?;
+            self.wait_until(deadline, true, "the cluster to be healthy after a failover")
+                .await?;
+        }
+        self.kill_process(addr)?;
+        let (host, new_addr) = self.next_host()?;
+        let (dir, hostname) = {
+            let mut state = self.lock();
+            let m = state
+                .members
+                .iter_mut()
+                .find(|m| m.addr == addr)
+                .ok_or(HarnessError::UnknownNode { addr })?;
+            m.host = host;
+            m.addr = new_addr;
+            (m.dir.clone(), m.hostname.clone())
+        };
+        info!(endpoint = %self.endpoint, old = %addr, new = %new_addr, id = %old.id, "moving node");
+        if !self.settings.keep_rdb {
+            let _ = std::fs::remove_file(dir.join("dump.rdb"));
+        }
+        let proc = self.start_node(host, &dir, hostname.as_deref()).await?;
+        if let Some(m) = self.lock().members.iter_mut().find(|m| m.addr == new_addr) {
+            m.process = Some(proc);
+        }
+        let forgotten = self.lock().forgotten.clone();
+        join_all(
+            forgotten
+                .iter()
+                .map(|id| self.forget_on(new_addr, id, deadline)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()?;
+        self.publish_names();
+        self.wait_known(deadline).await?;
+        debug!(new = %new_addr, elapsed = ?started.elapsed(), "every node sees the moved node at its new address");
+        self.wait_until(deadline, true, "the cluster to be healthy after a move")
+            .await?;
+        info!(endpoint = %self.endpoint, old = %addr, new = %new_addr, elapsed = ?started.elapsed(), "node moved");
+        self.node(new_addr)
+            .ok_or(HarnessError::UnknownNode { addr: new_addr })
+    }
+
+    /// Rotates the password of the cluster's ACL user ([`LocalClusterBuilder::user`], `app`
+    /// under [`managed`](LocalClusterBuilder::managed)) — or of the default user when only
+    /// [`password`](LocalClusterBuilder::password) was set — to `new`, as a managed service
+    /// rotates an auth token; waits until replication is settled.
+    ///
+    /// On every running node the new password is added next to the old one
+    /// (`ACL SETUSER <user> ><new>`) and `masterauth` is set to it (`CONFIG SET`); then the
+    /// harness's own connections, [`user`](Self::user), [`node_urls`](Self::node_urls),
+    /// [`client_builder`](Self::client_builder) and the config written for later node starts
+    /// switch to it; then the old password is removed everywhere (`ACL SETUSER <user> <<old>`).
+    /// So at every moment one of the two works, and afterwards only `new` does.
+    ///
+    /// Redis keeps connections that are already authenticated: clients connected before the
+    /// rotation keep working with the old password until they reconnect. To force
+    /// re-authentication, kill their connections, e.g.
+    /// `cluster.node_command(addr, redis::cmd("CLIENT").arg("KILL").arg("USER").arg("app"))` on
+    /// every node (this also drops replication links using the user, which reconnect with the
+    /// new `masterauth`). Stopped nodes get the new password when they are started again.
+    pub async fn set_user_password(&mut self, new: impl Into<String>) -> Result<(), HarnessError> {
+        let new = new.into();
+        let started = Instant::now();
+        let deadline = started + self.settings.timeout;
+        let (user, old) = match (&self.settings.user, &self.settings.password) {
+            (Some((user, old)), _) => (user.clone(), old.clone()),
+            (None, Some(old)) => ("default".to_owned(), old.clone()),
+            (None, None) => {
+                return Err(HarnessError::Invalid(
+                    "set_user_password: the cluster has no password to rotate; start it with \
+                     user(..) (or managed()) or password(..)"
+                        .into(),
+                ))
+            }
+        };
+        if new.is_empty() {
+            return Err(HarnessError::Invalid(
+                "set_user_password: the new password is empty".into(),
+            ));
+        }
+        let addrs = self.addrs();
+        let mut add = redis::pipe();
+        add.cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user)
+            .arg(format!(">{new}"))
+            .ignore()
+            .cmd("CONFIG")
+            .arg("SET")
+            .arg("masterauth")
+            .arg(&new)
+            .ignore();
+        self.on_every_node(&addrs, &add).await?;
+        match &mut self.settings.user {
+            Some((_, password)) => *password = new.clone(),
+            None => self.settings.password = Some(new.clone()),
+        }
+        self.settings.creds.password = Some(new.clone());
+        if old != new {
+            let mut remove = redis::pipe();
+            remove
+                .cmd("ACL")
+                .arg("SETUSER")
+                .arg(&user)
+                .arg(format!("<{old}"))
+                .ignore();
+            self.on_every_node(&addrs, &remove).await?;
+        }
+        self.wait_until(
+            deadline,
+            true,
+            "the cluster to be settled after a password change",
+        )
+        .await?;
+        info!(endpoint = %self.endpoint, %user, elapsed = ?started.elapsed(), "password rotated");
+        Ok(())
+    }
+
     // -----------------------------------------------------------------------------------------
     // Internals
     // -----------------------------------------------------------------------------------------
+
+    /// Runs `pipe` on every node of `addrs` concurrently; the first error wins.
+    async fn on_every_node(
+        &self,
+        addrs: &[SocketAddr],
+        pipe: &redis::Pipeline,
+    ) -> Result<(), HarnessError> {
+        let creds = &self.settings.creds;
+        join_all(
+            addrs
+                .iter()
+                .map(|&addr| admin::query_pipe::<()>(addr, creds, pipe, RESPONSE_TIMEOUT)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()?;
+        Ok(())
+    }
+
+    /// The member at `addr` (running or stopped) and whether it runs.
+    fn member(&self, addr: SocketAddr) -> Result<(NodeInfo, bool), HarnessError> {
+        let state = self.lock();
+        let m = state
+            .members
+            .iter()
+            .find(|m| m.addr == addr)
+            .ok_or(HarnessError::UnknownNode { addr })?;
+        Ok((m.info(), m.running()))
+    }
+
+    /// `node-<host>.<domain>` with `announce_hostnames`.
+    fn hostname_for(&self, host: u8) -> Option<String> {
+        self.settings
+            .announce_hostnames
+            .then(|| format!("node-{host}.{}", self.domain))
+    }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding the lock, but a poisoned lock must not turn Drop (which
@@ -1072,29 +1562,37 @@ impl LocalCluster {
             .ok_or(HarnessError::UnknownNode { addr })
     }
 
+    /// Reserves the next host number (and so IP).
+    fn next_host(&self) -> Result<(u8, SocketAddr), HarnessError> {
+        let mut state = self.lock();
+        let host = state.next_host;
+        if host > MAX_HOST {
+            return Err(HarnessError::Invalid(
+                "no unused IP left in the cluster's /24".into(),
+            ));
+        }
+        state.next_host += 1;
+        Ok((host, self.lease.addr(host)))
+    }
+
     /// Reserves the next host number and creates its directory.
     fn next_node_dir(&self) -> Result<(u8, SocketAddr, PathBuf), HarnessError> {
-        let host = {
-            let mut state = self.lock();
-            let host = state.next_host;
-            if host > MAX_HOST {
-                return Err(HarnessError::Invalid(
-                    "no unused IP left in the cluster's /24".into(),
-                ));
-            }
-            state.next_host += 1;
-            host
-        };
-        let addr = self.lease.addr(host);
+        let (host, addr) = self.next_host()?;
         let dir = self.dir_path.join(format!("node-{host}"));
         std::fs::create_dir_all(&dir)
             .map_err(|e| io_context(e, format!("creating {}", dir.display())))?;
         Ok((host, addr, dir))
     }
 
-    /// Writes the node's redis.conf (every time: it is cheap and keeps restarts identical),
-    /// starts `redis-server` and waits until it answers.
-    async fn start_node(&self, host: u8, dir: &Path) -> Result<Arc<NodeProcess>, HarnessError> {
+    /// Writes the node's redis.conf (every time: it is cheap, keeps restarts identical and picks
+    /// up a rotated password), starts `redis-server` at host `host` of the subnet (a moved node
+    /// keeps its `dir`) and waits until it answers. `hostname` is announced when given.
+    async fn start_node(
+        &self,
+        host: u8,
+        dir: &Path,
+        hostname: Option<&str>,
+    ) -> Result<Arc<NodeProcess>, HarnessError> {
         let ip = self.lease.ip(host);
         let port = self.port();
         let mut conf = process::base_config(ip, port, dir, self.settings.tls.is_some());
@@ -1109,10 +1607,24 @@ impl LocalCluster {
         conf += "cluster-replica-validity-factor 0\n";
         // The harness decides where replicas go; Redis must not move them between shards.
         conf += "cluster-allow-replica-migration no\n";
-        if let Some(tls) = &self.settings.tls {
-            conf += &tls.node_config(IpAddr::V4(ip), dir, true)?;
+        if let Some(name) = hostname {
+            // As MemoryDB/ElastiCache nodes do: clients are sent host names (CLUSTER SLOTS,
+            // CLUSTER SHARDS, MOVED), never IPs.
+            conf += &format!("cluster-announce-hostname {}\n", process::quote(name));
+            conf += "cluster-preferred-endpoint-type hostname\n";
         }
-        conf += &self.settings.auth_lines;
+        if let Some(tls) = &self.settings.tls {
+            let (ips, names) = if self.settings.tls_names_only {
+                (Vec::new(), vec![format!("*.{}", self.domain)])
+            } else {
+                let names = std::iter::once(self.endpoint.clone())
+                    .chain(hostname.map(str::to_owned))
+                    .collect();
+                (vec![IpAddr::V4(ip)], names)
+            };
+            conf += &tls.node_config(&ips, &names, dir, true)?;
+        }
+        conf += &self.settings.auth_lines();
         process::append_extra(&mut conf, &self.settings.extra);
         let conf_path = dir.join("redis.conf");
         std::fs::write(&conf_path, conf)
@@ -1129,7 +1641,19 @@ impl LocalCluster {
     }
 
     /// Kills the member's process (if running) and marks it stopped.
-    fn kill_process(&self, addr: SocketAddr) {
+    ///
+    /// With blackholing, the address is blackholed *first*: the kernel closes a killed process's
+    /// connections with a FIN (or a reset), which must not reach the clients of a host that is
+    /// meant to vanish. If the rules cannot be installed the node is left running.
+    fn kill_process(&self, addr: SocketAddr) -> Result<(), HarnessError> {
+        let running = self
+            .lock()
+            .members
+            .iter()
+            .any(|m| m.addr == addr && m.running());
+        if let (true, Some(blackhole)) = (running, &self.blackhole) {
+            blackhole.block(addr)?;
+        }
         let proc = {
             let mut state = self.lock();
             state
@@ -1141,6 +1665,7 @@ impl LocalCluster {
         if let Some(p) = proc {
             p.kill();
         }
+        Ok(())
     }
 
     /// Starts the stopped members at `addrs` again (same dir, same `nodes.conf`), together, and
@@ -1152,34 +1677,39 @@ impl LocalCluster {
     ) -> Result<(), HarnessError> {
         let mut planned = Vec::new();
         for &addr in addrs {
-            let (host, dir) = {
+            let (host, dir, hostname) = {
                 let state = self.lock();
                 let m = state
                     .members
                     .iter()
                     .find(|m| m.addr == addr)
                     .ok_or(HarnessError::UnknownNode { addr })?;
-                (m.host, m.dir.clone())
+                (m.host, m.dir.clone(), m.hostname.clone())
             };
             if !self.settings.keep_rdb {
                 let _ = std::fs::remove_file(dir.join("dump.rdb"));
             }
-            planned.push((addr, host, dir));
+            // The node is back at the same address: it must be reachable again (and the
+            // readiness PING get through).
+            if let Some(blackhole) = &self.blackhole {
+                blackhole.unblock(addr)?;
+            }
+            planned.push((addr, host, dir, hostname));
         }
         let launched = join_all(
             planned
                 .iter()
-                .map(|(_, host, dir)| self.start_node(*host, dir)),
+                .map(|(_, host, dir, name)| self.start_node(*host, dir, name.as_deref())),
         )
         .await;
-        for ((addr, _, _), proc) in planned.iter().zip(launched) {
+        for ((addr, ..), proc) in planned.iter().zip(launched) {
             let proc = proc?;
             if let Some(m) = self.lock().members.iter_mut().find(|m| m.addr == *addr) {
                 m.process = Some(proc);
             }
         }
         let forgotten = self.lock().forgotten.clone();
-        let forgets = planned.iter().flat_map(|(addr, _, _)| {
+        let forgets = planned.iter().flat_map(|(addr, ..)| {
             forgotten
                 .iter()
                 .map(|id| self.forget_on(*addr, id, deadline))
@@ -1192,12 +1722,20 @@ impl LocalCluster {
     }
 
     /// Starts a new node at the next IP, introduces it and makes it a replica of `shard`'s
-    /// master; returns once it is in sync.
-    async fn add_replica(&self, shard: usize, deadline: Instant) -> Result<NodeInfo, HarnessError> {
+    /// master; returns once it is in sync. It announces `name` if given, else (with
+    /// `announce_hostnames`) a name of its own; either is pointed at it in the name map as soon
+    /// as it runs.
+    async fn add_replica(
+        &self,
+        shard: usize,
+        deadline: Instant,
+        name: Option<String>,
+    ) -> Result<NodeInfo, HarnessError> {
         let creds = self.settings.creds.clone();
         let master = self.master_of(shard);
         let (host, addr, dir) = self.next_node_dir()?;
-        let proc = self.start_node(host, &dir).await?;
+        let hostname = name.or_else(|| self.hostname_for(host));
+        let proc = self.start_node(host, &dir, hostname.as_deref()).await?;
         // Registered before anything else can fail, so that Drop kills it.
         self.lock().members.push(Member {
             id: String::new(),
@@ -1206,8 +1744,12 @@ impl LocalCluster {
             dir,
             role: Role::Replica,
             shard,
+            hostname: hostname.clone(),
             process: Some(proc),
         });
+        if let Some(name) = &hostname {
+            self.publish_name(name, addr);
+        }
         let id: String =
             admin::query(addr, &creds, &cmd(&["CLUSTER", "MYID"]), RESPONSE_TIMEOUT).await?;
         if let Some(m) = self.lock().members.iter_mut().find(|m| m.addr == addr) {
@@ -1236,6 +1778,7 @@ impl LocalCluster {
             addr,
             role: Role::Replica,
             shard,
+            hostname,
         }))
     }
 
@@ -1293,13 +1836,19 @@ impl LocalCluster {
     }
 
     /// Forgets the (already killed) member `id` on every running node, then drops it from the
-    /// harness and the name map.
+    /// harness and the name map: its address from the configuration endpoint and, with
+    /// `retire_name`, its host name (unless frozen).
     ///
     /// `CLUSTER FORGET` also bans the id for 60 s, during which gossip from nodes that still
     /// know it cannot bring it back; all nodes are told concurrently, so every ban is in place
     /// within moments of the first. A replica refuses to forget its own master until it has
     /// switched to the new one, hence the retries.
-    async fn remove_member(&self, id: &str, deadline: Instant) -> Result<(), HarnessError> {
+    async fn remove_member(
+        &self,
+        id: &str,
+        deadline: Instant,
+        retire_name: bool,
+    ) -> Result<(), HarnessError> {
         let started = Instant::now();
         let targets = self.addrs();
         join_all(
@@ -1310,10 +1859,19 @@ impl LocalCluster {
         .await
         .into_iter()
         .collect::<Result<Vec<()>, _>>()?;
-        {
+        let hostname = {
             let mut state = self.lock();
+            let hostname = state
+                .members
+                .iter()
+                .find(|m| m.id == id)
+                .and_then(|m| m.hostname.clone());
             state.members.retain(|m| m.id != id);
             state.forgotten.push(id.to_owned());
+            hostname
+        };
+        if let (true, Some(name)) = (retire_name, hostname) {
+            self.names.retire(&name);
         }
         self.publish_names();
         debug!(id, elapsed = ?started.elapsed(), "node forgotten everywhere");
@@ -1356,11 +1914,36 @@ impl LocalCluster {
         }
     }
 
-    /// Points the configuration endpoint at every member (unless frozen).
+    /// Points the configuration endpoint at every member, and every member's host name at its
+    /// address (each unless frozen).
     fn publish_names(&self) {
-        let mut addrs: Vec<SocketAddr> = self.lock().members.iter().map(|m| m.addr).collect();
+        let (mut addrs, hosts): (Vec<SocketAddr>, Vec<(String, SocketAddr)>) = {
+            let state = self.lock();
+            (
+                state.members.iter().map(|m| m.addr).collect(),
+                state
+                    .members
+                    .iter()
+                    .filter_map(|m| Some((m.hostname.clone()?, m.addr)))
+                    .collect(),
+            )
+        };
         addrs.sort();
-        self.names.publish(&self.endpoint, addrs);
+        self.publish_name_list(&self.endpoint, addrs);
+        for (name, addr) in hosts {
+            self.publish_name(&name, addr);
+        }
+    }
+
+    /// Points a node's host name at its address (unless frozen).
+    fn publish_name(&self, name: &str, addr: SocketAddr) {
+        self.publish_name_list(name, vec![addr]);
+    }
+
+    fn publish_name_list(&self, name: &str, addrs: Vec<SocketAddr>) {
+        // Remembered first, so that Drop removes it even if it stays frozen.
+        self.lock().names.insert(name.to_owned());
+        self.names.publish(name, addrs);
     }
 
     fn expected(&self) -> Vec<Expected> {
@@ -1371,6 +1954,7 @@ impl LocalCluster {
                 id: m.id.clone(),
                 addr: m.addr,
                 running: m.running(),
+                hostname: m.hostname.clone(),
             })
             .collect()
     }
@@ -1440,7 +2024,8 @@ impl LocalCluster {
     }
 
     /// Polls until every running member knows every other running member (after `CLUSTER
-    /// MEET`): present in its CLUSTER NODES, handshake done, at the right address.
+    /// MEET`): present in its CLUSTER NODES, handshake done, at the right address, with the
+    /// right host name.
     async fn wait_known(&self, deadline: Instant) -> Result<(), HarnessError> {
         let started = Instant::now();
         let creds = &self.settings.creds;
@@ -1460,7 +2045,11 @@ impl LocalCluster {
                 let view = topology::parse_cluster_nodes(&text)?;
                 for other in running {
                     let ok = view.iter().any(|v| {
-                        v.id == other.id && v.addr == Some(other.addr) && !v.handshake && !v.noaddr
+                        v.id == other.id
+                            && v.addr == Some(other.addr)
+                            && !v.handshake
+                            && !v.noaddr
+                            && (other.hostname.is_none() || v.hostname == other.hostname)
                     });
                     if !ok {
                         return Err(format!("{} does not know {} yet", e.addr, other.addr));
@@ -1497,8 +2086,13 @@ impl Drop for LocalCluster {
                 p.kill();
             }
         }
-        // The name would point at dead addresses; a shared map should not keep it.
+        // After the kills: their FINs may as well be dropped. Deletes the nftables table.
+        drop(self.blackhole.take());
+        // The names would point at dead addresses; a shared map should not keep them.
         self.names.remove(&self.endpoint);
+        for name in &state.names {
+            self.names.remove(name);
+        }
         if self.keep_dir {
             if let Some(dir) = self.tempdir.take() {
                 let path = dir.keep();
@@ -1546,4 +2140,14 @@ async fn replicate(
 
 fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A password nobody guesses: 128 random bits in hex (no character redis.conf or a URL needs
+/// escaped).
+fn random_password() -> String {
+    format!(
+        "{:016x}{:016x}",
+        process::random_u64(),
+        process::random_u64()
+    )
 }

@@ -53,6 +53,22 @@ pub enum HarnessError {
         /// How many shards the cluster has.
         shards: usize,
     },
+    /// The `nft` binary (nftables) could not be found, and
+    /// [`blackhole_dead_nodes`](super::LocalClusterBuilder::blackhole_dead_nodes) (part of
+    /// [`managed`](super::LocalClusterBuilder::managed)) needs it.
+    NftNotFound {
+        /// What was looked for: the path given by `nft_path`/`TRC_NFT`, or the bare name `nft`
+        /// when `PATH` and the sbin directories were searched.
+        tried: PathBuf,
+    },
+    /// An `nft` command failed, usually for lack of privileges (it needs root or
+    /// `CAP_NET_ADMIN`).
+    NftFailed {
+        /// The command line (and script) that failed.
+        command: String,
+        /// What nft said, and its exit status.
+        output: String,
+    },
     /// The operation cannot be carried out in the cluster's current state (for example a failover
     /// of a shard without a running replica), or the builder's settings cannot work.
     Invalid(String),
@@ -91,6 +107,26 @@ impl fmt::Display for HarnessError {
             }
             HarnessError::InvalidShard { shard, shards } => {
                 write!(f, "shard {shard} does not exist (the cluster has {shards})")
+            }
+            HarnessError::NftNotFound { tried } => write!(
+                f,
+                "`nft` (nftables) was not found, and blackhole_dead_nodes(true) (part of \
+                 managed()) needs it: install it (Debian/Ubuntu: `apt-get install -y nftables`) \
+                 or set TRC_NFT to its path; it must run as root or with CAP_NET_ADMIN \
+                 (looked for `{}`)",
+                tried.display()
+            ),
+            HarnessError::NftFailed { command, output } => {
+                write!(f, "`{command}` failed: {output}; ")?;
+                if output.contains("Operation not permitted") {
+                    f.write_str("nft lacks the privileges: ")?;
+                }
+                f.write_str(
+                    "blackhole_dead_nodes(true) (part of managed()) installs nftables rules, \
+                     which needs root or CAP_NET_ADMIN: run the tests as root (CI: `sudo`), give \
+                     nft the capability (`setcap cap_net_admin+ep \"$(command -v nft)\"`), or \
+                     turn blackholing off",
+                )
             }
             HarnessError::Invalid(msg) => f.write_str(msg),
         }

@@ -87,6 +87,17 @@ impl NameMap {
         }
     }
 
+    /// The removal a cluster operation makes (a node's host name once the node is forgotten):
+    /// skipped while the name is frozen, so a frozen name keeps pointing at the gone node.
+    pub(crate) fn retire(&self, name: &str) {
+        let mut map = self.write();
+        if map.get(name).is_some_and(|e| e.frozen) {
+            tracing::debug!(name, "name frozen: not removing it");
+        } else {
+            map.remove(name);
+        }
+    }
+
     // A panic elsewhere while the lock was held cannot leave the map half-updated (every write
     // is a single assignment), so a poisoned lock is still safe to use; ignoring the poison keeps
     // one failed test from cascading into every later lookup.

@@ -13,7 +13,7 @@ use std::{
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex, PoisonError,
+        mpsc, Mutex, OnceLock, PoisonError,
     },
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -54,14 +54,14 @@ pub(crate) fn find_redis_server(explicit: Option<&Path>) -> Result<PathBuf, Harn
     }
 }
 
-fn search_path(name: &std::ffi::OsStr) -> Option<PathBuf> {
+pub(crate) fn search_path(name: &std::ffi::OsStr) -> Option<PathBuf> {
     let path: OsString = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| is_executable(candidate))
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     let Ok(meta) = fs::metadata(path) else {
         return false;
     };
@@ -157,6 +157,16 @@ impl SubnetLease {
     /// The IP of host number `host` in the subnet.
     pub(crate) fn ip(&self, host: u8) -> Ipv4Addr {
         Ipv4Addr::new(127, self.a, self.b, host)
+    }
+
+    /// The `A` of `127.A.B.0/24`.
+    pub(crate) fn a(&self) -> u8 {
+        self.a
+    }
+
+    /// The `B` of `127.A.B.0/24`.
+    pub(crate) fn b(&self) -> u8 {
+        self.b
     }
 
     pub(crate) fn port(&self) -> u16 {
@@ -272,7 +282,9 @@ impl NodeProcess {
     /// Starts `redis-server <conf>` in `dir`, with stdout/stderr appended to `dir/stdio.log`.
     ///
     /// `std::process` rather than `tokio::process`: `Drop` must be able to kill and reap
-    /// synchronously, also while unwinding from a panic outside any runtime.
+    /// synchronously, also while unwinding from a panic outside any runtime. The process is
+    /// forked by the [spawner thread](spawn_child) under `setpriv --pdeathsig KILL`, so it dies
+    /// with this program even when no `Drop` runs (`std::process::exit`, SIGKILL, abort).
     pub(crate) fn spawn(bin: &Path, conf: &Path, dir: &Path) -> Result<Self, HarnessError> {
         let log = fs::OpenOptions::new()
             .create(true)
@@ -282,22 +294,31 @@ impl NodeProcess {
         let log2 = log
             .try_clone()
             .map_err(|e| io_context(e, "duplicating the log file handle"))?;
-        let child = Command::new(bin)
+        let mut command = match setpriv() {
+            // setpriv execs redis-server, so the pid stays the server's: `kill`, `/proc/<pid>`
+            // and `LocalCluster::pids` all see the server itself.
+            Some(setpriv) => {
+                let mut c = Command::new(setpriv);
+                c.args(["--pdeathsig", "KILL", "--"]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        command
             .arg(conf)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    HarnessError::RedisServerNotFound {
-                        tried: bin.to_path_buf(),
-                    }
-                } else {
-                    io_context(e, format!("spawning {}", bin.display()))
+            .stderr(log2);
+        let child = spawn_child(command).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                HarnessError::RedisServerNotFound {
+                    tried: bin.to_path_buf(),
                 }
-            })?;
+            } else {
+                io_context(e, format!("spawning {}", bin.display()))
+            }
+        })?;
         Ok(NodeProcess {
             pid: child.id(),
             child: Mutex::new(Some(child)),
@@ -370,6 +391,102 @@ impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// No orphans: one spawner thread, and the parent-death signal
+// ---------------------------------------------------------------------------------------------
+
+/// A command for the spawner thread, and where its result goes.
+struct SpawnRequest {
+    command: Command,
+    reply: mpsc::SyncSender<io::Result<Child>>,
+}
+
+/// Spawns `command` from the harness's one spawner thread, which lives as long as the process.
+///
+/// Linux sends the parent-death signal (`setpriv --pdeathsig`) when the *thread* that forked
+/// the child exits, not when the process does. libtest runs every test on a thread of its own
+/// and tokio moves tasks between worker threads, so a node forked by whichever thread happened
+/// to run the launch would be SIGKILLed as soon as that thread ended, while the test may still
+/// use it. One dedicated thread that never returns ends only with the process: then, and only
+/// then, the kernel kills every node, also when the program ends without dropping its clusters
+/// (`std::process::exit`, SIGKILL, an abort).
+///
+/// Requests are served one at a time; a spawn takes about a millisecond, so the serialisation
+/// costs nothing next to a node's start-up.
+fn spawn_child(command: Command) -> io::Result<Child> {
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        let started = std::thread::Builder::new()
+            .name("trc-spawner".into())
+            .spawn(move || {
+                // The sender is a static that is never dropped, so this loop never ends.
+                for mut req in rx {
+                    let _ = req.reply.send(req.command.spawn());
+                }
+            });
+        match started {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the harness's spawner thread");
+                None
+            }
+        }
+    });
+    let spawner = spawner.as_ref().ok_or_else(|| {
+        io::Error::other("the harness's spawner thread could not be started (see the error log)")
+    })?;
+    let (reply, result) = mpsc::sync_channel(1);
+    spawner
+        .send(SpawnRequest { command, reply })
+        .map_err(|_| io::Error::other("the harness's spawner thread is gone"))?;
+    result
+        .recv()
+        .map_err(|_| io::Error::other("the harness's spawner thread did not answer"))?
+}
+
+/// `setpriv` (util-linux), if it is there and can set a parent-death signal; looked up once.
+///
+/// Without it (not Linux, or util-linux older than 2.33) nodes are spawned as they are, and a
+/// warning says once that they can outlive a program that exits without dropping its clusters.
+fn setpriv() -> Option<&'static Path> {
+    static SETPRIV: OnceLock<Option<PathBuf>> = OnceLock::new();
+    SETPRIV
+        .get_or_init(|| {
+            let found = if cfg!(target_os = "linux") {
+                search_path("setpriv".as_ref())
+                    .or_else(|| {
+                        ["/usr/bin/setpriv", "/bin/setpriv"]
+                            .into_iter()
+                            .map(PathBuf::from)
+                            .find(|p| is_executable(p))
+                    })
+                    .filter(|p| supports_pdeathsig(p))
+            } else {
+                None
+            };
+            if found.is_none() {
+                tracing::warn!(
+                    "`setpriv --pdeathsig` is not available (Linux with util-linux 2.33 or later: \
+                     `apt-get install -y util-linux`): redis-server processes of the harness will \
+                     outlive a test program that exits without dropping its clusters \
+                     (std::process::exit, SIGKILL)"
+                );
+            }
+            found
+        })
+        .as_deref()
+}
+
+fn supports_pdeathsig(setpriv: &Path) -> bool {
+    Command::new(setpriv)
+        .arg("--help")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--pdeathsig"))
 }
 
 /// The last `lines` lines of the node's stdio and Redis logs, for error messages.

@@ -79,13 +79,13 @@ impl StandaloneServerBuilder {
         let addr = lease.addr(1);
         let dir = tempdir.path().to_path_buf();
         let server_tls = if self.tls {
-            Some(ServerTls::new(Vec::new(), self.require_client_certs)?)
+            Some(ServerTls::new(self.require_client_certs)?)
         } else {
             None
         };
         let mut conf = process::base_config(lease.ip(1), lease.port(), &dir, self.tls);
         if let Some(tls) = &server_tls {
-            conf += &tls.node_config(IpAddr::V4(lease.ip(1)), &dir, false)?;
+            conf += &tls.node_config(&[IpAddr::V4(lease.ip(1))], &[], &dir, false)?;
         }
         process::append_extra(&mut conf, &self.config);
         let conf_path = dir.join("redis.conf");

@@ -3,7 +3,9 @@
 //!
 //! Certificates are made at run time with `rcgen` rather than checked in, so nothing expires,
 //! no key is ever shared between runs, and a node that comes up at a new IP gets a certificate
-//! for that IP — as a managed service issues one to each replacement host.
+//! for that IP — as a managed service issues one to each replacement host. In the names-only mode
+//! ([`tls_names_only`](super::LocalClusterBuilder::tls_names_only)) every node certificate
+//! instead carries one wildcard DNS name and no IP, as managed services issue them.
 //!
 //! The PKI part compiles with `test-util` alone; only the admin connections need the crate's
 //! `tls` feature (the `redis` crate's TLS support), and the builders refuse `tls(true)` without it.
@@ -29,6 +31,9 @@ use super::{
 const NODE_CERT: &str = "tls-node.crt";
 const NODE_KEY: &str = "tls-node.key";
 const CA_CERT: &str = "tls-ca.crt";
+/// The names the node certificate was issued for, one a line: a node whose names changed (it
+/// moved to a new IP) gets a new certificate.
+const NODE_SANS: &str = "tls-node.sans";
 
 /// A certificate authority made up for one test: a fresh key and a self-signed certificate.
 ///
@@ -170,8 +175,6 @@ impl fmt::Debug for AdminTls {
 /// and how nodes are configured.
 pub(crate) struct ServerTls {
     ca: TestCa,
-    /// Extra DNS names in every node certificate (the cluster's configuration endpoint).
-    dns_names: Vec<String>,
     require_client_certs: bool,
     /// The identity offered to tests, distinct from the harness's own.
     client: (Vec<u8>, Vec<u8>),
@@ -179,10 +182,7 @@ pub(crate) struct ServerTls {
 }
 
 impl ServerTls {
-    pub(crate) fn new(
-        dns_names: Vec<String>,
-        require_client_certs: bool,
-    ) -> Result<ServerTls, HarnessError> {
+    pub(crate) fn new(require_client_certs: bool) -> Result<ServerTls, HarnessError> {
         let ca = TestCa::new()?;
         let (cert_pem, key_pem) = ca.issue_client_cert("tower-redis-cluster harness")?;
         let client = ca.issue_client_cert("tower-redis-cluster test client")?;
@@ -193,7 +193,6 @@ impl ServerTls {
         });
         Ok(ServerTls {
             ca,
-            dns_names,
             require_client_certs,
             client,
             admin,
@@ -208,24 +207,41 @@ impl ServerTls {
         self.client.clone()
     }
 
-    /// Writes the node's certificate (for `ip` and the shared DNS names), key and the CA into
-    /// `dir`, and returns the redis.conf lines that use them.
+    /// Whether nodes refuse clients without a certificate (`tls-auth-clients yes`).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn requires_client_certs(&self) -> bool {
+        self.require_client_certs
+    }
+
+    /// Writes the node's certificate (for `ips` and `dns_names`), key and the CA into `dir`, and
+    /// returns the redis.conf lines that use them.
     ///
-    /// An existing certificate is kept: a restarted node is the same host and keeps its identity,
-    /// while a node at a new IP has a new directory and so gets a certificate of its own.
+    /// An existing certificate for the same names is kept: a restarted node is the same host and
+    /// keeps its identity, while a node at a new IP either has a new directory or, when the same
+    /// node moved, new names, and so gets a certificate of its own.
     pub(crate) fn node_config(
         &self,
-        ip: IpAddr,
+        ips: &[IpAddr],
+        dns_names: &[String],
         dir: &Path,
         cluster: bool,
     ) -> Result<String, HarnessError> {
         let cert = dir.join(NODE_CERT);
         let key = dir.join(NODE_KEY);
         let ca = dir.join(CA_CERT);
-        if !cert.exists() || !key.exists() {
-            let (cert_pem, key_pem) = self.ca.issue_server_cert(&[ip], &self.dns_names)?;
+        let sans_path = dir.join(NODE_SANS);
+        let sans: String = ips
+            .iter()
+            .map(ToString::to_string)
+            .chain(dns_names.iter().cloned())
+            .map(|s| s + "\n")
+            .collect();
+        let issued_for = fs::read_to_string(&sans_path).ok();
+        if !cert.exists() || !key.exists() || issued_for.as_deref() != Some(sans.as_str()) {
+            let (cert_pem, key_pem) = self.ca.issue_server_cert(ips, dns_names)?;
             write(&key, &key_pem)?;
             write(&cert, &cert_pem)?;
+            write(&sans_path, sans.as_bytes())?;
         }
         write(&ca, &self.ca.cert_pem())?;
         let q = |p: &PathBuf| process::quote(&p.to_string_lossy());
@@ -255,7 +271,6 @@ impl fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerTls")
             .field("ca", &self.ca)
-            .field("dns_names", &self.dns_names)
             .field("require_client_certs", &self.require_client_certs)
             .finish_non_exhaustive()
     }
@@ -298,9 +313,10 @@ mod tests {
     #[test]
     fn node_config_keeps_a_node_certificate_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let tls = ServerTls::new(vec!["clustercfg.x.test".into()], true).unwrap();
+        let tls = ServerTls::new(true).unwrap();
         let ip: IpAddr = "127.9.9.9".parse().unwrap();
-        let conf = tls.node_config(ip, dir.path(), true).unwrap();
+        let names = ["clustercfg.x.test".to_owned()];
+        let conf = tls.node_config(&[ip], &names, dir.path(), true).unwrap();
         for line in [
             "tls-auth-clients yes",
             "tls-replication yes",
@@ -312,11 +328,15 @@ mod tests {
             assert!(conf.contains(line), "{line} missing from\n{conf}");
         }
         let first = fs::read(dir.path().join(NODE_CERT)).unwrap();
-        tls.node_config(ip, dir.path(), true).unwrap();
+        tls.node_config(&[ip], &names, dir.path(), true).unwrap();
         assert_eq!(fs::read(dir.path().join(NODE_CERT)).unwrap(), first);
-        let standalone = ServerTls::new(Vec::new(), false).unwrap();
+        // The same node at a new IP: a new certificate.
+        let moved: IpAddr = "127.9.9.10".parse().unwrap();
+        tls.node_config(&[moved], &names, dir.path(), true).unwrap();
+        assert_ne!(fs::read(dir.path().join(NODE_CERT)).unwrap(), first);
+        let standalone = ServerTls::new(false).unwrap();
         let conf = standalone
-            .node_config(ip, tempfile::tempdir().unwrap().path(), false)
+            .node_config(&[ip], &[], tempfile::tempdir().unwrap().path(), false)
             .unwrap();
         assert!(conf.contains("tls-auth-clients optional"), "{conf}");
         assert!(!conf.contains("tls-cluster"), "{conf}");

@@ -27,6 +27,8 @@ pub(crate) struct ViewEntry {
     pub(crate) id: String,
     /// `None` for `noaddr`/`:0` entries.
     pub(crate) addr: Option<SocketAddr>,
+    /// The announced host name (`ip:port@cport,hostname`), if any.
+    pub(crate) hostname: Option<String>,
     pub(crate) myself: bool,
     pub(crate) master: bool,
     pub(crate) replica: bool,
@@ -54,6 +56,12 @@ pub(crate) fn parse_cluster_nodes(text: &str) -> Result<Vec<ViewEntry>, String> 
             return Err(format!("short CLUSTER NODES line: {line:?}"));
         }
         let addr_field = fields[1].split(['@', ',']).next().unwrap_or("");
+        // After the first comma: the host name, then (Redis 7.2+) `key=value` aux fields.
+        let hostname = fields[1]
+            .split(',')
+            .nth(1)
+            .filter(|h| !h.is_empty() && !h.contains('='))
+            .map(str::to_owned);
         let addr = addr_field.rsplit_once(':').and_then(|(host, port)| {
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let port: u16 = port.parse().ok()?;
@@ -78,6 +86,7 @@ pub(crate) fn parse_cluster_nodes(text: &str) -> Result<Vec<ViewEntry>, String> 
         out.push(ViewEntry {
             id: fields[0].to_owned(),
             addr,
+            hostname,
             myself: flags.contains("myself"),
             master: flags.contains("master"),
             replica: flags.contains("slave"),
@@ -110,6 +119,8 @@ pub(crate) struct Expected {
     /// `false` for a member whose process the harness killed and has not forgotten
     /// (`kill_node`, `stop_all`): it may be flagged failed but must not serve slots.
     pub(crate) running: bool,
+    /// The host name it announces, with `announce_hostnames`.
+    pub(crate) hostname: Option<String>,
 }
 
 /// What one running node answered.
@@ -230,6 +241,12 @@ pub(crate) fn evaluate(
                         v.id, member.addr
                     ));
                 }
+            }
+            if member.running && member.hostname.is_some() && v.hostname != member.hostname {
+                return Err(format!(
+                    "{at} sees node {} ({}) with host name {:?}, expected {:?}",
+                    v.id, member.addr, v.hostname, member.hostname
+                ));
             }
             if member.running {
                 let bad = [
@@ -421,11 +438,13 @@ mod tests {
                 id: A.into(),
                 addr: addr("127.2.3.1:20000"),
                 running: true,
+                hostname: None,
             },
             Expected {
                 id: B.into(),
                 addr: addr("127.2.3.2:20000"),
                 running: true,
+                hostname: None,
             },
         ]
     }
@@ -443,6 +462,28 @@ mod tests {
         assert_eq!(v[1].addr, None);
         assert!(v[1].master && v[1].noaddr);
         assert_eq!(v[1].slots, vec![(0, 5), (7, 7)]);
+    }
+
+    #[test]
+    fn host_names_are_parsed_and_checked() {
+        let v = parse_cluster_nodes(&nodes(A, "slave")).unwrap();
+        assert_eq!(v[0].hostname, None);
+        assert_eq!(v[1].hostname.as_deref(), Some("host"));
+        let v = parse_cluster_nodes(
+            "e7d1 127.0.0.1:30004@31004,,shard-id=ab slave e2b0 0 1 1 connected\n",
+        )
+        .unwrap();
+        assert_eq!(v[0].hostname, None);
+        let o = [
+            obs("127.2.3.1:20000", A, "slave"),
+            obs("127.2.3.2:20000", B, "slave"),
+        ];
+        let mut e = expected();
+        e[1].hostname = Some("host".into());
+        assert!(evaluate(&e, &o, 1, true).is_ok());
+        e[1].hostname = Some("other".into());
+        let err = evaluate(&e, &o, 1, true).unwrap_err();
+        assert!(err.contains("host name"), "{err}");
     }
 
     #[test]
