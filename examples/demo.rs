@@ -1,15 +1,23 @@
-//! The redis-py #2472 failure, live, and survived.
+//! The redis-py #2472 failure, live, and survived — in the seed user's world.
 //!
 //! With no configuration, the demo starts a local Redis Cluster (3 shards × master + replica,
-//! every node on its own loopback IP) behind a configuration-endpoint name whose DNS record is
-//! then **frozen** at the start-up IPs. While 16 tasks run a mixed workload through `Client`,
-//! every node is replaced by a new one at a NEW IP (masters are failed over first) and one
-//! master crashes. At the end no start-up IP exists, the name still points only at them — the
-//! state in which redis-py gave up for good — and the client is still serving.
+//! every node on its own loopback IP) that looks like a managed one (AWS MemoryDB,
+//! ElastiCache): **TLS only, with certificates that name DNS names only** (one wildcard for the
+//! cluster's domain, no IP), **nodes announced by host name**, an **ACL user**, and the address
+//! of every node that dies or is replaced **blackholed** — packets dropped, so connects hang
+//! until their timeout, as to a vanished cloud host. The configuration endpoint's DNS record
+//! is then **frozen** at the start-up IPs. While 16 tasks run a mixed workload through
+//! `Client`, every node is replaced by a new one at a NEW IP under a new name (masters are
+//! failed over first) and one master crashes. At the end no start-up IP or node name exists,
+//! the configuration name still points only at dead IPs — the state in which redis-py gave up
+//! for good — and the client is still serving.
 //!
 //! ```sh
-//! cargo run --example demo --features test-util
+//! cargo run --example demo --features test-util,tls
 //! ```
+//!
+//! Blackholing needs nftables and root (`apt-get install -y nftables`); without them the demo
+//! says so and runs with dead addresses that refuse connections instead.
 //!
 //! With `REDIS_CLUSTER_SEEDS=host:port[,host:port]` (and optionally `REDIS_USERNAME`,
 //! `REDIS_PASSWORD`, `DEMO_SECONDS`) it runs the same workload against that cluster, without
@@ -25,7 +33,27 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tower_redis_cluster::{harness::LocalCluster, topology::RefreshConfig, Client};
+use tower_redis_cluster::{
+    harness::{HarnessError, LocalCluster, NodeInfo},
+    topology::RefreshConfig,
+    Client,
+};
+
+/// A node's announced name without the cluster's domain.
+fn short_name(node: &NodeInfo) -> String {
+    match &node.hostname {
+        Some(name) => name.split('.').next().unwrap_or(name).to_string(),
+        None => node.addr.ip().to_string(),
+    }
+}
+
+/// A node as the cluster announces it, with where it is now.
+fn name_of(node: &NodeInfo) -> String {
+    match &node.hostname {
+        Some(name) => format!("{name} ({})", node.addr.ip()),
+        None => node.addr.to_string(),
+    }
+}
 
 #[derive(Default)]
 struct Stats {
@@ -160,21 +188,45 @@ struct Event {
     recovered: bool,
 }
 
+/// The managed-style cluster; without nftables (or root) its dead addresses refuse instead of
+/// swallowing packets, and the demo says so.
+async fn start_cluster() -> Result<LocalCluster, Box<dyn std::error::Error>> {
+    let builder = LocalCluster::builder().shards(3).replicas(1).managed();
+    match builder.clone().start().await {
+        Ok(cluster) => {
+            println!("  dead nodes' addresses are blackholed (nftables)");
+            Ok(cluster)
+        }
+        Err(e @ (HarnessError::NftNotFound { .. } | HarnessError::NftFailed { .. })) => {
+            println!(
+                "  cannot blackhole dead addresses ({e}); they will refuse connections instead"
+            );
+            Ok(builder.blackhole_dead_nodes(false).start().await?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn local_chaos() -> Result<(), Box<dyn std::error::Error>> {
     println!(
-        "starting a local Redis Cluster: 3 shards × (master + replica), one loopback IP per node"
+        "starting a local Redis Cluster: 3 shards × (master + replica), one loopback IP per node,"
     );
-    let mut cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(1)
-        .start()
-        .await?;
+    println!(
+        "  TLS only, certificates naming DNS names only, nodes announced by host name, an ACL user"
+    );
+    let mut cluster = start_cluster().await?;
     let endpoint = cluster.config_endpoint();
     let start_ips: Vec<IpAddr> = cluster.addrs().iter().map(|a| a.ip()).collect();
+    let start_names: Vec<String> = cluster
+        .nodes()
+        .into_iter()
+        .filter_map(|n| n.hostname)
+        .collect();
 
-    let client = Client::builder()
-        .seed(cluster.seed())
-        .resolver(cluster.name_map())
+    // What an application of that world configures: the configuration endpoint's name, the
+    // cluster's CA, the ACL user.
+    let client = cluster
+        .client_builder()
         .timeout(Duration::from_secs(2))
         // The demo packs a day of node replacements into half a minute; a client in production
         // keeps the default period (30 s) against failovers that take minutes.
@@ -184,50 +236,55 @@ async fn local_chaos() -> Result<(), Box<dyn std::error::Error>> {
     client.wait_connected(Duration::from_secs(10)).await?;
     // From now on DNS answers with the start-up IPs only, however the cluster changes.
     cluster.name_map().freeze(&endpoint, true);
-    println!("seed {} (DNS frozen at {start_ips:?})", cluster.seed());
+    println!(
+        "seed rediss://{} as user {:?} (DNS frozen at {start_ips:?})",
+        cluster.seed(),
+        cluster.user().map(|(u, _)| u).unwrap_or_default()
+    );
+    println!("  nodes {}", start_names.join(" "));
 
     let workload = start_workload(&client);
     let status = start_status_line(&client, &workload);
     let mut events = Vec::new();
 
-    let mut plan: Vec<(String, SocketAddr, bool)> = Vec::new();
-    for shard in 0..3 {
-        plan.push((
-            format!("replace master of shard {shard}"),
-            cluster.master_of(shard).addr,
-            false,
-        ));
-    }
-    for shard in 0..3 {
-        for r in cluster.replicas_of(shard) {
-            plan.push((format!("replace replica of shard {shard}"), r.addr, false));
-        }
-    }
-    plan.push((
-        "crash master of shard 0".to_string(),
-        SocketAddr::from(([0, 0, 0, 0], 0)),
-        true,
-    ));
+    // Every start-up node is replaced, in start-up order, then a master crashes.
+    let mut plan: Vec<Option<SocketAddr>> = cluster.addrs().into_iter().map(Some).collect();
+    plan.push(None);
 
-    for (what, addr, crash) in plan {
+    for step in plan {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let stats = &workload.stats;
         let errors_before = stats.error_total();
         stats.max_gap_ms.store(0, Ordering::Relaxed);
         let began = Instant::now();
-        let what = if crash {
-            let master = cluster.master_of(0);
-            println!(
-                "→ {what}: {} is killed; its replica takes over, a new node joins",
-                master.addr
-            );
-            cluster.kill_node(master.addr).await?;
-            let new = cluster.replace_node(master.addr).await?;
-            format!("{what} (new replica {})", new.addr.ip())
-        } else {
-            println!("→ {what}: {addr} leaves, a node at a new IP joins");
-            let new = cluster.replace_node(addr).await?;
-            format!("{what} ({} → {})", addr.ip(), new.addr.ip())
+        let what = match step {
+            None => {
+                let master = cluster.master_of(0);
+                println!(
+                    "→ crash the master of shard 0: {} is killed; its replica takes over, a new node joins",
+                    name_of(&master)
+                );
+                cluster.kill_node(master.addr).await?;
+                let new = cluster.replace_node(master.addr).await?;
+                format!("crash master of shard 0 (new replica {})", short_name(&new))
+            }
+            Some(addr) => {
+                // Roles move as nodes are replaced: say what the node is now.
+                let old = cluster.node(addr).expect("a live node");
+                let role = format!("{:?}", old.role).to_lowercase();
+                println!(
+                    "→ replace the {role} of shard {}: {} leaves, a node at a new IP joins",
+                    old.shard,
+                    name_of(&old)
+                );
+                let new = cluster.replace_node(addr).await?;
+                format!(
+                    "replace {role} of shard {} ({} → {})",
+                    old.shard,
+                    short_name(&old),
+                    short_name(&new)
+                )
+            }
         };
         let took = began.elapsed();
         // Recovered: a call succeeded after the event ended.
@@ -251,8 +308,21 @@ async fn local_chaos() -> Result<(), Box<dyn std::error::Error>> {
 
     let now_ips: Vec<IpAddr> = cluster.addrs().iter().map(|a| a.ip()).collect();
     let survivors: Vec<&IpAddr> = start_ips.iter().filter(|ip| now_ips.contains(ip)).collect();
+    let now_names: Vec<String> = cluster
+        .nodes()
+        .into_iter()
+        .filter_map(|n| n.hostname)
+        .collect();
+    let named: Vec<&String> = start_names
+        .iter()
+        .filter(|n| now_names.contains(n))
+        .collect();
     println!();
     println!("summary");
+    println!(
+        "  start-up node names still in the cluster: {named:?} (now {})",
+        now_names.join(" ")
+    );
     println!(
         "  start-up IPs still in the cluster: {survivors:?} (the name still answers {:?})",
         cluster
