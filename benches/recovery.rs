@@ -291,11 +291,13 @@ async fn run_once(variant: &mut Variant, run: usize, limit: Duration, gap: Durat
 
     let before = client_state(&variant.client, &cluster.addrs());
     let master = cluster.master_of(0);
-    let crashed = Instant::now();
     cluster
         .kill_node(master.addr)
         .await
         .expect("kill the master");
+    // Taken once the node is gone: blackholing its address first takes a few milliseconds, in
+    // which calls still succeed.
+    let crashed = Instant::now();
     let replica = cluster.replicas_of(0)[0].clone();
     let mut takeover = redis::cmd("CLUSTER");
     takeover.arg("FAILOVER").arg("TAKEOVER");

@@ -372,3 +372,54 @@ async fn rotated_credentials_are_picked_up_from_the_provider() {
     let refused = old.send(redis::cmd("PING")).await.unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::Auth, "{refused}");
 }
+
+/// Nodes that listen on a plaintext port *and* a TLS port report both; a TLS client must be
+/// sent to the TLS one — by the inner client and by the nodes it learns for rebuilds (the
+/// snapshot once took `port` before `tls-port`, so a rebuild from known nodes went to the
+/// plaintext port and hung in its TLS handshake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_a_plaintext_and_a_tls_port_are_reached_on_the_tls_port() {
+    // Every node also listens in plaintext on one port above the harness's ranges (its own IP
+    // keeps it apart from other clusters).
+    let plain_port = 50_000 + (std::process::id() % 9_000) as u16;
+    let mut cluster = start(
+        LocalCluster::builder()
+            .managed()
+            .shards(1)
+            .replicas(1)
+            .config("port", plain_port.to_string()),
+    )
+    .await;
+    let master = cluster.master_of(0);
+    let mut shards = redis::cmd("CLUSTER");
+    shards.arg("SHARDS");
+    let reply = format!(
+        "{:?}",
+        cluster.node_command(master.addr, &shards).await.unwrap()
+    );
+    assert!(
+        reply.contains(&plain_port.to_string()),
+        "both ports reported: {reply}"
+    );
+
+    let client = client_of(&cluster).await;
+    let topology = client.topology().unwrap().clone();
+    wait_known(&topology, &cluster).await;
+    let ports: HashSet<u16> = topology
+        .current()
+        .unwrap()
+        .endpoints()
+        .iter()
+        .map(Endpoint::port)
+        .collect();
+    assert_eq!(ports, HashSet::from([cluster.port()]), "the TLS port");
+
+    // Rebuilds after crashes behind a stale name can only use those endpoints.
+    cluster.name_map().freeze(&cluster.config_endpoint(), true);
+    for _ in 0..2 {
+        wait_known(&topology, &cluster).await;
+        crash_master_and_replace(&mut cluster).await;
+        first_success(&client, RECOVERY_LIMIT).await.unwrap();
+    }
+    assert!(client.generation() >= 2);
+}
