@@ -41,22 +41,6 @@ async fn start(builder: tower_redis_cluster::harness::LocalClusterBuilder) -> Lo
 // Talking to single nodes, as a client would
 // ---------------------------------------------------------------------------------------------
 
-/// Answers every name with one address: connects to a chosen node while TLS verifies a name.
-struct Pinned(SocketAddr);
-
-impl redis::io::AsyncDNSResolver for Pinned {
-    fn resolve<'a, 'b: 'a>(
-        &'a self,
-        _host: &'b str,
-        _port: u16,
-    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
-        let addr = self.0;
-        Box::pin(async move {
-            Ok(Box::new(std::iter::once(addr)) as Box<dyn Iterator<Item = SocketAddr> + Send>)
-        })
-    }
-}
-
 fn certs(c: &LocalCluster) -> redis::TlsCertificates {
     redis::TlsCertificates {
         client_tls: None,
@@ -95,7 +79,7 @@ async fn node_con(
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_dns_resolver(Pinned(addr));
+        .set_dns_resolver(tower_redis_cluster::connect::PinnedResolver(addr.ip()));
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await

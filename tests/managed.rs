@@ -17,10 +17,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{assert_documented_kinds, connected, first_success, init_tracing, Load};
+use support::{
+    assert_documented_kinds, connected, crash_master_and_replace, first_success, get, init_tracing,
+    set, Load,
+};
 use tower_redis_cluster::{
     connect::{credentials_fn, Credentials, Endpoint},
-    harness::{LocalCluster, LocalClusterBuilder, NodeInfo},
+    harness::{LocalCluster, LocalClusterBuilder},
     topology::TopologyHandle,
     Client, ErrorKind,
 };
@@ -37,18 +40,6 @@ async fn start(builder: LocalClusterBuilder) -> LocalCluster {
 /// endpoint's name, the cluster's CA, the ACL user; a 2 s deadline.
 async fn client_of(cluster: &LocalCluster) -> Client {
     connected(cluster.client_builder().timeout(Duration::from_secs(2))).await
-}
-
-fn set(key: &str, value: &str) -> redis::Cmd {
-    let mut c = redis::cmd("SET");
-    c.arg(key).arg(value);
-    c
-}
-
-fn get(key: &str) -> redis::Cmd {
-    let mut c = redis::cmd("GET");
-    c.arg(key);
-    c
 }
 
 /// The endpoints clients must use for the cluster's current nodes: their announced names.
@@ -90,20 +81,6 @@ async fn wait_known(topology: &TopologyHandle, cluster: &LocalCluster) {
 /// The value of `key` on the node at `addr`, asked directly.
 async fn on_node(cluster: &LocalCluster, addr: std::net::SocketAddr, key: &str) -> Option<String> {
     redis::from_redis_value(cluster.node_command(addr, &get(key)).await.unwrap()).unwrap()
-}
-
-/// The master crashes (its address swallows packets from then on), the replica is promoted —
-/// by force, as a managed service's control plane does: one shard has no other master to vote
-/// — and the dead node is replaced by a new one at a new IP, under a new name.
-async fn crash_master_and_replace(cluster: &mut LocalCluster) -> (NodeInfo, NodeInfo) {
-    let master = cluster.master_of(0);
-    cluster.kill_node(master.addr).await.unwrap();
-    let replica = cluster.replicas_of(0)[0].clone();
-    let mut takeover = redis::cmd("CLUSTER");
-    takeover.arg("FAILOVER").arg("TAKEOVER");
-    cluster.node_command(replica.addr, &takeover).await.unwrap();
-    let new = cluster.replace_node(master.addr).await.unwrap();
-    (master, new)
 }
 
 /// The seed scenario: one shard (master + replica); the master crashes and is replaced by a

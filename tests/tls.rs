@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{assert_documented_kinds, first_success, init_tracing, Load};
+use support::{assert_documented_kinds, first_success, get, init_tracing, set, Load};
 use tower_redis_cluster::{
     harness::{LocalCluster, StandaloneServer, TestCa},
     Client, ErrorKind, TlsConfig,
@@ -37,18 +37,6 @@ async fn tls_cluster(replicas: usize, require_client_certs: bool) -> LocalCluste
         .start()
         .await
         .unwrap()
-}
-
-fn set(key: &str, value: &str) -> redis::Cmd {
-    let mut c = redis::cmd("SET");
-    c.arg(key).arg(value);
-    c
-}
-
-fn get(key: &str) -> redis::Cmd {
-    let mut c = redis::cmd("GET");
-    c.arg(key);
-    c
 }
 
 /// Sends a plaintext PING straight to a TLS node and returns whatever comes back (bounded).

@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{assert_documented_kinds, first_success, init_tracing, Load};
+use support::{
+    assert_documented_kinds, crash_master_and_replace, first_success, init_tracing, Load,
+};
 use tower::ServiceExt;
 use tower_redis_cluster::{
     connect::{Connect, ConnectHints, Endpoint},
@@ -57,18 +59,6 @@ async fn wait_snapshot(
 
 fn addr_set(addrs: Vec<SocketAddr>) -> HashSet<Endpoint> {
     addrs.into_iter().map(Endpoint::from).collect()
-}
-
-/// A one-shard cluster has no other master to vote, so the replica is promoted by force, as a
-/// managed service's control plane does.
-async fn crash_master_and_replace(cluster: &mut LocalCluster) {
-    let master = cluster.master_of(0);
-    cluster.kill_node(master.addr).await.unwrap();
-    let replica = cluster.replicas_of(0)[0].clone();
-    let mut takeover = redis::cmd("CLUSTER");
-    takeover.arg("FAILOVER").arg("TAKEOVER");
-    cluster.node_command(replica.addr, &takeover).await.unwrap();
-    cluster.replace_node(master.addr).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@ use futures_util::{stream::FuturesUnordered, StreamExt};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionAddr, IntoConnectionInfo};
-use tokio::time::Instant;
 
 use super::{
     AddressBook, Connect, ConnectFuture, ConnectHints, CredentialSource, Credentials,
@@ -251,8 +250,7 @@ impl ClusterConnector {
             return candidates;
         }
         let timeout = self.connection_timeout;
-        let started = Instant::now();
-        let mut attempts: FuturesUnordered<_> = candidates
+        let attempts: FuturesUnordered<_> = candidates
             .iter()
             .cloned()
             .enumerate()
@@ -282,22 +280,13 @@ impl ClusterConnector {
             })
             .collect();
         let mut reachable = HashSet::new();
-        let mut grace_ends: Option<Instant> = None;
-        loop {
-            let next = match grace_ends {
-                None => attempts.next().await,
-                Some(at) => match tokio::time::timeout_at(at, attempts.next()).await {
-                    Ok(next) => next,
-                    Err(_) => break,
-                },
-            };
-            let Some((i, answered)) = next else { break };
+        super::drain_with_grace(attempts, REACHABLE_GRACE, |(i, answered)| {
             if answered {
                 reachable.insert(i);
-                grace_ends
-                    .get_or_insert_with(|| Instant::now() + started.elapsed() + REACHABLE_GRACE);
             }
-        }
+            answered
+        })
+        .await;
         if reachable.is_empty() {
             return candidates;
         }

@@ -20,8 +20,7 @@ pub use credentials::{
     credentials_fn, Credentials, CredentialsFn, CredentialsFuture, CredentialsProvider, Secret,
 };
 pub(crate) use credentials::{CredentialSource, PerConnection};
-pub use resolve::DnsAdapter;
-pub(crate) use resolve::Pinned;
+pub use resolve::{DnsAdapter, PinnedResolver};
 pub use resolve::{Resolve, ResolveFuture, StaticResolver, SystemResolver};
 pub(crate) use seeds::redact_userinfo;
 pub use seeds::{Endpoint, Seeds, DEFAULT_PORT};
@@ -58,6 +57,36 @@ impl ConnectHints {
             }
         }
         self
+    }
+}
+
+/// Takes the results of probes of many addresses, some of which may swallow packets, as they
+/// come: `each` is told every result and says whether it was an answer; `grace` (plus the time
+/// the first answer took) after the first answer, the rest are given up. Returns whether any
+/// were given up.
+pub(crate) async fn drain_with_grace<S, T>(
+    mut results: S,
+    grace: std::time::Duration,
+    mut each: impl FnMut(T) -> bool,
+) -> bool
+where
+    S: futures_util::Stream<Item = T> + Unpin,
+{
+    use futures_util::StreamExt;
+    let started = tokio::time::Instant::now();
+    let mut grace_ends = None;
+    loop {
+        let next = match grace_ends {
+            None => results.next().await,
+            Some(at) => match tokio::time::timeout_at(at, results.next()).await {
+                Ok(next) => next,
+                Err(_) => return true,
+            },
+        };
+        let Some(result) = next else { return false };
+        if each(result) && grace_ends.is_none() {
+            grace_ends = Some(tokio::time::Instant::now() + started.elapsed() + grace);
+        }
     }
 }
 

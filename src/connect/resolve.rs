@@ -191,12 +191,27 @@ impl<R: Resolve> redis::io::AsyncDNSResolver for DnsAdapter<R> {
     }
 }
 
-/// The redis crate's resolver for one connection to one known address: the connection keeps
-/// the *name* it was given (TLS verifies against it) while going to exactly `addr`'s IP.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Pinned(pub(crate) IpAddr);
+/// The redis crate's resolver for a connection to one known IP: the connection keeps the
+/// *name* it was given — TLS verifies against it — while going to exactly this IP (on the port
+/// asked for). How topology probes reach each address behind a configuration endpoint, and
+/// how to reach one node of a cluster whose certificates name DNS names only.
+///
+/// ```no_run
+/// use tower_redis_cluster::connect::PinnedResolver;
+///
+/// # async fn run() -> redis::RedisResult<()> {
+/// // The node at 10.0.3.7, verified as the configuration endpoint's name.
+/// let client = redis::Client::open("rediss://clustercfg.my-cluster.example.com:6379")?;
+/// let config = redis::AsyncConnectionConfig::new()
+///     .set_dns_resolver(PinnedResolver("10.0.3.7".parse().unwrap()));
+/// let mut node = client.get_multiplexed_async_connection_with_config(&config).await?;
+/// let _: String = redis::cmd("CLUSTER").arg("MYID").query_async(&mut node).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinnedResolver(pub IpAddr);
 
-impl redis::io::AsyncDNSResolver for Pinned {
+impl redis::io::AsyncDNSResolver for PinnedResolver {
     fn resolve<'a, 'b: 'a>(
         &'a self,
         _host: &'b str,

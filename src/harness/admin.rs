@@ -27,24 +27,6 @@ pub(crate) struct Credentials {
     pub(crate) tls_name: Option<String>,
 }
 
-/// A resolver that answers every name with one address: how an admin connection reaches a
-/// particular node while its TLS layer verifies a *name* (the redis crate verifies the host it
-/// was given and connects to what the resolver returns).
-struct Pinned(SocketAddr);
-
-impl redis::io::AsyncDNSResolver for Pinned {
-    fn resolve<'a, 'b: 'a>(
-        &'a self,
-        _host: &'b str,
-        _port: u16,
-    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
-        let addr = self.0;
-        Box::pin(async move {
-            Ok(Box::new(std::iter::once(addr)) as Box<dyn Iterator<Item = SocketAddr> + Send>)
-        })
-    }
-}
-
 impl Credentials {
     pub(crate) fn connection_info(&self, addr: SocketAddr) -> redis::ConnectionInfo {
         let mut redis = RedisConnectionInfo::default().set_skip_set_lib_name();
@@ -136,7 +118,7 @@ pub(crate) async fn connect(
         .set_connection_timeout(Some(connect_timeout))
         .set_response_timeout(Some(response_timeout));
     if creds.tls.is_some() && creds.tls_name.is_some() {
-        config = config.set_dns_resolver(Pinned(addr));
+        config = config.set_dns_resolver(crate::connect::PinnedResolver(addr.ip()));
     }
     let limit = connect_timeout + response_timeout;
     match tokio::time::timeout(

@@ -10,15 +10,14 @@ use std::{
 
 use futures_util::{stream, StreamExt};
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisConnectionInfo, Value};
-use tokio::time::Instant;
 
 use super::snapshot::{
     parse_cluster_shards, parse_cluster_slots, view_key, Asked, NodeHealth, Shard,
 };
 use crate::{
     connect::{
-        AddressBook, CredentialSource, Credentials, CredentialsProvider, DnsAdapter, Endpoint,
-        Pinned, Resolve, Seeds, SystemResolver, TlsConfig,
+        drain_with_grace, AddressBook, CredentialSource, Credentials, CredentialsProvider,
+        DnsAdapter, Endpoint, PinnedResolver, Resolve, Seeds, SystemResolver, TlsConfig,
     },
     Error,
 };
@@ -202,8 +201,7 @@ impl TopologySource {
         let probes = self.probes(known, &mut errors).await;
         let asked = probes.len();
 
-        let started = Instant::now();
-        let mut answers = stream::iter(probes)
+        let answers = stream::iter(probes)
             .map(|probe| async move {
                 let result = self.probe(&probe).await;
                 (probe, result)
@@ -211,34 +209,25 @@ impl TopologySource {
             .buffer_unordered(self.concurrency);
         // Each node's view counts once, however many of its addresses or names answered.
         let mut views_by_node: HashMap<String, Vec<Shard>> = HashMap::new();
-        let mut grace_ends: Option<Instant> = None;
-        loop {
-            let next = match grace_ends {
-                None => answers.next().await,
-                Some(at) => match tokio::time::timeout_at(at, answers.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        tracing::debug!(
-                            unanswered = asked - views_by_node.len() - errors.len(),
-                            "topology probes still pending after the grace period; deciding without them"
-                        );
-                        break;
-                    }
-                },
-            };
-            let Some((probe, answer)) = next else { break };
-            match answer {
-                Ok((id, shards)) => {
-                    if grace_ends.is_none() {
-                        grace_ends = Some(Instant::now() + started.elapsed() + ANSWER_GRACE);
-                    }
-                    views_by_node.entry(id).or_insert(shards);
-                }
-                Err(e) => {
-                    tracing::debug!(%probe, error = %e, "topology probe failed");
-                    errors.push(e);
-                }
+        let gave_up = drain_with_grace(answers, ANSWER_GRACE, |(probe, answer)| match answer {
+            Ok((id, shards)) => {
+                views_by_node.entry(id).or_insert(shards);
+                true
             }
+            Err(e) => {
+                tracing::debug!(%probe, error = %e, "topology probe failed");
+                errors.push(e);
+                false
+            }
+        })
+        .await;
+        if gave_up {
+            tracing::debug!(
+                answered = views_by_node.len(),
+                failed = errors.len(),
+                asked,
+                "topology probes still pending after the grace period; deciding without them"
+            );
         }
         let answered = views_by_node.len();
 
@@ -318,7 +307,7 @@ impl TopologySource {
             .set_connection_timeout(Some(self.connection_timeout))
             .set_response_timeout(Some(self.response_timeout));
         config = match probe.pin {
-            Some(ip) => config.set_dns_resolver(Pinned(ip)),
+            Some(ip) => config.set_dns_resolver(PinnedResolver(ip)),
             None => config.set_dns_resolver(DnsAdapter(self.book.clone())),
         };
         // A fresh connection per refresh: a long-lived one to a configuration endpoint can keep

@@ -178,3 +178,36 @@ pub fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
+
+/// `SET key value`.
+pub fn set(key: &str, value: &str) -> Cmd {
+    let mut c = redis::cmd("SET");
+    c.arg(key).arg(value);
+    c
+}
+
+/// `GET key`.
+pub fn get(key: &str) -> Cmd {
+    let mut c = redis::cmd("GET");
+    c.arg(key);
+    c
+}
+
+/// A one-shard cluster's master crashes; its replica is promoted — by force, as a managed
+/// service's control plane does: one shard has no other master to vote — and the dead node is
+/// replaced by a new one at a new IP. Returns the old master and the new node.
+pub async fn crash_master_and_replace(
+    cluster: &mut tower_redis_cluster::harness::LocalCluster,
+) -> (
+    tower_redis_cluster::harness::NodeInfo,
+    tower_redis_cluster::harness::NodeInfo,
+) {
+    let master = cluster.master_of(0);
+    cluster.kill_node(master.addr).await.unwrap();
+    let replica = cluster.replicas_of(0)[0].clone();
+    let mut takeover = redis::cmd("CLUSTER");
+    takeover.arg("FAILOVER").arg("TAKEOVER");
+    cluster.node_command(replica.addr, &takeover).await.unwrap();
+    let new = cluster.replace_node(master.addr).await.unwrap();
+    (master, new)
+}
