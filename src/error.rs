@@ -36,7 +36,10 @@ pub enum ErrorKind {
     ClusterDown,
     /// `LOADING`: the node is loading its dataset and cannot serve yet.
     Loading,
-    /// `MASTERDOWN`: a replica lost its link to the master and refuses stale reads.
+    /// `MASTERDOWN`: a replica lost its link to the master and refuses stale reads — or the
+    /// shard has no reachable master yet: the cluster kept redirecting (`MOVED`/`ASK`) to a
+    /// node that did not serve the request before the call's deadline or redirect limit (a
+    /// failover or migration in progress). A redirection never reaches a caller as such.
     MasterDown,
     /// `READONLY`: a write reached a node that is (now) a replica, typically a demoted master.
     ReadOnly,
@@ -111,7 +114,7 @@ impl ErrorKind {
             ErrorKind::TryAgain => "slot migration in progress, try again",
             ErrorKind::ClusterDown => "cluster is down",
             ErrorKind::Loading => "node is loading its dataset",
-            ErrorKind::MasterDown => "replica lost its master",
+            ErrorKind::MasterDown => "the shard's master is down or not reachable yet",
             ErrorKind::ReadOnly => "write reached a replica (demoted master?)",
             ErrorKind::Connection => "connection failed",
             ErrorKind::Timeout => "timed out",
@@ -275,6 +278,11 @@ impl Error {
     /// The generation of the inner client that produced the error, when a rebuild layer knows it.
     pub fn generation(&self) -> Option<u64> {
         self.0.generation
+    }
+
+    /// The root cause, shared (cheap to attach to another error).
+    pub(crate) fn shared_source(&self) -> Option<Arc<dyn StdError + Send + Sync + 'static>> {
+        self.0.source.clone()
     }
 
     /// The underlying `redis` error, if this error came from the inner client.

@@ -149,13 +149,12 @@ fn sent_str(sent: Sent) -> &'static str {
 }
 
 /// The kinds a caller may see while the cluster moves: cluster states and network failures.
-/// Never `Command`, `Auth`, `Tls`, `Config` or `Closed`.
+/// Never `Command`, `Auth`, `Tls`, `Config` or `Closed` — and never a redirection (`Moved`,
+/// `Ask`): the client follows those, and one it could not follow in time is `MasterDown`.
 fn documented(kind: ErrorKind) -> bool {
     matches!(
         kind,
-        ErrorKind::Moved
-            | ErrorKind::Ask
-            | ErrorKind::TryAgain
+        ErrorKind::TryAgain
             | ErrorKind::ClusterDown
             | ErrorKind::Loading
             | ErrorKind::MasterDown

@@ -100,8 +100,17 @@ impl<P: RetryPolicy> CallPolicy<P> {
     }
 
     /// The error the caller gets when the call ends with `error`: [`Sent::Maybe`] if any earlier
-    /// attempt may have taken effect.
+    /// attempt may have taken effect, and never a bare redirection — one that was still not
+    /// followed when the call ended means the shard has no reachable master yet (a failover in
+    /// progress: the nodes keep pointing at a master that is gone), reported as
+    /// [`ErrorKind::MasterDown`](crate::ErrorKind::MasterDown) with the redirection as its
+    /// cause.
     pub fn final_error(&self, error: Error) -> Error {
+        let error = if error.kind().is_redirect() {
+            unfollowed_redirect(error)
+        } else {
+            error
+        };
         if self.maybe_applied && error.sent() == Sent::No {
             error.with_sent(Sent::Maybe)
         } else {
@@ -172,6 +181,30 @@ impl<P: RetryPolicy> CallPolicy<P> {
             self.attempt += 1;
         }
         Some(Delay::new(delay))
+    }
+}
+
+/// A redirection the call ended on, as what it means to the caller.
+fn unfollowed_redirect(error: Error) -> Error {
+    let target = match error.redirect() {
+        Some((slot, node)) => format!("slot {slot} is still redirected to {node}"),
+        None => "the cluster still redirects the request".to_string(),
+    };
+    let mut reported = Error::new(
+        crate::ErrorKind::MasterDown,
+        format!(
+            "{target}, which did not serve it within the call's deadline or redirect limit \
+             (a failover or slot migration in progress)"
+        ),
+    )
+    .with_sent(error.sent());
+    if let Some(g) = error.generation() {
+        reported = reported.with_generation(g);
+    }
+    // The redirection stays the cause (and `Error::redirect` still names its target).
+    match error.shared_source() {
+        Some(source) => reported.with_shared_source(source),
+        None => reported.with_source(error),
     }
 }
 

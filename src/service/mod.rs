@@ -126,11 +126,15 @@ where
         ResponseFuture::new(Box::pin(async move {
             // Error replies arrive as `Value::ServerError` inside `Ok`; they are failures of the
             // command and must be classified like any other error (MOVED, WRONGTYPE, ...).
-            connection
+            let result = connection
                 .req_packed_command(cmd.borrow())
                 .await
-                .and_then(Value::extract_error)
-                .map_err(|e| mark_resent(Error::from_redis(e), resends))
+                .and_then(Value::extract_error);
+            let result = match result {
+                Err(e) if is_ask(&e) => follow_ask(&mut connection, cmd.borrow(), e).await,
+                other => other,
+            };
+            result.map_err(|e| mark_resent(Error::from_redis(e), resends))
         }))
     }
 
@@ -147,6 +151,50 @@ where
                 .map_err(|e| mark_resent(Error::from_redis_pipeline(e, pipeline.len()), resends))
         }))
     }
+}
+
+fn is_ask(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask)
+}
+
+/// An `ASK` means: during this slot's migration, this one command goes to the importing node,
+/// behind `ASKING`. The redis crate's cluster client does that only with its own retries above
+/// zero, and resending by slot goes back to the migrating node, which answers `ASK` again —
+/// until the migration of that slot ends. So over a cluster connection it is followed here, at
+/// once. (Other connections never see `ASK`.) The answer, whatever it is, is the attempt's.
+async fn follow_ask<C: 'static>(
+    connection: &mut C,
+    cmd: &Cmd,
+    ask: redis::RedisError,
+) -> redis::RedisResult<Value> {
+    let Some(cluster) = (connection as &mut dyn std::any::Any)
+        .downcast_mut::<redis::cluster_async::ClusterConnection>()
+    else {
+        return Err(ask);
+    };
+    let Some((host, port)) = ask
+        .redirect_node()
+        .and_then(|(target, _)| split_host_port(target))
+    else {
+        return Err(ask);
+    };
+    let mut pipe = redis::pipe();
+    pipe.cmd("ASKING");
+    pipe.add_command(cmd.clone());
+    let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port };
+    let replies = cluster.route_pipeline(pipe, 1, 1, route).await?;
+    replies
+        .into_iter()
+        .next()
+        .unwrap_or(Value::Nil)
+        .extract_error()
+}
+
+/// `host:port` or `[v6]:port` of a redirection.
+fn split_host_port(target: &str) -> Option<(String, u16)> {
+    let (host, port) = target.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_string(), port.parse().ok()?))
 }
 
 fn mark_resent(error: Error, resends: bool) -> Error {
