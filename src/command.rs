@@ -102,6 +102,164 @@ pub fn command_name(cmd: &Cmd) -> Option<String> {
     }
 }
 
+/// Writes the command's name, and its first argument after a space, upper-cased, into `buf`
+/// (`"CONFIG SET"`, `"GET K"`) and returns the name's length; `None` for an empty or non-UTF-8
+/// name.
+fn name_and_sub(cmd: &Cmd, buf: &mut String) -> Option<usize> {
+    let mut args = cmd.args_iter();
+    let Some(Arg::Simple(name)) = args.next() else {
+        return None;
+    };
+    buf.clear();
+    buf.push_str(std::str::from_utf8(name).ok()?);
+    let name_len = buf.len();
+    if let Some(Arg::Simple(sub)) = args.next() {
+        if let Ok(sub) = std::str::from_utf8(sub) {
+            buf.push(' ');
+            buf.push_str(sub);
+        }
+    }
+    buf.make_ascii_uppercase();
+    Some(name_len)
+}
+
+/// Commands the redis crate's cluster client sends to every node or every master (its
+/// `AllNodes` / `AllPrimaries` routing), by name or `NAME SUBCOMMAND`.
+const FANNED_OUT: &[&str] = &[
+    "ACL DELUSER",
+    "ACL SAVE",
+    "ACL SETUSER",
+    "CLIENT SETINFO",
+    "CLIENT SETNAME",
+    "CONFIG RESETSTAT",
+    "CONFIG REWRITE",
+    "CONFIG SET",
+    "DBSIZE",
+    "DEBUG",
+    "FLUSHALL",
+    "FLUSHDB",
+    "FUNCTION DELETE",
+    "FUNCTION FLUSH",
+    "FUNCTION KILL",
+    "FUNCTION LOAD",
+    "FUNCTION RESTORE",
+    "FUNCTION STATS",
+    "INFO",
+    "KEYS",
+    "LATENCY RESET",
+    "MEMORY PURGE",
+    "PING",
+    "RANDOMKEY",
+    "SCRIPT EXISTS",
+    "SCRIPT FLUSH",
+    "SCRIPT KILL",
+    "SCRIPT LOAD",
+    "SLOWLOG RESET",
+    "UNWATCH",
+    "WAIT",
+    "WAITAOF",
+];
+
+/// Multi-key commands the cluster client splits by slot when their keys span several.
+const SPLIT_BY_SLOT: &[&str] = &["DEL", "EXISTS", "MGET", "MSET", "TOUCH", "UNLINK"];
+
+/// Commands that run code or move keys one by one: an error reply can come after some of their
+/// work was done.
+const RUN_IN_STEPS: &[&str] = &[
+    "EVAL",
+    "EVALSHA",
+    "EVALSHA_RO",
+    "EVAL_RO",
+    "FCALL",
+    "FCALL_RO",
+    "MIGRATE",
+];
+
+/// Whether the cluster client sends `cmd` to several nodes, so that one node's error says
+/// nothing about the others.
+pub(crate) fn fans_out(cmd: &Cmd) -> bool {
+    let mut buf = String::new();
+    let Some(name_len) = name_and_sub(cmd, &mut buf) else {
+        return false;
+    };
+    let name = &buf[..name_len];
+    if FANNED_OUT.contains(&buf.as_str()) || FANNED_OUT.contains(&name) {
+        return true;
+    }
+    if !SPLIT_BY_SLOT.contains(&name) {
+        return false;
+    }
+    // MSET's keys are every other argument; the others' are all of them.
+    let step = if name == "MSET" { 2 } else { 1 };
+    let slot = |key: &[u8]| {
+        redis::cluster_routing::Route::with_key(key, redis::cluster_routing::SlotAddr::Master)
+    };
+    let mut keys = cmd
+        .args_iter()
+        .skip(1)
+        .step_by(step)
+        .filter_map(|arg| match arg {
+            Arg::Simple(key) => Some(slot(key)),
+            _ => None,
+        });
+    match keys.next() {
+        Some(first) => keys.any(|other| other != first),
+        None => false,
+    }
+}
+
+/// Whether an error reply to `cmd` can come after part of its work was done (a script, a
+/// function, a multi-key `MIGRATE`).
+pub(crate) fn runs_in_steps(cmd: &Cmd) -> bool {
+    let mut buf = String::new();
+    name_and_sub(cmd, &mut buf).is_some_and(|n| RUN_IN_STEPS.contains(&&buf[..n]))
+}
+
+/// Whether `cmd` may have taken effect, given that a server answered it with `error`.
+///
+/// A Redis command is atomic: a server that answers it with an error reply — `WRONGTYPE`, a
+/// wrong arity, `CROSSSLOT`, `NOSCRIPT`, `CLUSTERDOWN` — did not run it ([`Sent::No`]), unless it
+/// runs in steps (a script or function can fail after its first writes, so any error but
+/// `NOSCRIPT` is [`Sent::Maybe`]) or a cluster client (`cluster`) sent it to several nodes (one
+/// node's error does not say what the others did: [`Sent::Maybe`]). Errors that are not server
+/// replies keep their own `Sent`.
+pub(crate) fn settle_sent(cmd: &Cmd, error: crate::Error, cluster: bool) -> crate::Error {
+    use crate::Sent;
+    let Some(redis) = error.redis_error() else {
+        return error;
+    };
+    if !matches!(
+        redis.kind(),
+        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+    ) {
+        return error;
+    }
+    let sent = if cluster && fans_out(cmd) {
+        Sent::Maybe
+    } else if redis.code() == Some("NOSCRIPT") || !runs_in_steps(cmd) {
+        Sent::No
+    } else {
+        Sent::Maybe
+    };
+    error.with_sent(sent)
+}
+
+/// [`settle_sent`] for a pipeline whose every command the server answered with an error reply:
+/// none of them ran — unless one runs in steps (a script). `error` keeps its `Sent` otherwise
+/// (a command that succeeded, or one whose outcome is unknown, may have taken effect).
+pub(crate) fn settle_pipeline_sent(pipeline: &Pipeline, error: crate::Error) -> crate::Error {
+    let all_refused = error
+        .redis_error()
+        .and_then(|e| e.clone().into_server_errors())
+        .is_some_and(|items| items.len() >= pipeline.len());
+    if all_refused && error.sent() == crate::Sent::Maybe && !pipeline.cmd_iter().any(runs_in_steps)
+    {
+        error.with_sent(crate::Sent::No)
+    } else {
+        error
+    }
+}
+
 /// The built-in table plus per-command overrides a user sets.
 ///
 /// An override for `"NAME SUBCOMMAND"` beats one for `"NAME"`, which beats the built-in table.

@@ -518,10 +518,31 @@ async fn rejected_commands_are_command_errors() {
     ];
     for (request, code) in cases {
         let error = expect_err(call(&mut service, request).await, code);
-        assert_class(&error, ErrorKind::Command, Sent::Maybe);
+        // A command the server refused did not run.
+        assert_class(&error, ErrorKind::Command, Sent::No);
         assert_eq!(error.server_code().as_deref(), Some(code));
         assert!(!error.kind().is_transient());
     }
+    // A script can fail after a write: that error must not claim nothing happened.
+    let script = "redis.call('SET', KEYS[1], 'written'); return redis.call('INCR', KEYS[1])";
+    let error = expect_err(
+        call(&mut service, cmd(&["EVAL", script, "1", "cls:script"])).await,
+        "ERR",
+    );
+    assert_class(&error, ErrorKind::Command, Sent::Maybe);
+    assert_eq!(
+        call(&mut service, cmd(&["GET", "cls:script"]))
+            .await
+            .unwrap(),
+        Value::BulkString(b"written".to_vec()),
+        "the script's first write took effect"
+    );
+    // NOSCRIPT: the script never ran.
+    let error = expect_err(
+        call(&mut service, cmd(&["EVALSHA", &"0".repeat(40), "0"])).await,
+        "NOSCRIPT",
+    );
+    assert_class(&error, ErrorKind::Command, Sent::No);
     let mut any = direct(cluster.master_of(0).addr).await;
     assert_ne!(
         keyslot(&mut any, "cls:a").await,
@@ -877,7 +898,7 @@ async fn pipeline_errors_keep_the_class_of_the_refusal() {
         (ErrorKind::Moved, Sent::No, Some("MOVED"), moved.clone()),
     );
 
-    // A rejected command alone.
+    // A rejected command alone: refused, so nothing ran.
     let mut pipe = Pipeline::new();
     pipe.cmd("GET").arg(&list);
     let error = expect_err(
@@ -888,7 +909,7 @@ async fn pipeline_errors_keep_the_class_of_the_refusal() {
         &mut mismatches,
         "pipeline [GET list]",
         &error,
-        (ErrorKind::Command, Sent::Maybe, Some("WRONGTYPE"), None),
+        (ErrorKind::Command, Sent::No, Some("WRONGTYPE"), None),
     );
 
     // An INCR that runs, then a redirected GET: the pipeline as a whole took effect in part,

@@ -134,7 +134,14 @@ where
                 Err(e) if is_ask(&e) => follow_ask(&mut connection, cmd.borrow(), e).await,
                 other => other,
             };
-            result.map_err(|e| mark_resent(Error::from_redis(e), resends))
+            result.map_err(|e| {
+                let error = crate::command::settle_sent(
+                    cmd.borrow(),
+                    Error::from_redis(e),
+                    is_cluster::<C>(),
+                );
+                mark_resent(error, resends)
+            })
         }))
     }
 
@@ -148,9 +155,18 @@ where
             pipeline
                 .query_async::<Vec<Value>>(&mut connection)
                 .await
-                .map_err(|e| mark_resent(Error::from_redis_pipeline(e, pipeline.len()), resends))
+                .map_err(|e| {
+                    let error = Error::from_redis_pipeline(e, pipeline.len());
+                    mark_resent(crate::command::settle_pipeline_sent(pipeline, error), resends)
+                })
         }))
     }
+}
+
+/// Whether `C` is the redis crate's cluster client, which routes by slot, fans some commands
+/// out to several nodes and answers `ASK` during migrations.
+fn is_cluster<C: 'static>() -> bool {
+    std::any::TypeId::of::<C>() == std::any::TypeId::of::<redis::cluster_async::ClusterConnection>()
 }
 
 fn is_ask(e: &redis::RedisError) -> bool {
@@ -234,6 +250,163 @@ mod tests {
 
         fn get_db(&self) -> i64 {
             0
+        }
+    }
+
+    /// Answers every command with the same raw reply.
+    #[derive(Clone)]
+    struct Replies(&'static [u8]);
+
+    impl ConnectionLike for Replies {
+        fn req_packed_command<'a>(&'a mut self, _: &'a Cmd) -> redis::RedisFuture<'a, Value> {
+            let raw = self.0;
+            Box::pin(async move { redis::parse_redis_value(raw) })
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a Pipeline,
+            _: usize,
+            _: usize,
+        ) -> redis::RedisFuture<'a, Vec<Value>> {
+            let raw = self.0;
+            Box::pin(async move { Ok(vec![redis::parse_redis_value(raw)?]) })
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    fn command(line: &str) -> Cmd {
+        let mut words = line.split_whitespace();
+        let mut c = redis::cmd(words.next().unwrap());
+        for w in words {
+            c.arg(w);
+        }
+        c
+    }
+
+    #[tokio::test]
+    async fn sent_tells_the_truth_in_both_directions() {
+        use crate::{ErrorKind::*, Sent::*};
+        let cases: &[(&[u8], &str, crate::ErrorKind, crate::Sent)] = &[
+            // A refused single command did not run, whatever the refusal.
+            (
+                b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+                "GET k",
+                Command,
+                No,
+            ),
+            (
+                b"-ERR wrong number of arguments for 'get' command\r\n",
+                "GET",
+                Command,
+                No,
+            ),
+            (
+                b"-CROSSSLOT Keys in request don't hash to the same slot\r\n",
+                "SUNIONSTORE d a b",
+                Command,
+                No,
+            ),
+            (
+                b"-ERR value is not an integer or out of range\r\n",
+                "INCR k",
+                Command,
+                No,
+            ),
+            (
+                b"-NOSCRIPT No matching script. Please use EVAL.\r\n",
+                "EVALSHA abc 0",
+                Command,
+                No,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "GET k",
+                ClusterDown,
+                No,
+            ),
+            // A script can fail after its first writes.
+            (
+                b"-ERR Error running script (call to f_abc): @user_script:1: oops\r\n",
+                "EVAL s 0",
+                Command,
+                Maybe,
+            ),
+            (
+                b"-WRONGTYPE Operation against a key script: abc, on @user_script:1.\r\n",
+                "FCALL f 1 k",
+                Command,
+                Maybe,
+            ),
+            // Sent to several nodes: one node's error says nothing of the others.
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "FLUSHALL",
+                ClusterDown,
+                Maybe,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "FUNCTION LOAD lib",
+                ClusterDown,
+                Maybe,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "CONFIG SET maxmemory 1gb",
+                ClusterDown,
+                Maybe,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "DEL a b",
+                ClusterDown,
+                Maybe,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "MSET a 1 b 2",
+                ClusterDown,
+                Maybe,
+            ),
+            // ...unless every key lives in one slot: then it went to one node.
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "DEL {t}a {t}b",
+                ClusterDown,
+                No,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "MSET {t}a 1 {t}b 2",
+                ClusterDown,
+                No,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "CONFIG GET maxmemory",
+                ClusterDown,
+                No,
+            ),
+        ];
+        for (raw, line, kind, sent) in cases {
+            let err = RedisService::new(Replies(raw))
+                .oneshot(command(line))
+                .await
+                .unwrap_err();
+            // The fake is one node: nothing fans out over it.
+            let single_node = if crate::command::fans_out(&command(line)) {
+                No
+            } else {
+                *sent
+            };
+            assert_eq!((err.kind(), err.sent()), (*kind, single_node), "{line}");
+            // As the cluster client's errors are judged:
+            let err = crate::command::settle_sent(&command(line), err, true);
+            assert_eq!((err.kind(), err.sent()), (*kind, *sent), "{line}: {err}");
         }
     }
 
