@@ -244,6 +244,127 @@ pub(crate) fn settle_sent(cmd: &Cmd, error: crate::Error, cluster: bool) -> crat
     error.with_sent(sent)
 }
 
+/// Why a command cannot go through a connection every caller shares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// `WATCH`: guards the transaction of the connection it is sent on.
+    Watch,
+    /// `MULTI` / `EXEC` / `DISCARD` sent one by one.
+    Transaction,
+    /// Puts the connection in a mode in which it serves nothing else.
+    Subscribe,
+    /// Changes a setting of the connection for every caller.
+    ConnectionState,
+}
+
+impl Refusal {
+    fn error(self, name: &str) -> crate::Error {
+        let advice = match self {
+            Refusal::Watch => {
+                "WATCH guards a transaction on the connection it is sent on, and this client's \
+                 connections are shared by every caller, whose commands would run inside the \
+                 watch: use a dedicated connection for optimistic transactions, or make the \
+                 read-modify-write a script or function (EVAL, FCALL)"
+            }
+            Refusal::Transaction => {
+                "MULTI, EXEC and DISCARD sent one by one would take in other callers' commands \
+                 on the shared connection: send the transaction as one atomic pipeline \
+                 (redis::pipe().atomic())"
+            }
+            Refusal::Subscribe => {
+                "it turns the connection into one that serves nothing else: use a connection \
+                 of its own for pub/sub or MONITOR (redis::Client::get_async_pubsub on the \
+                 channel's node)"
+            }
+            Refusal::ConnectionState => {
+                "it changes the state of a connection every caller shares: configure the client \
+                 instead (credentials, credentials_provider, read_from_replicas)"
+            }
+        };
+        crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!("{name} cannot be sent through this client: {advice}"),
+        )
+    }
+}
+
+/// Commands refused on a shared connection, sorted (checked at compile time).
+static REFUSED: &[(&str, Refusal)] = &[
+    ("AUTH", Refusal::ConnectionState),
+    ("DISCARD", Refusal::Transaction),
+    ("EXEC", Refusal::Transaction),
+    ("HELLO", Refusal::ConnectionState),
+    ("MONITOR", Refusal::Subscribe),
+    ("MULTI", Refusal::Transaction),
+    ("PSUBSCRIBE", Refusal::Subscribe),
+    ("PUNSUBSCRIBE", Refusal::Subscribe),
+    ("QUIT", Refusal::ConnectionState),
+    ("READONLY", Refusal::ConnectionState),
+    ("READWRITE", Refusal::ConnectionState),
+    ("RESET", Refusal::ConnectionState),
+    ("SELECT", Refusal::ConnectionState),
+    ("SSUBSCRIBE", Refusal::Subscribe),
+    ("SUBSCRIBE", Refusal::Subscribe),
+    ("SUNSUBSCRIBE", Refusal::Subscribe),
+    ("UNSUBSCRIBE", Refusal::Subscribe),
+    ("WATCH", Refusal::Watch),
+];
+
+const _: () = assert!(sorted_names(REFUSED), "REFUSED must be sorted");
+
+const fn sorted_names<T>(table: &[(&str, T)]) -> bool {
+    let mut i = 1;
+    while i < table.len() {
+        if !ascending(table[i - 1].0.as_bytes(), table[i].0.as_bytes()) {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The refusal of `cmd`, if it cannot go through a shared connection, and its name.
+fn refusal_of(cmd: &Cmd) -> Option<(Refusal, &[u8])> {
+    let mut args = cmd.args_iter();
+    let Some(Arg::Simple(name)) = args.next() else {
+        return None;
+    };
+    if let Some(refusal) = find(REFUSED, name) {
+        return Some((refusal, name));
+    }
+    let sub = match args.next() {
+        Some(Arg::Simple(sub)) => sub,
+        _ => return None,
+    };
+    (name.eq_ignore_ascii_case(b"CLIENT") && sub.eq_ignore_ascii_case(b"REPLY"))
+        .then_some((Refusal::ConnectionState, name))
+}
+
+/// The error of a command that cannot go through a connection every caller shares (`WATCH`,
+/// `MULTI` alone, `SUBSCRIBE`, `SELECT`, ...), saying what to use instead.
+pub(crate) fn shared_connection_refusal(cmd: &Cmd) -> Option<crate::Error> {
+    let (refusal, name) = refusal_of(cmd)?;
+    Some(refusal.error(&String::from_utf8_lossy(name).to_ascii_uppercase()))
+}
+
+/// The same for a pipeline, which is written to the connection in one piece: a `MULTI` with its
+/// `EXEC` (or `DISCARD`) in the same pipeline is fine, nothing else of the list above.
+pub(crate) fn pipeline_refusal(pipeline: &Pipeline) -> Option<crate::Error> {
+    let mut open = false;
+    for cmd in pipeline.cmd_iter() {
+        let Some((refusal, name)) = refusal_of(cmd) else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+        match (refusal, name.as_str()) {
+            (Refusal::Transaction, "MULTI") if !open => open = true,
+            (Refusal::Transaction, "EXEC" | "DISCARD") if open => open = false,
+            _ => return Some(refusal.error(&name)),
+        }
+    }
+    open.then(|| Refusal::Transaction.error("a pipeline's MULTI without its EXEC or DISCARD"))
+}
+
 /// [`settle_sent`] for a pipeline whose every command the server answered with an error reply:
 /// none of them ran — unless one runs in steps (a script). `error` keeps its `Sent` otherwise
 /// (a command that succeeded, or one whose outcome is unknown, may have taken effect).
@@ -445,7 +566,7 @@ impl Rule {
 
 /// Binary search comparing the upper-cased bytes of `word` on the fly, so `classify` needs
 /// neither an allocation nor a length limit.
-fn find(table: &[(&'static str, Rule)], word: &[u8]) -> Option<Rule> {
+fn find<T: Copy>(table: &[(&'static str, T)], word: &[u8]) -> Option<T> {
     table
         .binary_search_by(|(name, _)| {
             name.bytes()

@@ -58,6 +58,10 @@ pub enum ErrorKind {
     /// The server answered, but the reply does not convert to the type the caller asked for
     /// (a client-side mistake: the command ran).
     Conversion,
+    /// The command cannot work through this client: it changes the state of the connection it
+    /// is sent on (`WATCH`, `MULTI`, `SUBSCRIBE`, `SELECT`, ...) and the connections are shared
+    /// by every caller. Refused before anything is sent; the message says what to use instead.
+    Unsupported,
     /// The configuration cannot work (no seeds, bad URL, unsupported option).
     Config,
     /// The service was shut down, or a background task it relies on is gone.
@@ -82,6 +86,7 @@ impl ErrorKind {
             ErrorKind::Tls => "tls",
             ErrorKind::Command => "command",
             ErrorKind::Conversion => "conversion",
+            ErrorKind::Unsupported => "unsupported",
             ErrorKind::Config => "config",
             ErrorKind::Closed => "closed",
         }
@@ -93,8 +98,8 @@ impl ErrorKind {
     }
 
     /// Whether the condition usually passes by itself (failover, migration, network blip), so that
-    /// the same command may succeed later. `Auth`, `Tls`, `Command`, `Conversion`, `Config` and
-    /// `Closed` never do.
+    /// the same command may succeed later. `Auth`, `Tls`, `Command`, `Conversion`, `Unsupported`,
+    /// `Config` and `Closed` never do.
     pub fn is_transient(self) -> bool {
         !matches!(
             self,
@@ -102,6 +107,7 @@ impl ErrorKind {
                 | ErrorKind::Tls
                 | ErrorKind::Command
                 | ErrorKind::Conversion
+                | ErrorKind::Unsupported
                 | ErrorKind::Config
                 | ErrorKind::Closed
         )
@@ -123,6 +129,7 @@ impl ErrorKind {
             ErrorKind::Tls => "TLS handshake failed (check the CA and the server name)",
             ErrorKind::Command => "command rejected by the server",
             ErrorKind::Conversion => "the reply does not convert to the requested type",
+            ErrorKind::Unsupported => "the command cannot work on a shared connection",
             ErrorKind::Config => "invalid configuration",
             ErrorKind::Closed => "service closed",
         }
@@ -174,7 +181,10 @@ impl Error {
     /// `Closed`, `Unreachable`) and `Maybe` otherwise; use [`Error::with_sent`] to be precise.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         let sent = match kind {
-            ErrorKind::Config | ErrorKind::Closed | ErrorKind::Unreachable => Sent::No,
+            ErrorKind::Config
+            | ErrorKind::Closed
+            | ErrorKind::Unreachable
+            | ErrorKind::Unsupported => Sent::No,
             _ => Sent::Maybe,
         };
         Error(Box::new(Inner {

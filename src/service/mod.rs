@@ -3,7 +3,20 @@
 //! The `redis` crate's connections (`cluster_async::ClusterConnection`, `ConnectionManager`,
 //! `MultiplexedConnection`, or a user's own [`ConnectionLike`]) are cheap to clone handles onto a
 //! shared, multiplexed connection. `RedisService` clones the handle per call, so it is always
-//! ready and many calls run at once; every failure is classified into an [`Error`] here, once.
+//! ready and many calls run at once; every failure is classified into an [`Error`] here, once —
+//! with the command in view, so that [`Sent`](crate::Sent) says whether *this* command may have
+//! run (a refused command did not; a script that failed, or a command sent to several nodes,
+//! may have).
+//!
+//! Because the connection is shared, commands that change its state for every caller —
+//! `WATCH`, `MULTI`/`EXEC`/`DISCARD` sent one by one, `SUBSCRIBE` and its kin, `MONITOR`,
+//! `SELECT`, `AUTH`, `HELLO`, `READONLY`, `RESET`, `CLIENT REPLY` — are refused before anything
+//! is sent ([`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported), with what to use
+//! instead). A transaction goes as one atomic pipeline.
+//!
+//! Over a cluster connection two more things happen here: an `ASK` (a slot being migrated) is
+//! followed at once to the importing node behind `ASKING`, and `SCAN` walks every master — its
+//! cursor carries the master's index in its high bits — instead of one random node per call.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -124,6 +137,16 @@ where
         let mut connection = self.connection.clone();
         let resends = self.resends;
         ResponseFuture::new(Box::pin(async move {
+            // Commands that change the state of the connection (WATCH, SUBSCRIBE, ...) would
+            // change it for every caller: refused before anything is sent.
+            if let Some(refused) = crate::command::shared_connection_refusal(cmd.borrow()) {
+                return Err(refused);
+            }
+            if is_cluster::<C>() && is_scan(cmd.borrow()) {
+                return cluster_scan(&mut connection, cmd.borrow())
+                    .await
+                    .map_err(Error::from_redis);
+            }
             // Error replies arrive as `Value::ServerError` inside `Ok`; they are failures of the
             // command and must be classified like any other error (MOVED, WRONGTYPE, ...).
             let result = connection
@@ -150,6 +173,9 @@ where
         let resends = self.resends;
         PipelineFuture::new(Box::pin(async move {
             let pipeline = pipeline.borrow();
+            if let Some(refused) = crate::command::pipeline_refusal(pipeline) {
+                return Err(refused);
+            }
             // `query_async` unwraps MULTI/EXEC and drops ignored replies, so the caller gets one
             // value per command it did not ignore, for plain and atomic pipelines alike.
             pipeline
@@ -157,7 +183,10 @@ where
                 .await
                 .map_err(|e| {
                     let error = Error::from_redis_pipeline(e, pipeline.len());
-                    mark_resent(crate::command::settle_pipeline_sent(pipeline, error), resends)
+                    mark_resent(
+                        crate::command::settle_pipeline_sent(pipeline, error),
+                        resends,
+                    )
                 })
         }))
     }
@@ -204,6 +233,136 @@ async fn follow_ask<C: 'static>(
         .next()
         .unwrap_or(Value::Nil)
         .extract_error()
+}
+
+fn is_scan(cmd: &Cmd) -> bool {
+    matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name)) if name.eq_ignore_ascii_case(b"SCAN"))
+}
+
+/// Bits of a cluster-wide `SCAN` cursor that hold the node's own cursor; the bits above hold
+/// the index of the node (among the masters, by first slot).
+const NODE_CURSOR_BITS: u32 = 48;
+
+/// `SCAN` over a cluster connection: a cursor belongs to one node, and the cluster client
+/// would send each call to a random one — an iteration that silently misses keys. Here the
+/// cursor the caller sees walks the masters one after the other (ordered by their first slot,
+/// which a failover does not change): its high bits are the master's index, its low 48 the
+/// master's own cursor; 0 starts and ends the walk, as with one node. Each call asks any node
+/// for the masters (`CLUSTER SLOTS`) and sends the node's `SCAN` to its master. As on a single
+/// node, keys may come twice; a failover or resharding during the walk may also skip keys of
+/// the shards involved.
+async fn cluster_scan<C: 'static>(connection: &mut C, cmd: &Cmd) -> redis::RedisResult<Value> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let invalid = |what: &str| {
+        redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "invalid cluster-wide SCAN cursor",
+            what.to_string(),
+        ))
+    };
+    let Some(cluster) = (connection as &mut dyn std::any::Any)
+        .downcast_mut::<redis::cluster_async::ClusterConnection>()
+    else {
+        return Err(invalid("not a cluster connection"));
+    };
+    let mut args = cmd.args_iter().skip(1);
+    let cursor: u64 = match args.next() {
+        Some(redis::Arg::Simple(c)) => std::str::from_utf8(c)
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| invalid("the cursor is not a number"))?,
+        _ => return Err(invalid("SCAN needs a cursor")),
+    };
+    let rest: Vec<Vec<u8>> = args
+        .filter_map(|a| match a {
+            redis::Arg::Simple(a) => Some(a.to_vec()),
+            _ => None,
+        })
+        .collect();
+    let slots = cluster
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await?;
+    let masters = masters_by_first_slot(&slots);
+    let index = (cursor >> NODE_CURSOR_BITS) as usize;
+    let node_cursor = cursor & ((1 << NODE_CURSOR_BITS) - 1);
+    let Some((host, port)) = masters.get(index).cloned() else {
+        // A cursor past the last master (the cluster shrank): the walk is over.
+        return Ok(Value::Array(vec![
+            Value::BulkString(b"0".to_vec()),
+            Value::Array(vec![]),
+        ]));
+    };
+    let mut node_scan = redis::cmd("SCAN");
+    node_scan.arg(node_cursor);
+    for a in &rest {
+        node_scan.arg(&a[..]);
+    }
+    let reply = cluster
+        .route_command(
+            node_scan,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port }),
+        )
+        .await?
+        .extract_error()?;
+    let Value::Array(mut parts) = reply else {
+        return Err(invalid("unexpected SCAN reply"));
+    };
+    if parts.len() != 2 {
+        return Err(invalid("unexpected SCAN reply"));
+    }
+    let keys = parts.pop().expect("two parts");
+    let next: u64 = redis::from_redis_value(parts.pop().expect("two parts"))?;
+    if next >> NODE_CURSOR_BITS != 0 {
+        return Err(invalid("a node's cursor does not fit in 48 bits"));
+    }
+    let next = match next {
+        0 if index + 1 < masters.len() => ((index + 1) as u64) << NODE_CURSOR_BITS,
+        0 => 0,
+        c => ((index as u64) << NODE_CURSOR_BITS) | c,
+    };
+    Ok(Value::Array(vec![
+        Value::BulkString(next.to_string().into_bytes()),
+        keys,
+    ]))
+}
+
+/// The masters of a `CLUSTER SLOTS` reply as `(host, port)`, ordered by the first slot they
+/// serve.
+fn masters_by_first_slot(reply: &Value) -> Vec<(String, u16)> {
+    let Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    let mut masters: Vec<(i64, String, u16)> = Vec::new();
+    for range in ranges {
+        let Value::Array(parts) = range else { continue };
+        let (Some(Value::Int(start)), Some(Value::Array(master))) = (parts.first(), parts.get(2))
+        else {
+            continue;
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+            Some(Value::SimpleString(h)) => h.clone(),
+            _ => continue,
+        };
+        let Some(Value::Int(port)) = master.get(1) else {
+            continue;
+        };
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        match masters
+            .iter_mut()
+            .find(|(_, h, p)| *h == host && *p == port)
+        {
+            Some(known) => known.0 = known.0.min(*start),
+            None => masters.push((*start, host, port)),
+        }
+    }
+    masters.sort();
+    masters.into_iter().map(|(_, h, p)| (h, p)).collect()
 }
 
 /// `host:port` or `[v6]:port` of a redirection.
