@@ -50,6 +50,16 @@ use crate::{
 
 /// A cheap-to-clone handle to a Redis Cluster that survives failovers and node replacements.
 ///
+/// Commands share multiplexed connections to the nodes. Blocking commands (`BLPOP`, `BRPOP`,
+/// `BLMOVE`, `BZPOPMIN`, `XREAD … BLOCK`, … — see [`command::block_time`](crate::command::block_time))
+/// are each sent on a connection of their own, to the master of their key, for as long as they
+/// block, and their call's deadline is extended by their own block time; a caller that gives
+/// up closes that connection, so the server pops nothing on its behalf. A block for ever
+/// (timeout 0) needs a client without a deadline (`timeout(None)`). Commands that would change
+/// the shared connections' state (`WATCH`, `MULTI` alone, `SUBSCRIBE`, `SELECT`, `WAIT`, …) are
+/// refused with [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported); a transaction goes as
+/// one atomic pipeline.
+///
 /// ```no_run
 /// use std::time::Duration;
 /// use tower_redis_cluster::Client;
@@ -122,15 +132,19 @@ impl Info {
         error
     }
 
-    /// `call` — readiness and call together — within the overall deadline, counted.
-    fn within_deadline<F, I>(this: I, call: F, now: Instant) -> Deadline<F, I>
+    /// `call` — readiness and call together — within the overall deadline, counted; `extra`
+    /// is the block time of a blocking command, added to it.
+    fn within_deadline<F, I>(this: I, call: F, now: Instant, extra: Duration) -> Deadline<F, I>
     where
         I: Deref<Target = Info>,
     {
         Deadline {
             call,
             // A deadline too far to represent is no deadline.
-            at: this.deadline.and_then(|d| now.checked_add(d)),
+            at: this
+                .deadline
+                .and_then(|d| d.checked_add(extra))
+                .and_then(|d| now.checked_add(d)),
             sleep: None,
             info: this,
         }
@@ -256,8 +270,10 @@ impl Client {
     {
         // One clock reading for the deadline and the retry layer's own.
         let now = Instant::now();
+        let extra =
+            crate::command::block_allowance(crate::retry::block_of(&request), self.info.deadline)?;
         let call = OneCall::new(self.info.core.clone(), request, now);
-        Info::within_deadline(&*self.info, call, now).await
+        Info::within_deadline(&*self.info, call, now, extra).await
     }
 
     /// Sends a command and converts its reply.
@@ -387,6 +403,20 @@ impl Client {
                 state: CallState::Expired { error: Some(error) },
             };
         }
+        let extra = match crate::command::block_allowance(
+            crate::retry::block_of(&request),
+            self.info.deadline,
+        ) {
+            Ok(extra) => extra,
+            Err(refused) => {
+                self.ready = None;
+                return ResponseFuture {
+                    state: CallState::Expired {
+                        error: Some(refused),
+                    },
+                };
+            }
+        };
         // Without `poll_ready` first (against tower's contract) the call still works: it makes
         // its stack ready itself.
         let core = self.ready.take().unwrap_or_else(|| self.info.core.clone());
@@ -397,6 +427,7 @@ impl Client {
                     self.info.clone(),
                     OneCall::new(core, request, started),
                     started,
+                    extra,
                 ),
             },
         }
@@ -469,7 +500,8 @@ pin_project! {
             #[pin]
             inner: Deadline<OneCall<Req>, Arc<Info>>,
         },
-        /// The deadline passed while waiting to be ready.
+        /// Ended before any attempt: the deadline passed while waiting to be ready, or the
+        /// request cannot be honoured.
         Expired { error: Option<Error> },
     }
 }

@@ -191,9 +191,7 @@ pub(crate) fn fans_out(cmd: &Cmd) -> bool {
     }
     // MSET's keys are every other argument; the others' are all of them.
     let step = if name == "MSET" { 2 } else { 1 };
-    let slot = |key: &[u8]| {
-        redis::cluster_routing::Route::with_key(key, redis::cluster_routing::SlotAddr::Master)
-    };
+    let slot = key_slot;
     let mut keys = cmd
         .args_iter()
         .skip(1)
@@ -363,6 +361,161 @@ pub(crate) fn pipeline_refusal(pipeline: &Pipeline) -> Option<crate::Error> {
         }
     }
     open.then(|| Refusal::Transaction.error("a pipeline's MULTI without its EXEC or DISCARD"))
+}
+
+/// The hash slot of `key`: CRC16 (XMODEM) of the key — of its hash tag, the part between the
+/// first `{` and the next `}`, when that part is not empty — modulo 16384.
+pub(crate) fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|b| *b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|b| *b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// How long a blocking command may block on the server ([`block_time`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Block {
+    /// At most this long (the command's own timeout).
+    For(std::time::Duration),
+    /// Until something arrives (a timeout of 0).
+    Forever,
+}
+
+fn arg_text(arg: Arg<&[u8]>) -> Option<&str> {
+    match arg {
+        Arg::Simple(a) => std::str::from_utf8(a).ok(),
+        _ => None,
+    }
+}
+
+/// A timeout in seconds as the list and sorted-set pops take it (`"1.5"`); 0 is for ever.
+fn seconds(text: Option<&str>) -> Option<Block> {
+    let secs: f64 = text?
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s >= 0.0)?;
+    Some(if secs == 0.0 {
+        Block::Forever
+    } else {
+        Block::For(std::time::Duration::try_from_secs_f64(secs).ok()?)
+    })
+}
+
+/// Whether `cmd` blocks on the server, and for how long: the list and sorted-set pops
+/// (`BLPOP`, `BRPOP`, `BLMOVE`, `BRPOPLPUSH`, `BLMPOP`, `BZPOPMIN`, `BZPOPMAX`, `BZMPOP`) and
+/// `XREAD` / `XREADGROUP` with `BLOCK`. Also returns the argument index of the first key, where
+/// the command is sent. A malformed timeout is left for the server to refuse.
+pub(crate) fn blocking(cmd: &Cmd) -> Option<(Block, usize)> {
+    let mut args = cmd.args_iter();
+    let Some(Arg::Simple(name)) = args.next() else {
+        return None;
+    };
+    // Most commands are not blocking: a look at the first letter spares the rest.
+    if !matches!(name.first(), Some(b'B' | b'b' | b'X' | b'x')) {
+        return None;
+    }
+    let name = std::str::from_utf8(name).ok()?.to_ascii_uppercase();
+    let count = cmd.args_iter().count();
+    match name.as_str() {
+        "BLPOP" | "BRPOP" | "BZPOPMIN" | "BZPOPMAX" | "BLMOVE" | "BRPOPLPUSH" => {
+            let timeout = cmd
+                .args_iter()
+                .nth(count.checked_sub(1)?)
+                .and_then(arg_text);
+            Some((seconds(timeout)?, 1))
+        }
+        "BLMPOP" | "BZMPOP" => Some((seconds(cmd.args_iter().nth(1).and_then(arg_text))?, 3)),
+        "XREAD" | "XREADGROUP" => {
+            let args: Vec<Option<&str>> = cmd.args_iter().map(arg_text).collect();
+            let streams = args
+                .iter()
+                .position(|a| a.is_some_and(|a| a.eq_ignore_ascii_case("STREAMS")))?;
+            let block = args[..streams]
+                .iter()
+                .position(|a| a.is_some_and(|a| a.eq_ignore_ascii_case("BLOCK")))?;
+            let ms: u64 = args.get(block + 1).copied().flatten()?.parse().ok()?;
+            let block = if ms == 0 {
+                Block::Forever
+            } else {
+                Block::For(std::time::Duration::from_millis(ms))
+            };
+            Some((block, streams + 1))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `cmd` blocks on the server, and for how long — the list and sorted-set pops
+/// (`BLPOP`, `BRPOP`, `BLMOVE`, `BRPOPLPUSH`, `BLMPOP`, `BZPOPMIN`, `BZPOPMAX`, `BZMPOP`) and
+/// `XREAD` / `XREADGROUP` with `BLOCK`; `None` for every other command.
+///
+/// The [`Client`](crate::Client) sends such a command on a connection of its own (never the
+/// shared one: it would hold up every other caller's commands to that node while it blocks)
+/// and extends the call's deadline by this time.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_cluster::command::{block_time, Block};
+///
+/// assert_eq!(block_time(redis::cmd("BLPOP").arg("jobs").arg(5)), Some(Block::For(Duration::from_secs(5))));
+/// assert_eq!(block_time(redis::cmd("BLPOP").arg("jobs").arg(0)), Some(Block::Forever));
+/// assert_eq!(block_time(redis::cmd("LPOP").arg("jobs")), None);
+/// ```
+pub fn block_time(cmd: &Cmd) -> Option<Block> {
+    blocking(cmd).map(|(block, _)| block)
+}
+
+/// `WAIT` and `WAITAOF` wait for the writes of the connection they are sent on — here, every
+/// caller's — while blocking it: refused.
+pub(crate) fn waits_for_the_connection(cmd: &Cmd) -> Option<crate::Error> {
+    let Some(Arg::Simple(name)) = cmd.args_iter().next() else {
+        return None;
+    };
+    (name.eq_ignore_ascii_case(b"WAIT") || name.eq_ignore_ascii_case(b"WAITAOF")).then(|| {
+        crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!(
+                "{} cannot be sent through this client: it waits for the writes of the \
+                 connection it is sent on, which every caller shares, and blocks that \
+                 connection meanwhile; send it on a connection of your own after your writes",
+                String::from_utf8_lossy(name).to_ascii_uppercase()
+            ),
+        )
+    })
+}
+
+/// The time a blocking request adds to a call's `deadline`, or the error of one the deadline
+/// cannot honour (a block for ever, under a deadline).
+pub(crate) fn block_allowance(
+    block: Option<Block>,
+    deadline: Option<std::time::Duration>,
+) -> Result<std::time::Duration, crate::Error> {
+    match (block, deadline) {
+        (None, _) => Ok(std::time::Duration::ZERO),
+        (Some(Block::For(d)), _) => Ok(d),
+        (Some(Block::Forever), None) => Ok(std::time::Duration::ZERO),
+        (Some(Block::Forever), Some(deadline)) => Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!(
+                "a blocking command with timeout 0 blocks for ever, which the call's deadline \
+                 ({deadline:?}) cannot honour: give it a timeout (the deadline is extended by \
+                 it), or use a client without a deadline"
+            ),
+        )),
+    }
 }
 
 /// [`settle_sent`] for a pipeline whose every command the server answered with an error reply:
@@ -2215,6 +2368,91 @@ mod tests {
             table.classify(&cmd_of(&format!("{long} other k"))),
             NonIdempotent
         );
+    }
+
+    #[test]
+    fn key_slots_are_redis_cluster_slots() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(key_slot(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
+        assert_ne!(
+            key_slot(b"foo{}{bar}"),
+            key_slot(b"bar"),
+            "an empty tag is no tag"
+        );
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        assert_eq!(key_slot(b""), 0);
+    }
+
+    #[test]
+    fn blocking_commands_and_their_time() {
+        use std::time::Duration;
+        let cmd = |line: &str| {
+            let mut words = line.split_whitespace();
+            let mut c = redis::cmd(words.next().unwrap());
+            for w in words {
+                c.arg(w);
+            }
+            c
+        };
+        for (line, expected) in [
+            ("BLPOP q 5", Some((Block::For(Duration::from_secs(5)), 1))),
+            (
+                "brpop a b 0.25",
+                Some((Block::For(Duration::from_millis(250)), 1)),
+            ),
+            ("BLPOP q 0", Some((Block::Forever, 1))),
+            (
+                "BLMOVE a b LEFT RIGHT 1",
+                Some((Block::For(Duration::from_secs(1)), 1)),
+            ),
+            (
+                "BRPOPLPUSH a b 2",
+                Some((Block::For(Duration::from_secs(2)), 1)),
+            ),
+            (
+                "BZPOPMIN z 1.5",
+                Some((Block::For(Duration::from_millis(1500)), 1)),
+            ),
+            (
+                "BLMPOP 3 2 a b LEFT",
+                Some((Block::For(Duration::from_secs(3)), 3)),
+            ),
+            ("BZMPOP 0 1 z MIN", Some((Block::Forever, 3))),
+            (
+                "XREAD COUNT 2 BLOCK 1500 STREAMS s 0",
+                Some((Block::For(Duration::from_millis(1500)), 6)),
+            ),
+            (
+                "XREADGROUP GROUP g c BLOCK 0 STREAMS s >",
+                Some((Block::Forever, 7)),
+            ),
+            ("XREAD STREAMS s 0", None),
+            ("GET k", None),
+            ("BITCOUNT k", None),
+            ("BLPOP q not-a-number", None),
+        ] {
+            assert_eq!(blocking(&cmd(line)), expected, "{line}");
+        }
+        assert!(waits_for_the_connection(&cmd("WAIT 1 100")).is_some());
+        assert!(waits_for_the_connection(&cmd("GET k")).is_none());
+        assert_eq!(
+            block_allowance(None, Some(Duration::from_secs(1))).unwrap(),
+            Duration::ZERO
+        );
+        assert_eq!(
+            block_allowance(
+                Some(Block::For(Duration::from_secs(4))),
+                Some(Duration::from_secs(1))
+            )
+            .unwrap(),
+            Duration::from_secs(4)
+        );
+        let e = block_allowance(Some(Block::Forever), Some(Duration::from_secs(1))).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Unsupported);
+        assert!(block_allowance(Some(Block::Forever), None).is_ok());
     }
 
     #[test]

@@ -172,6 +172,9 @@ struct Inner {
     generation: Option<u64>,
     message: Option<Arc<str>>,
     source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
+    /// Raised on a connection of its own (a blocking command's), not the shared inner client:
+    /// it says nothing about whether that client needs rebuilding.
+    detached: bool,
 }
 
 impl Error {
@@ -193,6 +196,7 @@ impl Error {
             generation: None,
             message: Some(Arc::from(message.into())),
             source: None,
+            detached: false,
         }))
     }
 
@@ -205,6 +209,7 @@ impl Error {
             generation: None,
             message: None,
             source: Some(Arc::new(err)),
+            detached: false,
         }))
     }
 
@@ -239,6 +244,7 @@ impl Error {
             generation: None,
             message: None,
             source: Some(Arc::new(err)),
+            detached: false,
         }))
     }
 
@@ -288,6 +294,18 @@ impl Error {
     /// The generation of the inner client that produced the error, when a rebuild layer knows it.
     pub fn generation(&self) -> Option<u64> {
         self.0.generation
+    }
+
+    /// Marks the error as raised on a connection of its own rather than the shared inner
+    /// client (see `Inner::detached`).
+    pub(crate) fn detached(mut self) -> Self {
+        self.0.detached = true;
+        self
+    }
+
+    /// Whether the error was raised on a connection of its own.
+    pub(crate) fn is_detached(&self) -> bool {
+        self.0.detached
     }
 
     /// The root cause, shared (cheap to attach to another error).
@@ -470,6 +488,7 @@ impl From<tower::BoxError> for Error {
                         generation: None,
                         message: Some(Arc::from("a middleware failed")),
                         source: Some(Arc::from(other)),
+                        detached: false,
                     })),
                 },
             },

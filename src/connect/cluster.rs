@@ -410,7 +410,19 @@ impl Connect for ClusterConnector {
                     return Err(error);
                 }
             };
-            Ok(RedisService::new(connection).resends_internally(this.inner_retries > 0))
+            // Blocking commands get connections of their own, made like the inner client's.
+            let lane = crate::service::BlockingLane {
+                nodes: crate::connect::NodeConnector {
+                    book: this.book.clone(),
+                    credentials: this.credentials.clone(),
+                    tls: this.tls_config(),
+                    connection_timeout: this.connection_timeout,
+                },
+                margin: this.response_timeout,
+            };
+            Ok(RedisService::new(connection)
+                .resends_internally(this.inner_retries > 0)
+                .blocking_lane(lane))
         })
     }
 }

@@ -7,6 +7,7 @@
 mod address_book;
 mod cluster;
 mod credentials;
+mod node;
 mod resolve;
 mod seeds;
 mod tls;
@@ -20,6 +21,7 @@ pub use credentials::{
     credentials_fn, Credentials, CredentialsFn, CredentialsFuture, CredentialsProvider, Secret,
 };
 pub(crate) use credentials::{CredentialSource, PerConnection};
+pub(crate) use node::NodeConnector;
 pub use resolve::{DnsAdapter, PinnedResolver};
 pub use resolve::{Resolve, ResolveFuture, StaticResolver, SystemResolver};
 pub(crate) use seeds::redact_userinfo;

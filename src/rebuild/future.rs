@@ -77,7 +77,10 @@ where
                     }
                     Err(error) => {
                         let error = error.with_generation(*generation);
-                        shared.observe_error(&error, *generation);
+                        // A blocking command's own connection says nothing about the client.
+                        if !error.is_detached() {
+                            shared.observe_error(&error, *generation);
+                        }
                         Err(error)
                     }
                 })

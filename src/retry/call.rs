@@ -68,6 +68,14 @@ impl<P: RetryPolicy> CallPolicy<P> {
         }
     }
 
+    /// Moves the call's deadline `extra` later: a blocking command may take its own block time
+    /// on top of the deadline.
+    pub(crate) fn extend_deadline(&mut self, extra: Duration) {
+        if !extra.is_zero() {
+            self.deadline = self.deadline.and_then(|d| d.checked_add(extra));
+        }
+    }
+
     /// The call's decision policy.
     pub fn policy(&self) -> &P {
         &self.policy

@@ -263,10 +263,15 @@ where
         redirects = field::Empty,
     );
     request.describe(&span);
-    let policy = match started {
+    let mut policy = match started {
         Some(at) => CallPolicy::started_at(policy, at),
         None => CallPolicy::new(policy),
     };
+    // A blocking command may take its own block time on top of the deadline. (This layer never
+    // cuts a first attempt, so one that blocks for ever is the outer deadline's business.)
+    if let Some(crate::command::Block::For(block)) = request.block() {
+        policy.extend_deadline(block);
+    }
     // Shared, not copied: the first attempt and every retry send the same request.
     let request = Arc::new(request);
     let future = if span.is_disabled() {
@@ -278,9 +283,29 @@ where
 }
 
 mod sealed {
-    pub trait Sealed {}
-    impl Sealed for redis::Cmd {}
-    impl Sealed for redis::Pipeline {}
+    use crate::command::Block;
+
+    pub trait Sealed {
+        /// How long the request blocks on the server, if it does (a pipeline never may).
+        fn block(&self) -> Option<Block>;
+    }
+
+    impl Sealed for redis::Cmd {
+        fn block(&self) -> Option<Block> {
+            crate::command::block_time(self)
+        }
+    }
+
+    impl Sealed for redis::Pipeline {
+        fn block(&self) -> Option<Block> {
+            None
+        }
+    }
+}
+
+/// How long `request` blocks on the server, if it does.
+pub(crate) fn block_of<R: RetryRequest>(request: &R) -> Option<crate::command::Block> {
+    request.block()
 }
 
 /// A request the retry layer sends: `Cmd` or `Pipeline` (sealed).

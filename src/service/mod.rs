@@ -62,6 +62,20 @@ use crate::Error;
 pub struct RedisService<C> {
     connection: C,
     resends: bool,
+    /// Where blocking commands go instead of the shared connection; without it they are
+    /// refused. Shared: cloned only for a blocking command.
+    blocking: Option<Arc<BlockingLane>>,
+}
+
+/// Connections of their own for blocking commands: a `BLPOP` on the shared connection would
+/// hold up every other caller's commands to that node for as long as it blocks, outlast the
+/// shared connection's response timeout, and — once its caller gave up — still pop an element
+/// that nobody would receive.
+#[derive(Clone, Debug)]
+pub(crate) struct BlockingLane {
+    pub(crate) nodes: crate::connect::NodeConnector,
+    /// Added to the command's own block time to bound the wait for its reply.
+    pub(crate) margin: std::time::Duration,
 }
 
 impl<C> RedisService<C> {
@@ -70,7 +84,14 @@ impl<C> RedisService<C> {
         RedisService {
             connection,
             resends: false,
+            blocking: None,
         }
+    }
+
+    /// Sends blocking commands on connections of their own, made by `lane`.
+    pub(crate) fn blocking_lane(mut self, lane: BlockingLane) -> Self {
+        self.blocking = Some(Arc::new(lane));
+        self
     }
 
     /// Declares that the connection may send a command again by itself — the `redis` crate's
@@ -136,11 +157,21 @@ where
     fn send_command(&self, cmd: impl Borrow<Cmd> + Send + 'static) -> ResponseFuture {
         let mut connection = self.connection.clone();
         let resends = self.resends;
+        let blocking = crate::command::blocking(cmd.borrow());
+        let lane = blocking.and_then(|_| self.blocking.clone());
         ResponseFuture::new(Box::pin(async move {
             // Commands that change the state of the connection (WATCH, SUBSCRIBE, ...) would
             // change it for every caller: refused before anything is sent.
-            if let Some(refused) = crate::command::shared_connection_refusal(cmd.borrow()) {
+            if let Some(refused) = crate::command::shared_connection_refusal(cmd.borrow())
+                .or_else(|| crate::command::waits_for_the_connection(cmd.borrow()))
+            {
                 return Err(refused);
+            }
+            if let Some((block, key)) = blocking {
+                return match lane {
+                    Some(lane) => lane.send(&mut connection, cmd.borrow(), block, key).await,
+                    None => Err(blocking_refused(cmd.borrow())),
+                };
             }
             if is_cluster::<C>() && is_scan(cmd.borrow()) {
                 return cluster_scan(&mut connection, cmd.borrow())
@@ -176,6 +207,12 @@ where
             if let Some(refused) = crate::command::pipeline_refusal(pipeline) {
                 return Err(refused);
             }
+            if let Some(cmd) = pipeline
+                .cmd_iter()
+                .find(|c| crate::command::blocking(c).is_some())
+            {
+                return Err(blocking_refused(cmd).context("in a pipeline: send it on its own"));
+            }
             // `query_async` unwraps MULTI/EXEC and drops ignored replies, so the caller gets one
             // value per command it did not ignore, for plain and atomic pipelines alike.
             pipeline
@@ -189,6 +226,77 @@ where
                     )
                 })
         }))
+    }
+}
+
+/// The error of a blocking command that has no connection of its own to go on.
+fn blocking_refused(cmd: &Cmd) -> Error {
+    let name = crate::command::command_name(cmd).unwrap_or_default();
+    Error::new(
+        crate::ErrorKind::Unsupported,
+        format!(
+            "{name} blocks the connection it is sent on, and this one is shared by every caller: \
+             send it through a cluster connection made by ClusterConnector (which gives each \
+             blocking command a connection of its own), or on a connection of your own"
+        ),
+    )
+}
+
+impl BlockingLane {
+    /// Sends `cmd`, which blocks for up to `block`, on a fresh connection to the master of the
+    /// slot of its key (argument `key`), found through the cluster connection. The connection
+    /// lives as long as the call: a caller that gives up drops it, and the server, seeing it
+    /// close, stops waiting on its behalf — it pops nothing for a caller that is gone.
+    async fn send<C: 'static>(
+        &self,
+        connection: &mut C,
+        cmd: &Cmd,
+        block: crate::command::Block,
+        key: usize,
+    ) -> Result<Value, Error> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let Some(cluster) = (connection as &mut dyn std::any::Any)
+            .downcast_mut::<redis::cluster_async::ClusterConnection>()
+        else {
+            return Err(blocking_refused(cmd));
+        };
+        let Some(redis::Arg::Simple(key)) = cmd.args_iter().nth(key) else {
+            return Err(Error::new(
+                crate::ErrorKind::Command,
+                "a blocking command without a key",
+            )
+            .with_sent(crate::Sent::No));
+        };
+        let slot = crate::command::key_slot(key);
+        let slots = cluster
+            .route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await
+            .map_err(Error::from_redis)?;
+        let Some((host, port)) = master_of_slot(&slots, slot) else {
+            return Err(Error::new(
+                crate::ErrorKind::ClusterDown,
+                format!("no master serves slot {slot}"),
+            )
+            .with_sent(crate::Sent::No));
+        };
+        let node = crate::connect::Endpoint::new(host, port)?;
+        let response_timeout = match block {
+            crate::command::Block::For(d) => Some(d + self.margin),
+            crate::command::Block::Forever => None,
+        };
+        // Nothing was written when the connection could not be made.
+        let mut own = self
+            .nodes
+            .connect(&node, None, response_timeout)
+            .await
+            .map_err(|e| e.with_sent(crate::Sent::No).detached())?;
+        own.req_packed_command(cmd)
+            .await
+            .and_then(Value::extract_error)
+            .map_err(|e| crate::command::settle_sent(cmd, Error::from_redis(e), false).detached())
     }
 }
 
@@ -329,40 +437,58 @@ async fn cluster_scan<C: 'static>(connection: &mut C, cmd: &Cmd) -> redis::Redis
     ]))
 }
 
-/// The masters of a `CLUSTER SLOTS` reply as `(host, port)`, ordered by the first slot they
-/// serve.
-fn masters_by_first_slot(reply: &Value) -> Vec<(String, u16)> {
+/// The slot ranges of a `CLUSTER SLOTS` reply with their master: `(first, last, host, port)`.
+fn slot_masters(reply: &Value) -> Vec<(i64, i64, String, u16)> {
     let Value::Array(ranges) = reply else {
         return Vec::new();
     };
+    ranges
+        .iter()
+        .filter_map(|range| {
+            let Value::Array(parts) = range else {
+                return None;
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                return None;
+            };
+            let host = match master.first()? {
+                Value::BulkString(h) => String::from_utf8_lossy(h).into_owned(),
+                Value::SimpleString(h) => h.clone(),
+                _ => return None,
+            };
+            let Value::Int(port) = master.get(1)? else {
+                return None;
+            };
+            Some((*start, *end, host, u16::try_from(*port).ok()?))
+        })
+        .collect()
+}
+
+/// The masters of a `CLUSTER SLOTS` reply as `(host, port)`, ordered by the first slot they
+/// serve.
+fn masters_by_first_slot(reply: &Value) -> Vec<(String, u16)> {
     let mut masters: Vec<(i64, String, u16)> = Vec::new();
-    for range in ranges {
-        let Value::Array(parts) = range else { continue };
-        let (Some(Value::Int(start)), Some(Value::Array(master))) = (parts.first(), parts.get(2))
-        else {
-            continue;
-        };
-        let host = match master.first() {
-            Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
-            Some(Value::SimpleString(h)) => h.clone(),
-            _ => continue,
-        };
-        let Some(Value::Int(port)) = master.get(1) else {
-            continue;
-        };
-        let Ok(port) = u16::try_from(*port) else {
-            continue;
-        };
+    for (start, _, host, port) in slot_masters(reply) {
         match masters
             .iter_mut()
             .find(|(_, h, p)| *h == host && *p == port)
         {
-            Some(known) => known.0 = known.0.min(*start),
-            None => masters.push((*start, host, port)),
+            Some(known) => known.0 = known.0.min(start),
+            None => masters.push((start, host, port)),
         }
     }
     masters.sort();
     masters.into_iter().map(|(_, h, p)| (h, p)).collect()
+}
+
+/// The master serving `slot` in a `CLUSTER SLOTS` reply, as `(host, port)`.
+fn master_of_slot(reply: &Value, slot: u16) -> Option<(String, u16)> {
+    slot_masters(reply)
+        .into_iter()
+        .find(|(start, end, _, _)| (*start..=*end).contains(&i64::from(slot)))
+        .map(|(_, _, host, port)| (host, port))
 }
 
 /// `host:port` or `[v6]:port` of a redirection.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures_util::{stream, StreamExt};
-use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisConnectionInfo, Value};
+use redis::Value;
 
 use super::snapshot::{
     parse_cluster_shards, parse_cluster_slots, view_key, Asked, NodeHealth, Shard,
@@ -17,7 +17,7 @@ use super::snapshot::{
 use crate::{
     connect::{
         drain_with_grace, AddressBook, CredentialSource, Credentials, CredentialsProvider,
-        DnsAdapter, Endpoint, PinnedResolver, Resolve, Seeds, SystemResolver, TlsConfig,
+        Endpoint, NodeConnector, Resolve, Seeds, SystemResolver, TlsConfig,
     },
     Error,
 };
@@ -141,6 +141,16 @@ impl TopologySource {
         self.connection_timeout = connection;
         self.response_timeout = response;
         self
+    }
+
+    /// How probes connect: as the inner client does.
+    fn nodes(&self) -> NodeConnector {
+        NodeConnector {
+            book: self.book.clone(),
+            credentials: self.credentials.clone(),
+            tls: self.tls.clone(),
+            connection_timeout: self.connection_timeout,
+        }
     }
 
     /// How many nodes are asked at once.
@@ -291,42 +301,13 @@ impl TopologySource {
         let context = |e: redis::RedisError| {
             Error::from_redis(e).context(format_args!("topology probe of {probe}"))
         };
-        // Asked for every probe: a rotated token must reach the next connection.
-        let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
-        if let Some(c) = self.credentials.fetch().await? {
-            settings = settings
-                .set_username(c.user_or_default())
-                .set_password(c.password.expose());
-        }
-        // The connection is made to the endpoint's *name*, so TLS verifies the name; the
-        // resolver decides which IP it goes to.
-        let info = crate::connect::cluster_node_addr(&probe.endpoint, self.tls.is_some())
-            .into_connection_info()?
-            .set_redis_settings(settings);
-        let mut config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connection_timeout))
-            .set_response_timeout(Some(self.response_timeout));
-        config = match probe.pin {
-            Some(ip) => config.set_dns_resolver(PinnedResolver(ip)),
-            None => config.set_dns_resolver(DnsAdapter(self.book.clone())),
-        };
         // A fresh connection per refresh: a long-lived one to a configuration endpoint can keep
         // talking to a node that left the cluster and still answers with its old view.
-        let client = match &self.tls {
-            #[cfg(feature = "tls")]
-            Some(tls) => redis::Client::build_with_tls(info, tls.certificates())?,
-            #[cfg(not(feature = "tls"))]
-            Some(_) => {
-                return Err(Error::config(
-                    "TLS topology probes need the `tls` feature of tower-redis-cluster",
-                ))
-            }
-            None => redis::Client::open(info)?,
-        };
-        let mut connection = client
-            .get_multiplexed_async_connection_with_config(&config)
+        let mut connection = self
+            .nodes()
+            .connect(&probe.endpoint, probe.pin, Some(self.response_timeout))
             .await
-            .map_err(context)?;
+            .map_err(|e| e.context(format_args!("topology probe of {probe}")))?;
         let asked = Asked {
             endpoint: match probe.pin {
                 // A pinned probe reached one address behind a seed name, not a node's name.
