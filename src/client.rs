@@ -57,7 +57,7 @@ use crate::{
 /// up closes that connection, so the server pops nothing on its behalf. A block for ever
 /// (timeout 0) needs a client without a deadline (`timeout(None)`). Commands that would change
 /// the shared connections' state (`WATCH`, `MULTI` alone, `SUBSCRIBE`, `SELECT`, `WAIT`, …) are
-/// refused with [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported); a transaction goes as
+/// refused with [`ErrorKind::Unsupported`]; a transaction goes as
 /// one atomic pipeline.
 ///
 /// ```no_run
