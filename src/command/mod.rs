@@ -25,6 +25,8 @@
 //! else wrote in between. Commands the table does not know — module commands, commands of newer
 //! Redis versions — are `NonIdempotent` until you override them.
 
+mod access;
+
 use std::collections::HashMap;
 use std::fmt;
 
@@ -621,21 +623,32 @@ impl IdempotencyTable {
         classify(cmd)
     }
 
-    /// A pipeline is as idempotent as its least idempotent command; an empty pipeline is
+    /// How safe a pipeline is to send again: at best as safe as its least safe command, and
+    /// [`Idempotency::NonIdempotent`] when one of its commands reads a key that a later command
+    /// of the pipeline writes — unless a command before the read sets that key whatever it
+    /// held (`SET`, `DEL`, a `STORE`'s destination). The second run would read what the first
+    /// one left: `MULTI; GET k; DEL k; EXEC` (a pop) returns nil the second time, and
+    /// `SUNIONSTORE d a b; DEL a` stores another union. An empty pipeline is
     /// [`Idempotency::ReadOnly`].
     ///
-    /// A MULTI/EXEC (atomic) pipeline is classified by its commands the same way: the
-    /// transaction runs all of them or none, so running it again is as safe as its least safe
-    /// command. (The `redis` crate adds the `MULTI`/`EXEC` around an atomic pipeline when it
-    /// sends it; a `MULTI` the caller put into a pipeline by hand is `NonIdempotent` like any
-    /// other explicit `MULTI`.)
+    /// A MULTI/EXEC (atomic) pipeline is classified the same way. (The `redis` crate adds the
+    /// `MULTI`/`EXEC` around an atomic pipeline when it sends it; a `MULTI` the caller put into
+    /// a pipeline by hand is `NonIdempotent` like any other explicit `MULTI`.)
     pub fn classify_pipeline(&self, pipeline: &Pipeline) -> Idempotency {
         let mut worst = ReadOnly;
+        let mut accesses = Vec::with_capacity(pipeline.len());
         for cmd in pipeline.cmd_iter() {
-            worst = worst.max(self.classify(cmd));
+            let class = self.classify(cmd);
+            worst = worst.max(class);
             if worst == NonIdempotent {
-                break;
+                return NonIdempotent;
             }
+            accesses.push(access::access(cmd, class));
+        }
+        // Safe commands that are not safe together: a read of a key written later in the
+        // same pipeline (see the `access` module).
+        if worst == Idempotent && access::read_then_overwritten(&accesses) {
+            return NonIdempotent;
         }
         worst
     }
@@ -2475,40 +2488,61 @@ mod tests {
     }
 
     #[test]
-    fn pipelines_are_as_safe_as_their_least_safe_command() {
+    fn a_pipeline_is_safe_only_if_each_command_is_and_none_reads_what_a_later_one_writes() {
         let table = IdempotencyTable::new();
-        assert_eq!(table.classify_pipeline(&redis::pipe()), ReadOnly);
-
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg("a").cmd("MGET").arg("a").arg("b");
-        assert_eq!(table.classify_pipeline(&pipe), ReadOnly);
-        pipe.cmd("SET").arg("a").arg(1);
-        assert_eq!(table.classify_pipeline(&pipe), Idempotent);
-        pipe.cmd("INCR").arg("n");
-        assert_eq!(table.classify_pipeline(&pipe), NonIdempotent);
-        // Order does not matter: a safe command after an unsafe one does not rescue it.
-        pipe.cmd("GET").arg("a");
-        assert_eq!(table.classify_pipeline(&pipe), NonIdempotent);
-
-        let mut atomic = redis::pipe();
-        atomic
-            .atomic()
-            .cmd("SET")
-            .arg("a")
-            .arg(1)
-            .cmd("DEL")
-            .arg("b");
-        assert_eq!(table.classify_pipeline(&atomic), Idempotent);
-        atomic.cmd("LPUSH").arg("l").arg("x");
-        assert_eq!(table.classify_pipeline(&atomic), NonIdempotent);
-        let mut atomic_reads = redis::pipe();
-        atomic_reads.atomic().cmd("GET").arg("a");
-        assert_eq!(table.classify_pipeline(&atomic_reads), ReadOnly);
-
+        let class = |lines: &[&str], atomic: bool| {
+            let mut pipe = redis::pipe();
+            if atomic {
+                pipe.atomic();
+            }
+            for line in lines {
+                let mut words = line.split_whitespace();
+                pipe.cmd(words.next().unwrap());
+                for w in words {
+                    pipe.arg(w);
+                }
+            }
+            table.classify_pipeline(&pipe)
+        };
+        assert_eq!(class(&[], false), ReadOnly);
+        assert_eq!(class(&["GET a", "MGET a b"], false), ReadOnly);
+        // Unsafe commands make the pipeline unsafe, wherever they are.
+        assert_eq!(class(&["SET a 1", "INCR n", "GET a"], false), NonIdempotent);
+        assert_eq!(
+            class(&["SET a 1", "DEL b", "LPUSH l x"], true),
+            NonIdempotent
+        );
+        // Writes that repeat, read nothing of each other: safe.
+        assert_eq!(class(&["SET a 1", "DEL b"], true), Idempotent);
+        assert_eq!(
+            class(&["SADD s x", "SREM s y", "HSET h f v"], false),
+            Idempotent
+        );
+        // A read after a write that sets the key whatever it held: both runs read the same.
+        assert_eq!(class(&["SET a 1", "GET a"], false), Idempotent);
+        assert_eq!(class(&["DEL a", "EXISTS a", "SET a 2"], false), Idempotent);
+        // A read of what a later command writes: the second run reads the first run's result.
+        // A pop: GET then DEL returns nil the second time.
+        assert_eq!(class(&["GET k", "DEL k"], true), NonIdempotent);
+        // The union is stored, then a source deleted: the second run stores another union.
+        assert_eq!(class(&["SUNIONSTORE d a b", "DEL a"], false), NonIdempotent);
+        assert_eq!(
+            class(&["GET a", "MGET a b", "SET a 1"], false),
+            NonIdempotent
+        );
+        assert_eq!(class(&["SMEMBERS s", "SADD s x"], false), NonIdempotent);
+        assert_eq!(class(&["COPY a b", "DEL a"], false), NonIdempotent);
+        // ...unless a write before the read set it whatever it held.
+        assert_eq!(
+            class(&["SET a 1", "COPY a b REPLACE", "SET a 2"], false),
+            Idempotent
+        );
+        // A read of the whole keyspace, then any write.
+        assert_eq!(class(&["KEYS *", "SET a 1"], false), NonIdempotent);
+        assert_eq!(class(&["FLUSHALL", "KEYS *", "SET a 1"], false), Idempotent);
+        assert_eq!(class(&["GET a"], true), ReadOnly);
         // A hand-written transaction contains MULTI, which is not idempotent on its own.
-        let mut manual = redis::pipe();
-        manual.cmd("MULTI").cmd("GET").arg("a").cmd("EXEC");
-        assert_eq!(table.classify_pipeline(&manual), NonIdempotent);
+        assert_eq!(class(&["MULTI", "GET a", "EXEC"], false), NonIdempotent);
     }
 
     #[test]
