@@ -188,6 +188,34 @@ async fn the_deadline_covers_the_wait_for_readiness_on_the_service_path_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_holds_for_a_large_value_within_the_copy_it_cannot_interrupt() {
+    let cluster = support::cluster(1, 0).await;
+    let deadline = Duration::from_millis(100);
+    let client = support::connected(cluster.client_builder().timeout(deadline)).await;
+    let value = vec![b'x'; 64 << 20];
+    let mut set = redis::cmd("SET");
+    set.arg("big").arg(&value[..]);
+    // What runs without yielding — copying and packing 64 MiB — is the only slack.
+    let slack = Duration::from_millis(400);
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let by_value = client.send(set.clone()).await;
+        let took = started.elapsed();
+        assert!(took < deadline + slack, "send took {took:?}");
+        if let Err(e) = by_value {
+            assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        }
+        let started = std::time::Instant::now();
+        let by_ref = client.query::<()>(&set).await;
+        let took = started.elapsed();
+        assert!(took < deadline + slack, "query took {took:?}");
+        if let Err(e) = by_ref {
+            assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_pipelines_and_a_replace_failover_through_the_client() {
     let mut cluster = support::cluster(3, 1).await;
     let client = support::connected(cluster.client_builder()).await;

@@ -205,7 +205,7 @@ fn pipelines_classified_safe_replay_to_the_same_data_and_reads() {
     let table = IdempotencyTable::new();
     let checked = std::cell::RefCell::new([0usize; 2]);
     let config = ProptestConfig {
-        cases: 400,
+        cases: 1000,
         failure_persistence: None,
         ..ProptestConfig::default()
     };
