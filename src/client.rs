@@ -117,6 +117,8 @@ struct Info {
     topology: Option<TopologyHandle>,
     summary: String,
     deadline: Option<Duration>,
+    /// The `client` label of the metrics.
+    name: crate::metrics::ClientName,
 }
 
 impl Info {
@@ -248,7 +250,10 @@ where
                     .deadline_error("the call did not finish within its deadline"))
             }
         };
-        crate::metrics::call_finished(result.as_ref().map(|_| ()).map_err(Error::kind));
+        crate::metrics::call_finished(
+            &this.info.name,
+            result.as_ref().map(|_| ()).map_err(Error::kind),
+        );
         Poll::Ready(result)
     }
 }
@@ -408,7 +413,7 @@ impl Client {
                     "the client was not ready within the call's deadline: the command was not sent",
                 )
                 .with_sent(crate::Sent::No);
-            crate::metrics::call_finished(Err(error.kind()));
+            crate::metrics::call_finished(&self.info.name, Err(error.kind()));
             return ResponseFuture {
                 state: CallState::Expired { error: Some(error) },
             };
@@ -560,6 +565,7 @@ pub struct ClientBuilder {
     read_from_replicas: bool,
     concurrency_limit: Option<usize>,
     inner_retries: Option<u32>,
+    name: Option<String>,
 }
 
 impl ClientBuilder {
@@ -693,6 +699,14 @@ impl ClientBuilder {
         self
     }
 
+    /// The client's name: the `client` label of every metric of its layers (feature
+    /// `metrics`), so two clients of one process keep apart. Default: its first seed
+    /// (`host:port`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
     /// The inner cluster client's own retries. Default: 0 when the retry layer is on, 2 when it
     /// is off. The redis crate resends a command by itself after a dropped connection and
     /// reports only its last outcome, so with inner retries an `INCR` can be applied twice
@@ -722,6 +736,12 @@ impl ClientBuilder {
             return Err(Error::config("concurrency_limit must be at least 1"));
         }
 
+        let name = crate::metrics::ClientName::new(
+            self.name
+                .clone()
+                .or_else(|| seeds.iter().next().map(|s| s.to_string()))
+                .unwrap_or_default(),
+        );
         let mut connector = ClusterConnector::new(seeds);
         if let Some(c) = self.credentials {
             connector = connector.credentials_provider(c);
@@ -752,9 +772,17 @@ impl ClientBuilder {
             (Some(t), _) => r.deadline(t),
             (None, _) => r,
         });
+        let retry = retry.map(|mut r| {
+            r.client_name = name.clone();
+            r
+        });
         let refresh = self
             .refresh
-            .unwrap_or_else(|| Some(RefreshConfig::default()));
+            .unwrap_or_else(|| Some(RefreshConfig::default()))
+            .map(|mut r| {
+                r.client_name = name.clone();
+                r
+            });
 
         let summary = format!(
             "{connector:?}, timeout {timeout:?}, retry {}, topology refresh {}, concurrency limit {:?}",
@@ -770,6 +798,7 @@ impl ClientBuilder {
         let source = connector.topology_source();
         let mut rebuild_config = self.rebuild.unwrap_or_default();
         rebuild_config.validate()?;
+        rebuild_config.client_name = name.clone();
         // A caller of the Service interface waits for a rebuild in poll_ready, which the
         // call's deadline does not cover: keep that wait within the deadline too.
         if let Some(t) = timeout {
@@ -802,6 +831,7 @@ impl ClientBuilder {
                 topology,
                 summary,
                 deadline: timeout,
+                name,
             }),
         })
     }

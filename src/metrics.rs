@@ -3,59 +3,95 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `redis_cluster_calls_total` | counter | `outcome` = `ok` or an [`ErrorKind`](crate::ErrorKind) name | calls through a `Client` |
-//! | `redis_cluster_retries_total` | counter | `kind` | retries and followed redirections |
-//! | `redis_cluster_retry_budget_exhausted_total` | counter | — | retries refused by the budget |
-//! | `redis_cluster_rebuilds_total` | counter | — | inner clients made (the first one included) |
-//! | `redis_cluster_connect_failures_total` | counter | `kind` | failed connects of the rebuild layer |
-//! | `redis_cluster_generation` | gauge | — | generation of the current inner client |
-//! | `redis_cluster_topology_refreshes_total` | counter | `outcome` = `ok` / `error` | topology refreshes |
-//! | `redis_cluster_topology_changes_total` | counter | — | refreshes that found a change |
-//! | `redis_cluster_topology_seconds_since_change` | gauge | — | at the last refresh, seconds since the topology last changed |
+//! | `redis_cluster_calls_total` | counter | `client`, `outcome` = `ok` or an [`ErrorKind`](crate::ErrorKind) name | calls through a `Client` |
+//! | `redis_cluster_retries_total` | counter | `client`, `kind` | retries and followed redirections |
+//! | `redis_cluster_retry_budget_exhausted_total` | counter | `client` | retries refused by the budget |
+//! | `redis_cluster_rebuilds_total` | counter | `client` | inner clients made (the first one included) |
+//! | `redis_cluster_connect_failures_total` | counter | `client`, `kind` | failed connects of the rebuild layer |
+//! | `redis_cluster_generation` | gauge | `client` | generation of the current inner client |
+//! | `redis_cluster_topology_refreshes_total` | counter | `client`, `outcome` = `ok` / `error` | topology refreshes |
+//! | `redis_cluster_topology_changes_total` | counter | `client` | refreshes that found a change |
+//! | `redis_cluster_topology_seconds_since_change` | gauge | `client` | at the last refresh, seconds since the topology last changed |
 //!
-//! No label ever carries a key, an argument or a credential.
+//! The `client` label tells the clients of one process apart:
+//! [`ClientBuilder::name`](crate::ClientBuilder::name) — by default the client's first seed —
+//! or, for layers stacked by hand, `client_name` on each layer's configuration (default
+//! `default`). No label ever
+//! carries a key, an argument or a credential.
+
+use std::sync::Arc;
+
+/// The `client` label of a layer's metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ClientName(pub(crate) Arc<str>);
+
+impl Default for ClientName {
+    fn default() -> Self {
+        ClientName(Arc::from("default"))
+    }
+}
+
+impl ClientName {
+    pub(crate) fn new(name: impl Into<String>) -> Self {
+        ClientName(Arc::from(name.into()))
+    }
+}
 
 #[cfg(feature = "metrics")]
 mod enabled {
     use std::time::Instant;
 
+    use super::ClientName;
     use crate::ErrorKind;
 
-    pub(crate) fn call_finished(outcome: Result<(), ErrorKind>) {
+    pub(crate) fn call_finished(client: &ClientName, outcome: Result<(), ErrorKind>) {
         let outcome = match outcome {
             Ok(()) => "ok",
             Err(kind) => kind.as_str(),
         };
-        metrics::counter!("redis_cluster_calls_total", "outcome" => outcome).increment(1);
-    }
-
-    pub(crate) fn retry(kind: ErrorKind) {
-        metrics::counter!("redis_cluster_retries_total", "kind" => kind.as_str()).increment(1);
-    }
-
-    pub(crate) fn budget_exhausted() {
-        metrics::counter!("redis_cluster_retry_budget_exhausted_total").increment(1);
-    }
-
-    pub(crate) fn rebuilt(generation: u64) {
-        metrics::counter!("redis_cluster_rebuilds_total").increment(1);
-        metrics::gauge!("redis_cluster_generation").set(generation as f64);
-    }
-
-    pub(crate) fn connect_failed(kind: ErrorKind) {
-        metrics::counter!("redis_cluster_connect_failures_total", "kind" => kind.as_str())
+        metrics::counter!("redis_cluster_calls_total", "client" => client.0.clone(), "outcome" => outcome)
             .increment(1);
     }
 
-    pub(crate) fn refreshed(ok: bool, changed: bool, last_change: Option<Instant>) {
+    /// Named by a retry policy (a `&str`: a custom policy knows no [`ClientName`]); retries are
+    /// rare enough for the copy.
+    pub(crate) fn retry(client: &str, kind: ErrorKind) {
+        metrics::counter!("redis_cluster_retries_total", "client" => client.to_string(), "kind" => kind.as_str())
+            .increment(1);
+    }
+
+    pub(crate) fn budget_exhausted(client: &ClientName) {
+        metrics::counter!("redis_cluster_retry_budget_exhausted_total", "client" => client.0.clone())
+            .increment(1);
+    }
+
+    pub(crate) fn rebuilt(client: &ClientName, generation: u64) {
+        metrics::counter!("redis_cluster_rebuilds_total", "client" => client.0.clone())
+            .increment(1);
+        metrics::gauge!("redis_cluster_generation", "client" => client.0.clone())
+            .set(generation as f64);
+    }
+
+    pub(crate) fn connect_failed(client: &ClientName, kind: ErrorKind) {
+        metrics::counter!("redis_cluster_connect_failures_total", "client" => client.0.clone(), "kind" => kind.as_str())
+            .increment(1);
+    }
+
+    pub(crate) fn refreshed(
+        client: &ClientName,
+        ok: bool,
+        changed: bool,
+        last_change: Option<Instant>,
+    ) {
         let outcome = if ok { "ok" } else { "error" };
-        metrics::counter!("redis_cluster_topology_refreshes_total", "outcome" => outcome)
+        metrics::counter!("redis_cluster_topology_refreshes_total", "client" => client.0.clone(), "outcome" => outcome)
             .increment(1);
         if changed {
-            metrics::counter!("redis_cluster_topology_changes_total").increment(1);
+            metrics::counter!("redis_cluster_topology_changes_total", "client" => client.0.clone())
+                .increment(1);
         }
         if let Some(at) = last_change {
-            metrics::gauge!("redis_cluster_topology_seconds_since_change")
+            metrics::gauge!("redis_cluster_topology_seconds_since_change", "client" => client.0.clone())
                 .set(at.elapsed().as_secs_f64());
         }
     }
@@ -65,20 +101,21 @@ mod enabled {
 mod enabled {
     use std::time::Instant;
 
+    use super::ClientName;
     use crate::ErrorKind;
 
     #[inline(always)]
-    pub(crate) fn call_finished(_: Result<(), ErrorKind>) {}
+    pub(crate) fn call_finished(_: &ClientName, _: Result<(), ErrorKind>) {}
     #[inline(always)]
-    pub(crate) fn retry(_: ErrorKind) {}
+    pub(crate) fn retry(_: &str, _: ErrorKind) {}
     #[inline(always)]
-    pub(crate) fn budget_exhausted() {}
+    pub(crate) fn budget_exhausted(_: &ClientName) {}
     #[inline(always)]
-    pub(crate) fn rebuilt(_: u64) {}
+    pub(crate) fn rebuilt(_: &ClientName, _: u64) {}
     #[inline(always)]
-    pub(crate) fn connect_failed(_: ErrorKind) {}
+    pub(crate) fn connect_failed(_: &ClientName, _: ErrorKind) {}
     #[inline(always)]
-    pub(crate) fn refreshed(_: bool, _: bool, _: Option<Instant>) {}
+    pub(crate) fn refreshed(_: &ClientName, _: bool, _: bool, _: Option<Instant>) {}
 }
 
 pub(crate) use enabled::*;

@@ -42,6 +42,38 @@ fn gauge(snapshot: &Snapshot, name: &str) -> Option<f64> {
         })
 }
 
+fn labelled(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(key, _, _, _)| {
+            key.key().name() == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| key.key().labels().any(|l| l.key() == *k && l.value() == *v))
+        })
+        .map(|(_, _, _, value)| match value {
+            DebugValue::Counter(c) => *c,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn labelled_gauge(snapshot: &Snapshot, name: &str, client: &str) -> Option<f64> {
+    snapshot
+        .iter()
+        .find(|(key, _, _, _)| {
+            key.key().name() == name
+                && key
+                    .key()
+                    .labels()
+                    .any(|l| l.key() == "client" && l.value() == client)
+        })
+        .and_then(|(_, _, _, value)| match value {
+            DebugValue::Gauge(g) => Some(g.into_inner()),
+            _ => None,
+        })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_errors_rebuilds_and_refreshes_are_counted() {
     let recorder = DebuggingRecorder::new();
@@ -62,6 +94,22 @@ async fn calls_errors_rebuilds_and_refreshes_are_counted() {
         .wait_connected(Duration::from_secs(10))
         .await
         .unwrap();
+
+    // A second client in the same process, with a name: its metrics keep apart.
+    let second = Client::builder()
+        .seed(cluster.seed())
+        .resolver(cluster.name_map())
+        .name("second")
+        .build()
+        .await
+        .unwrap();
+    second
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        second.send(redis::cmd("PING")).await.unwrap();
+    }
 
     for i in 0..10 {
         let mut set = redis::cmd("SET");
@@ -88,13 +136,40 @@ async fn calls_errors_rebuilds_and_refreshes_are_counted() {
     // One snapshot: taking one drains the recorder's counters.
     let snapshot: Snapshot = snapshotter.snapshot().into_vec();
     let snapshotter = &snapshot;
+    let first = cluster.seed();
+    assert_eq!(
+        labelled(
+            snapshotter,
+            "redis_cluster_calls_total",
+            &[("client", &first), ("outcome", "ok")]
+        ),
+        10,
+        "the first client is named after its seed"
+    );
+    assert_eq!(
+        labelled(
+            snapshotter,
+            "redis_cluster_calls_total",
+            &[("client", "second"), ("outcome", "ok")]
+        ),
+        3
+    );
+    // Each client's generation is its own gauge: 2 (rebuilt once) and 1.
+    assert_eq!(
+        labelled_gauge(snapshotter, "redis_cluster_generation", &first),
+        Some(2.0)
+    );
+    assert_eq!(
+        labelled_gauge(snapshotter, "redis_cluster_generation", "second"),
+        Some(1.0)
+    );
     assert_eq!(
         counter(
             snapshotter,
             "redis_cluster_calls_total",
             Some(("outcome", "ok"))
         ),
-        10
+        13
     );
     assert_eq!(
         counter(
@@ -106,9 +181,8 @@ async fn calls_errors_rebuilds_and_refreshes_are_counted() {
     );
     assert_eq!(
         counter(snapshotter, "redis_cluster_rebuilds_total", None),
-        2
+        3
     );
-    assert_eq!(gauge(snapshotter, "redis_cluster_generation"), Some(2.0));
     assert!(
         counter(
             snapshotter,

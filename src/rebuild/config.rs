@@ -13,6 +13,7 @@ pub struct RebuildConfig {
     pub(crate) backoff: JitteredBackoffMaker,
     pub(crate) policy: Arc<dyn RebuildPolicy>,
     pub(crate) eager: bool,
+    pub(crate) client_name: crate::metrics::ClientName,
 }
 
 impl RebuildConfig {
@@ -27,7 +28,15 @@ impl RebuildConfig {
                 .expect("valid default backoff"),
             policy: Arc::new(DefaultRebuildPolicy::new()),
             eager: true,
+            client_name: crate::metrics::ClientName::default(),
         }
+    }
+
+    /// The `client` label of this layer's metrics (feature `metrics`), to tell the clients of
+    /// one process apart. Default `default`; a [`Client`](crate::Client) sets its own name.
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = crate::metrics::ClientName::new(name);
+        self
     }
 
     /// How long a caller waits for a client while none can serve, before it gets

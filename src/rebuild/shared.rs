@@ -263,7 +263,7 @@ where
         self.slot_changed();
         self.config.policy.on_rebuilt();
         self.status.send_replace(control.status.clone());
-        crate::metrics::rebuilt(generation);
+        crate::metrics::rebuilt(&self.config.client_name, generation);
         tracing::info!(
             generation,
             attempts,
@@ -273,7 +273,7 @@ where
     }
 
     fn record_failure(&self, error: Error, attempt: u32, delay: Duration) {
-        crate::metrics::connect_failed(error.kind());
+        crate::metrics::connect_failed(&self.config.client_name, error.kind());
         tracing::warn!(
             error = %error,
             attempt,

@@ -173,7 +173,7 @@ impl<P: RetryPolicy> CallPolicy<P> {
         if error.sent() != Sent::No {
             self.maybe_applied = true;
         }
-        crate::metrics::retry(error.kind());
+        crate::metrics::retry(self.policy.client_name(), error.kind());
         tracing::debug!(
             kind = %error.kind(),
             sent = ?error.sent(),

@@ -39,6 +39,7 @@ pub struct RetryConfig {
     pub(crate) idempotency: IdempotencyTable,
     pub(crate) budget: Option<SharedBudget>,
     pub(crate) deadline: Option<Duration>,
+    pub(crate) client_name: crate::metrics::ClientName,
 }
 
 impl RetryConfig {
@@ -56,7 +57,15 @@ impl RetryConfig {
             idempotency: IdempotencyTable::new(),
             budget: Some(Arc::new(RetryBudget::default())),
             deadline: Some(Duration::from_secs(5)),
+            client_name: crate::metrics::ClientName::default(),
         }
+    }
+
+    /// The `client` label of this layer's metrics (feature `metrics`), to tell the clients of
+    /// one process apart. Default `default`; a [`Client`](crate::Client) sets its own name.
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = crate::metrics::ClientName::new(name);
+        self
     }
 
     /// How many times a call may be sent again after failures. Following a redirection does

@@ -147,6 +147,11 @@ pub trait RetryPolicy: Clone {
     /// Default: nothing.
     fn on_call(&mut self) {}
 
+    /// The `client` label of the retry metrics (feature `metrics`). Default: `default`.
+    fn client_name(&self) -> &str {
+        "default"
+    }
+
     /// An attempt failed: send it again (now or later), or stop and hand its error to the
     /// caller.
     fn retry(&mut self, attempt: &Attempt<'_>) -> Action;

@@ -123,7 +123,7 @@ impl StandardRetryPolicy {
                 .last_budget_warning_ms
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
-        crate::metrics::budget_exhausted();
+        crate::metrics::budget_exhausted(&self.shared.config.client_name);
         if warn {
             tracing::warn!(
                 kind = %error.kind(),
@@ -150,6 +150,10 @@ impl fmt::Debug for StandardRetryPolicy {
 }
 
 impl RetryPolicy for StandardRetryPolicy {
+    fn client_name(&self) -> &str {
+        &self.shared.config.client_name.0
+    }
+
     fn idempotency(&self, cmd: &Cmd) -> Idempotency {
         self.shared.config.idempotency.classify(cmd)
     }

@@ -14,6 +14,7 @@ pub struct RefreshConfig {
     pub(crate) on_connection_error: bool,
     pub(crate) on_cluster_down: bool,
     pub(crate) rebuild_when_unfollowable: bool,
+    pub(crate) client_name: crate::metrics::ClientName,
 }
 
 impl RefreshConfig {
@@ -29,7 +30,15 @@ impl RefreshConfig {
             on_connection_error: true,
             on_cluster_down: true,
             rebuild_when_unfollowable: true,
+            client_name: crate::metrics::ClientName::default(),
         }
+    }
+
+    /// The `client` label of this layer's metrics (feature `metrics`), to tell the clients of
+    /// one process apart. Default `default`; a [`Client`](crate::Client) sets its own name.
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = crate::metrics::ClientName::new(name);
+        self
     }
 
     /// Refresh periodically, also when idle (`None` turns the timer off).

@@ -135,7 +135,12 @@ impl Refresher {
         if changed {
             *self.last_change() = Some(std::time::Instant::now());
         }
-        crate::metrics::refreshed(true, changed && previous.is_some(), *self.last_change());
+        crate::metrics::refreshed(
+            &self.config.client_name,
+            true,
+            changed && previous.is_some(),
+            *self.last_change(),
+        );
         if changed {
             stats.published += 1;
             tracing::debug!(
@@ -153,7 +158,7 @@ impl Refresher {
 
     /// Counts a refresh that ended without a result.
     fn record_failure(&self, error: Error) {
-        crate::metrics::refreshed(false, false, *self.last_change());
+        crate::metrics::refreshed(&self.config.client_name, false, false, *self.last_change());
         let mut stats = self.stats.borrow().clone();
         stats.refreshes += 1;
         stats.failures += 1;
