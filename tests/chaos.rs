@@ -1,6 +1,7 @@
-//! Chaos suite: a `Client` under mixed load (GET, SET, INCR) while a 3 × 1 cluster is put
-//! through random master crashes, graceful failovers, node replacements at new IPs, paused nodes
-//! and replica restarts, one after another. Requires the `test-util` feature (the harness).
+//! Chaos suite: a `Client` under mixed load (GET, SET, INCR, and a queue fed by `RPUSH` and
+//! drained by `BLPOP`) while a 3 × 1 cluster is put through random master crashes, graceful
+//! failovers, node replacements at new IPs, paused nodes, replica restarts and live migrations
+//! of populated slots, one after another. Requires the `test-util` feature (the harness).
 //!
 //! `CHAOS_SECONDS` (default 60) sets how long events are injected; `CHAOS_SEED` replays a run's
 //! sequence of events and targets, not its timing (the seed is printed at the start and in the
@@ -17,8 +18,10 @@
 //!   [`check_counters`]); the upper bound is also checked at every acknowledged INCR (its reply
 //!   must not exceed `acknowledged + ambiguous` so far), which pins an over-application to the
 //!   moment and event it happened in, even if later ambiguous failures would hide it at the end;
+//! * every item pushed onto the queue and acknowledged is popped once or left, within what
+//!   replication loss and ambiguous pops explain (see [`check_queue`]): no pop for nobody;
 //! * open fds and tokio tasks go back to their baseline once the client and load are dropped;
-//! * every error a caller saw is of a documented, transient kind.
+//! * every error a caller saw is of a documented, transient kind — never a redirection.
 
 mod support;
 
@@ -52,6 +55,10 @@ const LEAK_LIMIT: Duration = Duration::from_secs(20);
 /// Acknowledged writes up to this long before a master was lost may not have reached its
 /// replica yet (replication lag on a loaded machine).
 const EXPOSURE_MARGIN: Duration = Duration::from_secs(2);
+
+/// How long the queue consumer's `BLPOP` blocks.
+const POP_BLOCK: Duration = Duration::from_millis(500);
+const QUEUE: &str = "chaos:queue";
 
 const TASKS: usize = 16;
 const COUNTERS_PER_TASK: usize = 8;
@@ -97,28 +104,8 @@ fn env_u64(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|e| panic!("{name}={raw:?} is not a number: {e}")))
 }
 
-/// CRC16/XMODEM of the key (or of its `{hash tag}`), modulo 16384: the key's cluster slot.
 fn slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let hashed = match key.find('{') {
-        Some(open) => match key[open + 1..].find('}') {
-            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
-            _ => bytes,
-        },
-        None => bytes,
-    };
-    let mut crc: u16 = 0;
-    for &b in hashed {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
+    tower_redis_cluster::command::key_slot(key.as_bytes())
 }
 
 /// The shard owning `key`: the harness gives shard `i` of `n` the slots
@@ -175,6 +162,8 @@ enum Op {
     Set,
     Incr,
     Probe,
+    Push,
+    Pop,
 }
 
 impl Op {
@@ -184,6 +173,16 @@ impl Op {
             Op::Set => "SET",
             Op::Incr => "INCR",
             Op::Probe => "probe SET",
+            Op::Push => "RPUSH",
+            Op::Pop => "BLPOP",
+        }
+    }
+
+    /// How long a call may take: the deadline, plus a blocking command's own block time.
+    fn allowed(self) -> Duration {
+        match self {
+            Op::Pop => DEADLINE + POP_BLOCK,
+            _ => DEADLINE,
         }
     }
 }
@@ -216,10 +215,11 @@ impl Stats {
                 op.as_str()
             );
         }
-        if took > DEADLINE + SLACK {
+        if took > op.allowed() + SLACK {
             self.overruns.lock().unwrap().push(format!(
-                "{} at t={since_start:.1?} took {took:?} (deadline {DEADLINE:?}): {outcome}",
-                op.as_str()
+                "{} at t={since_start:.1?} took {took:?} (deadline {:?}): {outcome}",
+                op.as_str(),
+                op.allowed()
             ));
         }
         match error {
@@ -393,6 +393,75 @@ async fn load_task(
     report
 }
 
+/// What the queue producer and consumer saw.
+#[derive(Default)]
+struct QueueReport {
+    /// Items whose `RPUSH` was acknowledged, with when (ms since start).
+    pushed: Vec<(u64, u32)>,
+    /// Items whose `RPUSH` failed with `Sent::Maybe`: may be in the queue.
+    ambiguous_pushes: u64,
+    /// Items `BLPOP` handed to the consumer.
+    popped: Vec<u64>,
+    /// `BLPOP`s that failed with `Sent::Maybe`: each may have taken an item nobody received.
+    ambiguous_pops: u64,
+}
+
+/// Pushes numbered items onto one list, as fast as they are acknowledged.
+async fn producer(
+    client: Client,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    start: Instant,
+) -> QueueReport {
+    let mut report = QueueReport::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let mut cmd = redis::cmd("RPUSH");
+        cmd.arg(QUEUE).arg(n);
+        match timed(&client, &stats, start, Op::Push, cmd).await {
+            Ok(_) => report.pushed.push((n, start.elapsed().as_millis() as u32)),
+            Err(e) => {
+                if e.sent() == Sent::Maybe {
+                    report.ambiguous_pushes += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    report
+}
+
+/// Pops the items with `BLPOP` (each call on a connection of its own, blocking up to
+/// [`POP_BLOCK`]).
+async fn consumer(
+    client: Client,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    start: Instant,
+) -> QueueReport {
+    let mut report = QueueReport::default();
+    while !stop.load(Ordering::Relaxed) {
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(QUEUE).arg(POP_BLOCK.as_secs_f64());
+        match timed(&client, &stats, start, Op::Pop, cmd).await {
+            Ok(Value::Nil) => {}
+            Ok(value) => match redis::from_redis_value::<(String, u64)>(value.clone()) {
+                Ok((_, item)) => report.popped.push(item),
+                Err(e) => panic!("BLPOP replied {value:?}: {e}"),
+            },
+            Err(e) => {
+                if e.sent() == Sent::Maybe {
+                    report.ambiguous_pops += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    report
+}
+
 // ---------------------------------------------------------------------------------------------
 // Events
 // ---------------------------------------------------------------------------------------------
@@ -411,6 +480,8 @@ enum EventKind {
     Pause,
     /// A replica killed and started again (empty, full resync).
     RestartReplica,
+    /// A slot holding a counter (and filler keys) migrated live to another shard and back.
+    Reshard,
 }
 
 impl EventKind {
@@ -422,6 +493,7 @@ impl EventKind {
             EventKind::Replace => "replace_node",
             EventKind::Pause => "pause_node",
             EventKind::RestartReplica => "restart_replica",
+            EventKind::Reshard => "reshard_slot",
         }
     }
 }
@@ -523,7 +595,7 @@ async fn run_event(
     records: &mut Vec<EventRecord>,
 ) -> Result<(), HarnessError> {
     let start = probe_on.start;
-    let pick = rng.below(5);
+    let pick = rng.below(6);
     let began = start.elapsed();
     match pick {
         0 => {
@@ -627,6 +699,56 @@ async fn run_event(
                         // what it acknowledged after waking up and before learning it was demoted, is
                         // lost when it resyncs from the new master.
                         (node.role == Role::Master).then_some(node.shard),
+                    )
+                    .await,
+            );
+        }
+        5 => {
+            // A live migration of a populated slot: a counter's slot, padded with filler keys
+            // so that its keys move over for a while, with the load running. The moved keys
+            // are answered `ASK` until the slot is done, then `MOVED`; no caller may see
+            // either. Then back, so each shard serves its own range again.
+            let key = counter_key(rng.below(TASKS), rng.below(COUNTERS_PER_TASK));
+            let slot = slot(&key);
+            let from = shard_of(&key);
+            let to = (from + 1 + rng.below(SHARDS - 1)) % SHARDS;
+            let tag = (0u64..)
+                .map(|n| format!("fill{n}"))
+                .find(|t| self::slot(&format!("{{{t}}}")) == slot)
+                .expect("some tag hashes to every slot");
+            for i in 0..60 {
+                let mut fill = redis::cmd("SET");
+                fill.arg(format!("{{{tag}}}:{i}")).arg(i);
+                // Through the client: it must follow the cluster as it is now.
+                let _ = probe_on.client.send(fill).await;
+            }
+            let there = cluster
+                .migrate_slot(
+                    slot,
+                    cluster.master_of(to).addr,
+                    8,
+                    Duration::from_millis(40),
+                )
+                .await?;
+            let back = cluster
+                .migrate_slot(
+                    slot,
+                    cluster.master_of(from).addr,
+                    8,
+                    Duration::from_millis(40),
+                )
+                .await?;
+            cluster.wait_healthy(HEALTHY_LIMIT).await?;
+            records.push(
+                probe_on
+                    .record(
+                        EventKind::Reshard,
+                        format!(
+                            "slot {slot} ({key}, {there} keys) moved shard {from} → {to}, \
+                             {back} back"
+                        ),
+                        began,
+                        None,
                     )
                     .await,
             );
@@ -754,6 +876,68 @@ fn check_counters(
     summary
 }
 
+/// Checks the queue: every item whose push was acknowledged was popped exactly once or is
+/// still there — except what asynchronous replication explains (a push acknowledged shortly
+/// before the queue's shard lost a master may be lost; a pop on a master that died before
+/// replicating it may be repeated) and what ambiguous pops explain (a `BLPOP` that failed with
+/// `Sent::Maybe` may have taken an item nobody received — each accounts for one).
+fn check_queue(
+    produced: &QueueReport,
+    consumed: &QueueReport,
+    leftover: &[u64],
+    events: &[EventRecord],
+    violations: &mut Vec<String>,
+) -> String {
+    let shard = shard_of(QUEUE);
+    let margin = EXPOSURE_MARGIN.as_millis() as u32;
+    let windows: Vec<(u32, u32)> = events
+        .iter()
+        .filter(|e| e.lossy_shard == Some(shard))
+        .map(|e| {
+            (
+                (e.began.as_millis() as u32).saturating_sub(margin),
+                e.healthy.as_millis() as u32,
+            )
+        })
+        .collect();
+    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    for item in consumed.popped.iter().chain(leftover) {
+        *seen.entry(*item).or_default() += 1;
+    }
+    let (mut missing, mut exposed_missing) = (0u64, 0u64);
+    for (item, at) in &produced.pushed {
+        if !seen.contains_key(item) {
+            if windows.iter().any(|&(a, b)| a <= *at && *at <= b) {
+                exposed_missing += 1;
+            } else {
+                missing += 1;
+            }
+        }
+    }
+    let duplicates = seen.values().filter(|&&n| n > 1).count() as u64;
+    if missing > consumed.ambiguous_pops {
+        violations.push(format!(
+            "queue: {missing} acknowledged items were never popped nor left, only {} ambiguous \
+             pops could have taken them (an element popped for nobody)",
+            consumed.ambiguous_pops
+        ));
+    }
+    if duplicates > 0 && windows.is_empty() {
+        violations.push(format!(
+            "queue: {duplicates} items came out twice, and its shard never lost a master"
+        ));
+    }
+    format!(
+        "{} pushed ({} ambiguous), {} popped ({} ambiguous pops), {} left; {missing} missing \
+         beyond replication loss, {exposed_missing} lost to replication, {duplicates} twice",
+        produced.pushed.len(),
+        produced.ambiguous_pushes,
+        consumed.popped.len(),
+        consumed.ambiguous_pops,
+        leftover.len()
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // The test
 // ---------------------------------------------------------------------------------------------
@@ -816,6 +1000,11 @@ async fn chaos_under_mixed_load_keeps_every_invariant() {
         })
         .collect();
 
+    let queue_tasks = (
+        tokio::spawn(producer(client.clone(), stats.clone(), stop.clone(), start)),
+        tokio::spawn(consumer(client.clone(), stats.clone(), stop.clone(), start)),
+    );
+
     let mut violations: Vec<String> = Vec::new();
     let mut rng = Rng::new(seed);
     let mut events: Vec<EventRecord> = Vec::new();
@@ -866,6 +1055,17 @@ async fn chaos_under_mixed_load_keeps_every_invariant() {
             Err(e) => violations.push(format!("load task {t} did not finish: {e}")),
         }
     }
+    let queue = match (queue_tasks.0.await, queue_tasks.1.await) {
+        (Ok(produced), Ok(consumed)) => Some((produced, consumed)),
+        (p, c) => {
+            violations.push(format!(
+                "a queue task failed: producer {:?}, consumer {:?}",
+                p.err(),
+                c.err()
+            ));
+            None
+        }
+    };
     let generation = client.generation();
     drop(client);
 
@@ -924,6 +1124,26 @@ async fn chaos_under_mixed_load_keeps_every_invariant() {
         violations.extend(report.over.iter().cloned());
     }
     let counters = check_counters(&reports, &finals, &events, &mut violations);
+    let leftover: Vec<u64> = {
+        let reader = redis::cluster::ClusterClient::new(cluster.node_urls()).unwrap();
+        let mut con = reader
+            .get_async_connection()
+            .await
+            .expect("a plain client connects");
+        redis::cmd("LRANGE")
+            .arg(QUEUE)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut con)
+            .await
+            .expect("the queue reads")
+    };
+    let queue_summary = queue
+        .as_ref()
+        .map(|(produced, consumed)| {
+            check_queue(produced, consumed, &leftover, &events, &mut violations)
+        })
+        .unwrap_or_default();
     if let Some(failure) = &harness_failure {
         violations.push(failure.clone());
     }
@@ -1025,6 +1245,7 @@ async fn chaos_under_mixed_load_keeps_every_invariant() {
             .map(|b| format!(" (first: {b})"))
             .unwrap_or_default()
     );
+    let _ = writeln!(out, "queue: {queue_summary}");
     let _ = writeln!(
         out,
         "leaks: fds {base_fds} → {fds}, tokio tasks {base_tasks} → {tasks_alive} \

@@ -365,9 +365,16 @@ pub(crate) fn pipeline_refusal(pipeline: &Pipeline) -> Option<crate::Error> {
     open.then(|| Refusal::Transaction.error("a pipeline's MULTI without its EXEC or DISCARD"))
 }
 
-/// The hash slot of `key`: CRC16 (XMODEM) of the key — of its hash tag, the part between the
-/// first `{` and the next `}`, when that part is not empty — modulo 16384.
-pub(crate) fn key_slot(key: &[u8]) -> u16 {
+/// The hash slot of `key` in a Redis Cluster: CRC16 (XMODEM) of the key — of its hash tag,
+/// the part between the first `{` and the next `}`, when that part is not empty — modulo 16384.
+///
+/// ```
+/// use tower_redis_cluster::command::key_slot;
+///
+/// assert_eq!(key_slot(b"foo"), 12182);
+/// assert_eq!(key_slot(b"{user:1}:cart"), key_slot(b"user:1"));
+/// ```
+pub fn key_slot(key: &[u8]) -> u16 {
     let tagged = key.iter().position(|b| *b == b'{').and_then(|open| {
         let rest = &key[open + 1..];
         let close = rest.iter().position(|b| *b == b'}')?;

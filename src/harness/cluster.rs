@@ -1184,6 +1184,117 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Migrates `slot`, with its keys, to the master `to`, live — as `redis-cli --cluster
+    /// reshard` does: the target is set `IMPORTING`, the current owner `MIGRATING`, the keys
+    /// move over in batches of `batch` with `pause` between batches (during which clients get
+    /// `ASK` for the keys already moved), and every master is told the slot's new owner.
+    /// Returns how many keys moved.
+    ///
+    /// The harness's health checks expect each shard to serve its original slot range
+    /// ([`NodeInfo::shard`]); migrate the slot back before waiting for a healthy cluster.
+    pub async fn migrate_slot(
+        &self,
+        slot: u16,
+        to: SocketAddr,
+        batch: usize,
+        pause: Duration,
+    ) -> Result<usize, HarnessError> {
+        if slot >= topology::SLOTS {
+            return Err(HarnessError::Invalid(format!("slot {slot} does not exist")));
+        }
+        let creds = &self.settings.creds;
+        let masters = self.masters();
+        let target = masters
+            .iter()
+            .find(|m| m.addr == to)
+            .ok_or_else(|| HarnessError::Invalid(format!("{to} is not a running master")))?
+            .clone();
+        // The owner as the target sees it.
+        let owner = {
+            let text: String =
+                admin::query(to, creds, &cmd(&["CLUSTER", "NODES"]), RESPONSE_TIMEOUT).await?;
+            topology::parse_cluster_nodes(&text)
+                .map_err(HarnessError::Invalid)?
+                .into_iter()
+                .find(|e| e.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+                .and_then(|e| masters.iter().find(|m| m.id == e.id).cloned())
+                .ok_or_else(|| {
+                    HarnessError::Invalid(format!("no running master owns slot {slot}"))
+                })?
+        };
+        if owner.id == target.id {
+            return Ok(0);
+        }
+        let slot_arg = slot.to_string();
+        admin::query::<()>(
+            to,
+            creds,
+            &cmd(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &owner.id]),
+            RESPONSE_TIMEOUT,
+        )
+        .await?;
+        admin::query::<()>(
+            owner.addr,
+            creds,
+            &cmd(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &target.id]),
+            RESPONSE_TIMEOUT,
+        )
+        .await?;
+        let (ip, port) = (to.ip().to_string(), to.port().to_string());
+        let batch_arg = batch.max(1).to_string();
+        let mut moved = 0;
+        loop {
+            let keys: Vec<String> = admin::query(
+                owner.addr,
+                creds,
+                &cmd(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, &batch_arg]),
+                RESPONSE_TIMEOUT,
+            )
+            .await?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate.arg(&ip).arg(&port).arg("").arg(0).arg(5000);
+            match (&creds.user, &creds.password) {
+                (Some(user), Some(password)) => {
+                    migrate.arg("AUTH2").arg(user).arg(password);
+                }
+                (None, Some(password)) => {
+                    migrate.arg("AUTH").arg(password);
+                }
+                _ => {}
+            }
+            migrate.arg("KEYS");
+            for key in &keys {
+                migrate.arg(key);
+            }
+            admin::query::<redis::Value>(owner.addr, creds, &migrate, RESPONSE_TIMEOUT).await?;
+            moved += keys.len();
+            tokio::time::sleep(pause).await;
+        }
+        // The target first, then the old owner, then the other masters (as redis-cli does;
+        // replicas follow their masters).
+        let mut order = vec![target.addr, owner.addr];
+        order.extend(
+            masters
+                .iter()
+                .map(|m| m.addr)
+                .filter(|a| *a != target.addr && *a != owner.addr),
+        );
+        for addr in order {
+            admin::query::<()>(
+                addr,
+                creds,
+                &cmd(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &target.id]),
+                RESPONSE_TIMEOUT,
+            )
+            .await?;
+        }
+        info!(endpoint = %self.endpoint, slot, from = %owner.addr, to = %to, moved, "slot migrated");
+        Ok(moved)
+    }
+
     /// SIGKILLs the node at `addr` without forgetting it: it stays a member (and in the name
     /// map), other nodes flag it failed, and if it was a master one of its replicas takes over
     /// after about 2–3 × the node timeout. Start it again with
