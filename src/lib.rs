@@ -60,3 +60,78 @@ pub use command::{classify, Idempotency, IdempotencyTable};
 pub use connect::{ClusterConnector, Connect, Credentials, Seeds, TlsConfig};
 pub use error::{Error, ErrorKind, Sent};
 pub use service::RedisService;
+
+/// Entry points for the fuzz targets in `fuzz/` (built with `cargo fuzz`, which sets
+/// `--cfg fuzzing`): the parsers that take untrusted input, which must never panic. Compiled in
+/// tests as well, which replay the targets' seed inputs.
+#[cfg(any(fuzzing, test))]
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::{command, connect, topology, IdempotencyTable};
+
+    /// Seeds and endpoints as a user or an environment variable may give them.
+    pub fn seeds(text: &str) {
+        let _ = connect::Seeds::parse(text.split('\n'));
+        let _ = text.parse::<connect::Endpoint>();
+    }
+
+    /// A `CLUSTER SHARDS` or `CLUSTER SLOTS` reply, as any server (or something posing as one)
+    /// may send it.
+    pub fn topology_reply(bytes: &[u8]) {
+        topology::fuzz_replies(bytes);
+    }
+
+    /// A command as a caller may build it: its classification, block time, refusal, fan-out.
+    pub fn command(bytes: &[u8]) {
+        let mut args = bytes.split(|b| *b == 0);
+        let Some(name) = args.next() else { return };
+        let mut cmd = redis::cmd(&String::from_utf8_lossy(name));
+        for arg in args {
+            cmd.arg(arg);
+        }
+        let _ = command::classify(&cmd);
+        let _ = command::block_time(&cmd);
+        let _ = command::fans_out(&cmd);
+        let _ = command::shared_connection_refusal(&cmd);
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd.clone()).add_command(cmd);
+        let _ = IdempotencyTable::new().classify_pipeline(&pipe);
+        let _ = command::pipeline_refusal(&pipe);
+    }
+
+    #[cfg(test)]
+    pub(crate) mod tests {
+        use std::path::{Path, PathBuf};
+
+        /// The seed inputs of a fuzz target, with their paths, sorted.
+        pub(crate) fn seed_inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fuzz/seed")
+                .join(target);
+            let mut inputs: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .map(|entry| {
+                    let path = entry.expect("a directory entry").path();
+                    let bytes = std::fs::read(&path).expect("a readable seed input");
+                    (path, bytes)
+                })
+                .collect();
+            inputs.sort();
+            assert!(!inputs.is_empty(), "no seed inputs in {}", dir.display());
+            inputs
+        }
+
+        #[test]
+        fn the_fuzz_targets_take_their_seed_inputs() {
+            for (_, bytes) in seed_inputs("seeds") {
+                super::seeds(&String::from_utf8_lossy(&bytes));
+            }
+            for (_, bytes) in seed_inputs("topology_reply") {
+                super::topology_reply(&bytes);
+            }
+            for (_, bytes) in seed_inputs("command") {
+                super::command(&bytes);
+            }
+        }
+    }
+}

@@ -71,6 +71,23 @@ use refresher::Refresher;
 
 use crate::{rebuild::RebuildHandle, Error};
 
+/// Feeds `bytes`, parsed as RESP, to both topology parsers (the fuzz target's entry point).
+#[cfg(any(fuzzing, test))]
+pub(crate) fn fuzz_replies(bytes: &[u8]) {
+    let Ok(value) = redis::parse_redis_value(bytes) else {
+        return;
+    };
+    for tls in [false, true] {
+        let asked = snapshot::Asked {
+            endpoint: "127.0.0.1:7000".parse().expect("a valid endpoint"),
+            ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+            tls,
+        };
+        let _ = snapshot::parse_cluster_shards(&value, &asked);
+        let _ = snapshot::parse_cluster_slots(&value, &asked);
+    }
+}
+
 /// Counters of a refresher, for tests and metrics.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]

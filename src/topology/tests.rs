@@ -15,7 +15,7 @@ use tower::{service_fn, Service, ServiceExt};
 use super::{
     fetch::{FetchTopology, Fetched},
     refresher::jittered,
-    NodeHealth, NodeRole, RefreshConfig, Shard, TopologyNode, TopologyRefresh,
+    snapshot, NodeHealth, NodeRole, RefreshConfig, Shard, TopologyNode, TopologyRefresh,
 };
 use crate::{
     connect::{connect_fn, ConnectHints, Endpoint},
@@ -526,4 +526,29 @@ async fn a_refresh_that_panics_is_reported_and_the_refresher_carries_on() {
         .unwrap();
     assert_eq!(after.refreshes, 2);
     assert!(svc.handle().current().is_some());
+}
+
+/// The captured replies must parse, or the fuzzer would start from inputs the parsers
+/// refuse at the first byte and never reach the code that reads nodes.
+#[test]
+fn the_captured_topology_replies_parse_to_a_node_announced_by_name() {
+    for (path, bytes) in crate::fuzzing::tests::seed_inputs("topology_reply") {
+        let value = redis::parse_redis_value(&bytes).expect("a RESP value");
+        let asked = snapshot::Asked {
+            endpoint: "127.0.0.71:7301".parse().expect("an endpoint"),
+            ip: Some([127, 0, 0, 71].into()),
+            tls: false,
+        };
+        let shards = snapshot::parse_cluster_shards(&value, &asked)
+            .or_else(|_| snapshot::parse_cluster_slots(&value, &asked))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let master = shards[0].master.as_ref().expect("a master");
+        assert_eq!(
+            master.endpoint.to_string(),
+            "node7301.example:7301",
+            "{}",
+            path.display()
+        );
+        assert_eq!(shards[0].slots, vec![0..=16383], "{}", path.display());
+    }
 }
