@@ -818,7 +818,6 @@ fn check_counters(
     violations: &mut Vec<String>,
 ) -> CounterSummary {
     let mut summary = CounterSummary::default();
-    let margin = EXPOSURE_MARGIN.as_millis() as u32;
     for (task, report) in reports.iter().enumerate() {
         for (j, tally) in report.tallies.iter().enumerate() {
             let key = counter_key(task, j);
@@ -842,16 +841,7 @@ fn check_counters(
                 continue;
             }
             let deficit = tally.acknowledged - value;
-            let windows: Vec<(u32, u32)> = events
-                .iter()
-                .filter(|e| e.lossy_shard == Some(shard))
-                .map(|e| {
-                    (
-                        (e.began.as_millis() as u32).saturating_sub(margin),
-                        e.healthy.as_millis() as u32,
-                    )
-                })
-                .collect();
+            let windows = loss_windows(events, shard);
             let exposed = report
                 .acks
                 .iter()
@@ -876,6 +866,22 @@ fn check_counters(
     summary
 }
 
+/// The windows (in ms since the start, widened by [`EXPOSURE_MARGIN`] before) in which `shard`
+/// lost a master: a write acknowledged in one may be lost to asynchronous replication.
+fn loss_windows(events: &[EventRecord], shard: usize) -> Vec<(u32, u32)> {
+    let margin = EXPOSURE_MARGIN.as_millis() as u32;
+    events
+        .iter()
+        .filter(|e| e.lossy_shard == Some(shard))
+        .map(|e| {
+            (
+                (e.began.as_millis() as u32).saturating_sub(margin),
+                e.healthy.as_millis() as u32,
+            )
+        })
+        .collect()
+}
+
 /// Checks the queue: every item whose push was acknowledged was popped exactly once or is
 /// still there — except what asynchronous replication explains (a push acknowledged shortly
 /// before the queue's shard lost a master may be lost; a pop on a master that died before
@@ -889,17 +895,7 @@ fn check_queue(
     violations: &mut Vec<String>,
 ) -> String {
     let shard = shard_of(QUEUE);
-    let margin = EXPOSURE_MARGIN.as_millis() as u32;
-    let windows: Vec<(u32, u32)> = events
-        .iter()
-        .filter(|e| e.lossy_shard == Some(shard))
-        .map(|e| {
-            (
-                (e.began.as_millis() as u32).saturating_sub(margin),
-                e.healthy.as_millis() as u32,
-            )
-        })
-        .collect();
+    let windows = loss_windows(events, shard);
     let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
     for item in consumed.popped.iter().chain(leftover) {
         *seen.entry(*item).or_default() += 1;

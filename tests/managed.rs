@@ -175,18 +175,36 @@ async fn three_shards_every_node_replaced_behind_a_stale_name() {
         cluster.replace_node(node.addr).await.unwrap();
         first_success(&client, RECOVERY_LIMIT).await.unwrap();
     }
+    finish(
+        &client,
+        &cluster,
+        &start_up_ips,
+        load,
+        "3x1, every node replaced, stale name",
+    )
+    .await;
+}
+
+/// After every node moved: none is at a start-up IP, the client serves, the load saw only
+/// documented errors, and every shard takes writes again.
+async fn finish(
+    client: &Client,
+    cluster: &LocalCluster,
+    start_up_ips: &HashSet<std::net::IpAddr>,
+    load: Load,
+    label: &str,
+) {
     let now_ips: HashSet<_> = cluster.addrs().iter().map(|a| a.ip()).collect();
     assert!(start_up_ips.is_disjoint(&now_ips));
-    first_success(&client, RECOVERY_LIMIT).await.unwrap();
+    first_success(client, RECOVERY_LIMIT).await.unwrap();
     let stats = load.stop().await;
     println!(
-        "3x1, every node replaced, stale name: {} ok, errors {:?}, generation {}",
+        "{label}: {} ok, errors {:?}, generation {}",
         stats.ok.load(Ordering::SeqCst),
         stats.errors(),
         client.generation()
     );
     assert_documented_kinds(&stats.errors());
-    // Every shard takes writes again.
     for i in 0..30 {
         client
             .query::<()>(&set(&format!("after:{i}"), "x"))
@@ -221,23 +239,8 @@ async fn pods_restart_at_new_ips(stale_name: bool) {
         first_success(&client, RECOVERY_LIMIT).await.unwrap();
     }
     assert_eq!(announced(&cluster), names, "every pod kept its name");
-    let now_ips: HashSet<_> = cluster.addrs().iter().map(|a| a.ip()).collect();
-    assert!(start_up_ips.is_disjoint(&now_ips));
-    first_success(&client, RECOVERY_LIMIT).await.unwrap();
-    let stats = load.stop().await;
-    println!(
-        "pods restarted at new IPs (stale name: {stale_name}): {} ok, errors {:?}, generation {}",
-        stats.ok.load(Ordering::SeqCst),
-        stats.errors(),
-        client.generation()
-    );
-    assert_documented_kinds(&stats.errors());
-    for i in 0..30 {
-        client
-            .query::<()>(&set(&format!("pods:{i}"), "x"))
-            .await
-            .unwrap();
-    }
+    let label = format!("pods restarted at new IPs (stale name: {stale_name})");
+    finish(&client, &cluster, &start_up_ips, load, &label).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

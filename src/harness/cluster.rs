@@ -1410,18 +1410,15 @@ impl LocalCluster {
         };
         let shard = old.shard;
         if old_running && old.role == Role::Master {
-            let replica = self.oldest_replica(shard).ok_or_else(|| {
-                HarnessError::Invalid(format!(
+            self.hand_over(&old, deadline, "a replacement", || {
+                format!(
                     "replace_node_keeping_name({addr}): it is the master of shard {shard}, which \
                      has no other running replica; its replacement can only start once it is \
                      gone (two nodes must not announce {name}), which would leave the shard \
                      without a node. Add a replica first, or use replace_node, which does"
-                ))
-            })?;
-            info!(endpoint = %self.endpoint, %addr, to = %replica.addr, "failing over before a replacement");
-            self.promote(replica.addr, deadline).await?;
-            self.wait_until(deadline, true, "the cluster to be healthy after a failover")
-                .await?;
+                )
+            })
+            .await?;
         }
         info!(endpoint = %self.endpoint, %addr, %name, shard, "replacing node under its name");
         self.kill_process(addr)?;
@@ -1460,18 +1457,15 @@ impl LocalCluster {
         let (old, old_running) = self.member(addr)?;
         let shard = old.shard;
         if old_running && old.role == Role::Master {
-            let replica = self.oldest_replica(shard).ok_or_else(|| {
-                HarnessError::Invalid(format!(
+            self.hand_over(&old, deadline, "a move", || {
+                format!(
                     "move_node({addr}): it is the master of shard {shard}, which has no running \
                      replica to take over while it moves; without persistence the shard would \
                      come back empty. Add a replica first (replace_node does), or use \
                      restart_node to restart it in place"
-                ))
-            })?;
-            info!(endpoint = %self.endpoint, %addr, to = %replica.addr, "failing over before a move");
-            self.promote(replica.addr, deadline).await?;
-            self.wait_until(deadline, true, "the cluster to be healthy after a failover")
-                .await?;
+                )
+            })
+            .await?;
         }
         self.kill_process(addr)?;
         let (host, new_addr) = self.next_host()?;
@@ -1654,6 +1648,25 @@ impl LocalCluster {
     }
 
     /// The running replica of `shard` created first (lowest host number).
+    /// Fails the shard of `master` over to its oldest running replica before `master` goes
+    /// (for `why`), and waits for the cluster to be healthy; with no replica,
+    /// [`HarnessError::Invalid`] with `refusal`'s message.
+    async fn hand_over(
+        &self,
+        master: &NodeInfo,
+        deadline: Instant,
+        why: &str,
+        refusal: impl FnOnce() -> String,
+    ) -> Result<(), HarnessError> {
+        let replica = self
+            .oldest_replica(master.shard)
+            .ok_or_else(|| HarnessError::Invalid(refusal()))?;
+        info!(endpoint = %self.endpoint, addr = %master.addr, to = %replica.addr, "failing over before {why}");
+        self.promote(replica.addr, deadline).await?;
+        self.wait_until(deadline, true, "the cluster to be healthy after a failover")
+            .await
+    }
+
     fn oldest_replica(&self, shard: usize) -> Option<NodeInfo> {
         let state = self.lock();
         state

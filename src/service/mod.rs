@@ -511,36 +511,12 @@ mod tests {
     use super::*;
     use tower::ServiceExt;
 
-    /// Answers every command with a MOVED error reply.
-    #[derive(Clone)]
-    struct AlwaysMoved;
-
-    impl ConnectionLike for AlwaysMoved {
-        fn req_packed_command<'a>(&'a mut self, _: &'a Cmd) -> redis::RedisFuture<'a, Value> {
-            Box::pin(async { redis::parse_redis_value(b"-MOVED 1 127.0.0.2:7000\r\n") })
-        }
-
-        fn req_packed_commands<'a>(
-            &'a mut self,
-            _: &'a Pipeline,
-            _: usize,
-            _: usize,
-        ) -> redis::RedisFuture<'a, Vec<Value>> {
-            Box::pin(async {
-                Ok(vec![redis::parse_redis_value(
-                    b"-MOVED 1 127.0.0.2:7000\r\n",
-                )?])
-            })
-        }
-
-        fn get_db(&self) -> i64 {
-            0
-        }
-    }
-
     /// Answers every command with the same raw reply.
     #[derive(Clone)]
     struct Replies(&'static [u8]);
+
+    /// Answers every command with a MOVED error reply.
+    const ALWAYS_MOVED: Replies = Replies(b"-MOVED 1 127.0.0.2:7000\r\n");
 
     impl ConnectionLike for Replies {
         fn req_packed_command<'a>(&'a mut self, _: &'a Cmd) -> redis::RedisFuture<'a, Value> {
@@ -697,7 +673,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_that_resends_internally_never_claims_not_sent() {
-        let precise = RedisService::new(AlwaysMoved)
+        let precise = RedisService::new(ALWAYS_MOVED)
             .oneshot(redis::cmd("INCR"))
             .await
             .unwrap_err();
@@ -706,7 +682,7 @@ mod tests {
             (crate::ErrorKind::Moved, crate::Sent::No)
         );
 
-        let resending = RedisService::new(AlwaysMoved)
+        let resending = RedisService::new(ALWAYS_MOVED)
             .resends_internally(true)
             .oneshot(redis::cmd("INCR"))
             .await
@@ -718,7 +694,7 @@ mod tests {
 
         let mut pipe = redis::pipe();
         pipe.cmd("INCR").arg("k");
-        let pipeline = RedisService::new(AlwaysMoved)
+        let pipeline = RedisService::new(ALWAYS_MOVED)
             .resends_internally(true)
             .oneshot(pipe)
             .await
