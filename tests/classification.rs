@@ -669,17 +669,35 @@ async fn refused_connection_was_never_sent() {
 async fn connection_killed_mid_command_and_after() {
     init_tracing();
     let server = StandaloneServer::start().await.unwrap();
-    let mut victim = direct_with_timeout(server.addr(), None).await;
+    let raw = try_connect(&format!("redis://{}", server.addr()), None)
+        .await
+        .unwrap();
+    let mut victim = RedisService::new(raw.clone());
     let mut admin = direct(server.addr()).await;
     let id = match call(&mut victim, cmd(&["CLIENT", "ID"])).await.unwrap() {
         Value::Int(id) => id.to_string(),
         other => panic!("CLIENT ID: {other:?}"),
     };
 
-    // A command in flight (blocked on the server) when its connection is killed.
-    let mut blocked = victim.clone();
-    let in_flight =
-        tokio::spawn(async move { call(&mut blocked, cmd(&["BLPOP", "cls:never", "20"])).await });
+    // A blocking command would hold a shared connection: `RedisService` refuses it (it has
+    // no connection of its own to give it) before sending anything...
+    let refused = expect_err(
+        call(&mut victim, cmd(&["BLPOP", "cls:never", "20"])).await,
+        "BLPOP on a shared connection",
+    );
+    assert_class(&refused, ErrorKind::Unsupported, Sent::No);
+
+    // ...so the command in flight (blocked on the server) when its connection is killed goes
+    // out on the raw connection underneath, and its error is classified the same way.
+    let mut blocked = raw;
+    let in_flight = tokio::spawn(async move {
+        redis::aio::ConnectionLike::req_packed_command(
+            &mut blocked,
+            &cmd(&["BLPOP", "cls:never", "20"]),
+        )
+        .await
+        .map_err(Error::from_redis)
+    });
     poll_until(Duration::from_secs(5), "the BLPOP to block", || {
         let mut admin = admin.clone();
         async move {

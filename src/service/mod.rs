@@ -56,8 +56,15 @@ use crate::Error;
 ///
 /// `C` is a handle onto a multiplexed connection, cloned for every call. Requests are taken
 /// as they are (`Cmd`, `Pipeline`) or shared (`Arc<Cmd>`, `Arc<Pipeline>`, as the retry layer
-/// passes them, so that a retry needs no copy). The service never queues: backpressure and reconnects are the connection's business (and, above it, the
-/// layers of this crate).
+/// passes them, so that a retry needs no copy). The service never queues: backpressure and
+/// reconnects are the connection's business (and, above it, the layers of this crate).
+///
+/// Commands that would hold or change the shared connection are refused with
+/// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) before anything is sent:
+/// `WATCH`, `SUBSCRIBE`, `SELECT` and the like, and blocking commands (`BLPOP`, `XREAD BLOCK`,
+/// …) — except on the service that [`ClusterConnector`](crate::ClusterConnector) makes,
+/// which sends each blocking command on a connection of its own to its key's master. Over a
+/// connection of your own, send blocking commands on a dedicated `redis` connection.
 #[derive(Clone, Debug)]
 pub struct RedisService<C> {
     connection: C,
