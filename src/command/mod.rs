@@ -2544,6 +2544,68 @@ mod tests {
             class(&["SET a 1", "COPY a b REPLACE", "SET a 2"], false),
             Idempotent
         );
+        // A write that works on what its key holds, then another write of that key: the second
+        // run's first write finds what the first run left (found by tests/pipeline_safety).
+        assert_eq!(class(&["ZADD b 1 m", "SET b m"], true), NonIdempotent);
+        assert_eq!(class(&["HDEL k f", "ZADD k 1 m"], false), NonIdempotent);
+        assert_eq!(
+            class(&["PFADD k m", "SETRANGE k 1 m"], false),
+            NonIdempotent
+        );
+        assert_eq!(
+            class(&["HSET h f v", "SUNIONSTORE h a"], false),
+            NonIdempotent
+        );
+        assert_eq!(
+            class(&["SADD s x", "RESTORE s 0 blob REPLACE"], false),
+            NonIdempotent
+        );
+        // (a string there fails the first run's SADD, not the second's)
+        assert_eq!(class(&["SADD s m", "DEL s"], true), NonIdempotent);
+        assert_eq!(class(&["LSET l 0 x", "DEL l"], false), NonIdempotent);
+        // ...unless it writes the same kind of value, or a write before set the key.
+        assert_eq!(
+            class(&["HSET h f v", "HDEL h f", "HSET h g v"], false),
+            Idempotent
+        );
+        assert_eq!(
+            class(&["ZADD z 1 m", "ZREM z n", "GEOADD z 0 0 p"], true),
+            Idempotent
+        );
+        assert_eq!(
+            class(&["DEL b", "ZADD b 1 m", "SET b m"], false),
+            Idempotent
+        );
+        // A write that can fail is no reset: a store whose source holds another type leaves
+        // its destination alone, so does a SET with a bad expiry.
+        assert_eq!(
+            class(
+                &["MSET a x b x", "SUNIONSTORE c a b", "EXISTS c", "SET c x"],
+                false
+            ),
+            NonIdempotent
+        );
+        assert_eq!(
+            class(&["SET c x EX 0", "EXISTS c", "SET c y"], false),
+            NonIdempotent
+        );
+        assert_eq!(
+            class(&["SET c x EX 10", "EXISTS c", "SET c y"], false),
+            Idempotent
+        );
+        assert_eq!(
+            class(&["FLUSHALL", "EXISTS c", "SET c y"], false),
+            Idempotent
+        );
+        assert_eq!(
+            class(&["FLUSHALL NOW", "EXISTS c", "SET c y"], false),
+            NonIdempotent
+        );
+        // COPY leaves its destination alone when the source is missing: no reset.
+        assert_eq!(
+            class(&["COPY b a REPLACE", "EXISTS a", "SADD a m"], false),
+            NonIdempotent
+        );
         // A read of the whole keyspace, then any write.
         assert_eq!(class(&["KEYS *", "SET a 1"], false), NonIdempotent);
         assert_eq!(class(&["FLUSHALL", "KEYS *", "SET a 1"], false), Idempotent);
