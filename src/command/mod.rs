@@ -632,10 +632,12 @@ impl IdempotencyTable {
 
     /// How safe a pipeline is to send again: at best as safe as its least safe command, and
     /// [`Idempotency::NonIdempotent`] when one of its commands reads a key that a later command
-    /// of the pipeline writes — unless a command before the read sets that key whatever it
-    /// held (`SET`, `DEL`, a `STORE`'s destination). The second run would read what the first
-    /// one left: `MULTI; GET k; DEL k; EXEC` (a pop) returns nil the second time, and
-    /// `SUNIONSTORE d a b; DEL a` stores another union. An empty pipeline is
+    /// of the pipeline writes, or writes a key from what it holds (`HSET`, `ZADD`, `LSET`…)
+    /// that a later command writes otherwise than as the same kind of value — unless a command
+    /// before it sets that key whatever it held and cannot fail (`SET`, `MSET`, `DEL`,
+    /// `FLUSHALL`). The second run would find what the first one left: `MULTI; GET k; DEL k;
+    /// EXEC` (a pop) returns nil the second time, `SUNIONSTORE d a b; DEL a` stores another
+    /// union, and `ZADD b 1 m; SET b m` fails with `WRONGTYPE`. An empty pipeline is
     /// [`Idempotency::ReadOnly`].
     ///
     /// A MULTI/EXEC (atomic) pipeline is classified the same way. (The `redis` crate adds the
