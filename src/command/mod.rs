@@ -158,12 +158,19 @@ const FANNED_OUT: &[&str] = &[
     "SCRIPT LOAD",
     "SLOWLOG RESET",
     "UNWATCH",
-    "WAIT",
-    "WAITAOF",
 ];
 
 /// Multi-key commands the cluster client splits by slot when their keys span several.
-const SPLIT_BY_SLOT: &[&str] = &["DEL", "EXISTS", "MGET", "MSET", "TOUCH", "UNLINK"];
+const SPLIT_BY_SLOT: &[&str] = &[
+    "DEL",
+    "EXISTS",
+    "JSON.MGET",
+    "JSON.MSET",
+    "MGET",
+    "MSET",
+    "TOUCH",
+    "UNLINK",
+];
 
 /// Commands that run code or move keys one by one: an error reply can come after some of their
 /// work was done.
@@ -191,15 +198,26 @@ pub(crate) fn fans_out(cmd: &Cmd) -> bool {
     if !SPLIT_BY_SLOT.contains(&name) {
         return false;
     }
-    // MSET's keys are every other argument; the others' are all of them.
-    let step = if name == "MSET" { 2 } else { 1 };
-    let slot = key_slot;
+    // MSET's keys are every other argument, JSON.MSET's every third, JSON.MGET's all but the
+    // last (a path); the others' are all of them.
+    let step = match name {
+        "MSET" => 2,
+        "JSON.MSET" => 3,
+        _ => 1,
+    };
+    let args = cmd.args_iter().count().saturating_sub(1);
+    let take = if name == "JSON.MGET" {
+        args.saturating_sub(1)
+    } else {
+        args
+    };
     let mut keys = cmd
         .args_iter()
         .skip(1)
+        .take(take)
         .step_by(step)
         .filter_map(|arg| match arg {
-            Arg::Simple(key) => Some(slot(key)),
+            Arg::Simple(key) => Some(key_slot(key)),
             _ => None,
         });
     match keys.next() {
@@ -219,10 +237,11 @@ pub(crate) fn runs_in_steps(cmd: &Cmd) -> bool {
 ///
 /// A Redis command is atomic: a server that answers it with an error reply — `WRONGTYPE`, a
 /// wrong arity, `CROSSSLOT`, `NOSCRIPT`, `CLUSTERDOWN` — did not run it ([`Sent::No`]), unless it
-/// runs in steps (a script or function can fail after its first writes, so any error but
-/// `NOSCRIPT` is [`Sent::Maybe`]) or a cluster client (`cluster`) sent it to several nodes (one
-/// node's error does not say what the others did: [`Sent::Maybe`]). Errors that are not server
-/// replies keep their own `Sent`.
+/// runs in steps (a script or function can fail after its first writes: an error it raised
+/// while running is [`Sent::Maybe`]; a refusal before it ran — `MOVED`, `ASK`, `TRYAGAIN`,
+/// `CLUSTERDOWN`, `LOADING`, `MASTERDOWN`, `READONLY`, `NOSCRIPT` — is not) or a cluster
+/// client (`cluster`) sent it to several nodes (one node's error does not say what the others
+/// did: [`Sent::Maybe`]). Errors that are not server replies keep their own `Sent`.
 pub(crate) fn settle_sent(cmd: &Cmd, error: crate::Error, cluster: bool) -> crate::Error {
     use crate::Sent;
     let Some(redis) = error.redis_error() else {
@@ -234,12 +253,16 @@ pub(crate) fn settle_sent(cmd: &Cmd, error: crate::Error, cluster: bool) -> crat
     ) {
         return error;
     }
+    let raised_while_running = matches!(
+        error.kind(),
+        crate::ErrorKind::Command | crate::ErrorKind::Conversion
+    ) && redis.code() != Some("NOSCRIPT");
     let sent = if cluster && fans_out(cmd) {
         Sent::Maybe
-    } else if redis.code() == Some("NOSCRIPT") || !runs_in_steps(cmd) {
-        Sent::No
-    } else {
+    } else if raised_while_running && runs_in_steps(cmd) {
         Sent::Maybe
+    } else {
+        Sent::No
     };
     error.with_sent(sent)
 }
@@ -255,6 +278,9 @@ enum Refusal {
     Subscribe,
     /// Changes a setting of the connection for every caller.
     ConnectionState,
+    /// `WAIT`, `WAITAOF`: waits for the writes of the connection it is sent on — every
+    /// caller's — and blocks it meanwhile.
+    WaitsForWrites,
 }
 
 impl Refusal {
@@ -279,6 +305,11 @@ impl Refusal {
             Refusal::ConnectionState => {
                 "it changes the state of a connection every caller shares: configure the client \
                  instead (credentials, credentials_provider, read_from_replicas)"
+            }
+            Refusal::WaitsForWrites => {
+                "it waits for the writes of the connection it is sent on, which every caller \
+                 shares, and blocks that connection meanwhile: send it on a connection of your \
+                 own after your writes"
             }
         };
         crate::Error::new(
@@ -307,6 +338,8 @@ static REFUSED: &[(&str, Refusal)] = &[
     ("SUBSCRIBE", Refusal::Subscribe),
     ("SUNSUBSCRIBE", Refusal::Subscribe),
     ("UNSUBSCRIBE", Refusal::Subscribe),
+    ("WAIT", Refusal::WaitsForWrites),
+    ("WAITAOF", Refusal::WaitsForWrites),
     ("WATCH", Refusal::Watch),
 ];
 
@@ -428,6 +461,25 @@ fn seconds(text: Option<&str>) -> Option<Block> {
 /// `XREAD` / `XREADGROUP` with `BLOCK`. Also returns the argument index of the first key, where
 /// the command is sent. A malformed timeout is left for the server to refuse.
 pub(crate) fn blocking(cmd: &Cmd) -> Option<(Block, usize)> {
+    /// How a blocking command gives its timeout: its last argument (seconds), its first
+    /// (seconds), or `BLOCK <ms>` before `STREAMS`.
+    enum Layout {
+        Last,
+        First,
+        Streams,
+    }
+    const BLOCKING: &[(&str, Layout)] = &[
+        ("BLMOVE", Layout::Last),
+        ("BLMPOP", Layout::First),
+        ("BLPOP", Layout::Last),
+        ("BRPOP", Layout::Last),
+        ("BRPOPLPUSH", Layout::Last),
+        ("BZMPOP", Layout::First),
+        ("BZPOPMAX", Layout::Last),
+        ("BZPOPMIN", Layout::Last),
+        ("XREAD", Layout::Streams),
+        ("XREADGROUP", Layout::Streams),
+    ];
     let mut args = cmd.args_iter();
     let Some(Arg::Simple(name)) = args.next() else {
         return None;
@@ -436,26 +488,24 @@ pub(crate) fn blocking(cmd: &Cmd) -> Option<(Block, usize)> {
     if !matches!(name.first(), Some(b'B' | b'b' | b'X' | b'x')) {
         return None;
     }
-    let name = std::str::from_utf8(name).ok()?.to_ascii_uppercase();
-    let count = cmd.args_iter().count();
-    match name.as_str() {
-        "BLPOP" | "BRPOP" | "BZPOPMIN" | "BZPOPMAX" | "BLMOVE" | "BRPOPLPUSH" => {
-            let timeout = cmd
+    let (_, layout) = BLOCKING
+        .iter()
+        .find(|(n, _)| n.as_bytes().eq_ignore_ascii_case(name))?;
+    match layout {
+        Layout::Last => Some((seconds(cmd.args_iter().last().and_then(arg_text))?, 1)),
+        Layout::First => Some((seconds(cmd.args_iter().nth(1).and_then(arg_text))?, 3)),
+        Layout::Streams => {
+            let is = |arg: Arg<&[u8]>, word: &str| {
+                arg_text(arg).is_some_and(|a| a.eq_ignore_ascii_case(word))
+            };
+            let streams = cmd.args_iter().position(|a| is(a, "STREAMS"))?;
+            let block = cmd.args_iter().take(streams).position(|a| is(a, "BLOCK"))?;
+            let ms: u64 = cmd
                 .args_iter()
-                .nth(count.checked_sub(1)?)
-                .and_then(arg_text);
-            Some((seconds(timeout)?, 1))
-        }
-        "BLMPOP" | "BZMPOP" => Some((seconds(cmd.args_iter().nth(1).and_then(arg_text))?, 3)),
-        "XREAD" | "XREADGROUP" => {
-            let args: Vec<Option<&str>> = cmd.args_iter().map(arg_text).collect();
-            let streams = args
-                .iter()
-                .position(|a| a.is_some_and(|a| a.eq_ignore_ascii_case("STREAMS")))?;
-            let block = args[..streams]
-                .iter()
-                .position(|a| a.is_some_and(|a| a.eq_ignore_ascii_case("BLOCK")))?;
-            let ms: u64 = args.get(block + 1).copied().flatten()?.parse().ok()?;
+                .nth(block + 1)
+                .and_then(arg_text)?
+                .parse()
+                .ok()?;
             let block = if ms == 0 {
                 Block::Forever
             } else {
@@ -463,7 +513,6 @@ pub(crate) fn blocking(cmd: &Cmd) -> Option<(Block, usize)> {
             };
             Some((block, streams + 1))
         }
-        _ => None,
     }
 }
 
@@ -485,25 +534,6 @@ pub(crate) fn blocking(cmd: &Cmd) -> Option<(Block, usize)> {
 /// ```
 pub fn block_time(cmd: &Cmd) -> Option<Block> {
     blocking(cmd).map(|(block, _)| block)
-}
-
-/// `WAIT` and `WAITAOF` wait for the writes of the connection they are sent on — here, every
-/// caller's — while blocking it: refused.
-pub(crate) fn waits_for_the_connection(cmd: &Cmd) -> Option<crate::Error> {
-    let Some(Arg::Simple(name)) = cmd.args_iter().next() else {
-        return None;
-    };
-    (name.eq_ignore_ascii_case(b"WAIT") || name.eq_ignore_ascii_case(b"WAITAOF")).then(|| {
-        crate::Error::new(
-            crate::ErrorKind::Unsupported,
-            format!(
-                "{} cannot be sent through this client: it waits for the writes of the \
-                 connection it is sent on, which every caller shares, and blocks that \
-                 connection meanwhile; send it on a connection of your own after your writes",
-                String::from_utf8_lossy(name).to_ascii_uppercase()
-            ),
-        )
-    })
 }
 
 /// The time a blocking request adds to a call's `deadline`, or the error of one the deadline
@@ -2458,8 +2488,6 @@ mod tests {
         ] {
             assert_eq!(blocking(&cmd(line)), expected, "{line}");
         }
-        assert!(waits_for_the_connection(&cmd("WAIT 1 100")).is_some());
-        assert!(waits_for_the_connection(&cmd("GET k")).is_none());
         assert_eq!(
             block_allowance(None, Some(Duration::from_secs(1))).unwrap(),
             Duration::ZERO

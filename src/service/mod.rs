@@ -169,9 +169,7 @@ where
         ResponseFuture::new(Box::pin(async move {
             // Commands that change the state of the connection (WATCH, SUBSCRIBE, ...) would
             // change it for every caller: refused before anything is sent.
-            if let Some(refused) = crate::command::shared_connection_refusal(cmd.borrow())
-                .or_else(|| crate::command::waits_for_the_connection(cmd.borrow()))
-            {
+            if let Some(refused) = crate::command::shared_connection_refusal(cmd.borrow()) {
                 return Err(refused);
             }
             if let Some((block, key)) = blocking {
@@ -281,7 +279,12 @@ impl BlockingLane {
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
             )
             .await
-            .map_err(Error::from_redis)?;
+            .map_err(|e| {
+                // Only the lookup went out: the blocking command itself was not sent.
+                Error::from_redis(e)
+                    .with_sent(crate::Sent::No)
+                    .context("asking the cluster which master serves the key (CLUSTER SLOTS)")
+            })?;
         let Some((host, port)) = master_of_slot(&slots, slot) else {
             return Err(Error::new(
                 crate::ErrorKind::ClusterDown,
@@ -291,7 +294,7 @@ impl BlockingLane {
         };
         let node = crate::connect::Endpoint::new(host, port)?;
         let response_timeout = match block {
-            crate::command::Block::For(d) => Some(d + self.margin),
+            crate::command::Block::For(d) => Some(d.saturating_add(self.margin)),
             crate::command::Block::Forever => None,
         };
         // Nothing was written when the connection could not be made.
@@ -608,6 +611,39 @@ mod tests {
                 "FCALL f 1 k",
                 Command,
                 Maybe,
+            ),
+            // ...but one refused before it ran did nothing: the redirect can be followed.
+            (b"-MOVED 3999 127.0.0.1:6381\r\n", "EVAL s 1 k", Moved, No),
+            (
+                b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+                "FCALL f 2 {t}a {t}b",
+                TryAgain,
+                No,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "EVALSHA abc 1 k",
+                ClusterDown,
+                No,
+            ),
+            (
+                b"-LOADING Redis is loading the dataset in memory\r\n",
+                "EVAL s 1 k",
+                Loading,
+                No,
+            ),
+            // JSON.MSET's keys are every third argument.
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "JSON.MSET a $ 1 b $ 2",
+                ClusterDown,
+                Maybe,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                "JSON.MSET {t}a $ 1 {t}b $ 2",
+                ClusterDown,
+                No,
             ),
             // Sent to several nodes: one node's error says nothing of the others.
             (
