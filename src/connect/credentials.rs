@@ -186,6 +186,21 @@ impl CredentialSource {
         self.0.as_ref()
     }
 
+    /// [`fetch`](Self::fetch) bounded by `limit`: a provider that hangs (a token service that
+    /// swallows packets) costs a connection no more than its connection timeout.
+    pub(crate) async fn fetch_within(
+        &self,
+        limit: std::time::Duration,
+    ) -> Result<Option<Credentials>, Error> {
+        match tokio::time::timeout(limit, self.fetch()).await {
+            Ok(fetched) => fetched,
+            Err(_) => Err(Error::timeout(format!(
+                "the credentials provider did not answer within {limit:?}"
+            ))
+            .with_sent(crate::Sent::No)),
+        }
+    }
+
     /// Asks the provider (if any) for the next connection's credentials.
     pub(crate) async fn fetch(&self) -> Result<Option<Credentials>, Error> {
         match &self.0 {

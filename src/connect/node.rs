@@ -30,7 +30,11 @@ impl NodeConnector {
     ) -> Result<MultiplexedConnection, Error> {
         // Asked for every connection: a rotated token must reach the next one.
         let mut settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
-        if let Some(c) = self.credentials.fetch().await? {
+        if let Some(c) = self
+            .credentials
+            .fetch_within(self.connection_timeout)
+            .await?
+        {
             settings = settings
                 .set_username(c.user_or_default())
                 .set_password(c.password.expose());
