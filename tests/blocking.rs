@@ -33,6 +33,8 @@ async fn a_pop_waits_its_own_time_beyond_the_deadline_and_gets_what_arrives() {
     let client = client(&cluster, Some(Duration::from_millis(300))).await;
     let popper = client.clone();
     let pop = tokio::spawn(async move { popper.send(words("BLPOP {q}jobs 3")).await });
+    until_blocked(&cluster, 1).await;
+    // What is checked is time itself: the pop is still there past the caller's deadline.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(!pop.is_finished(), "the pop did not wait");
     client.send(words("LPUSH {q}jobs job-1")).await.unwrap();
@@ -71,7 +73,7 @@ async fn a_blocked_pop_does_not_hold_up_other_callers_of_its_node() {
     client.send(words("SET {q}k v")).await.unwrap();
     let popper = client.clone();
     let pop = tokio::spawn(async move { popper.send(words("BLPOP {q}idle 3")).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_blocked(&cluster, 1).await;
     // On the shared connection the node would not read these until the pop ended.
     for _ in 0..50 {
         assert_eq!(
@@ -86,14 +88,31 @@ async fn a_blocked_pop_does_not_hold_up_other_callers_of_its_node() {
     assert_eq!(pop.await.unwrap().unwrap(), Value::Nil);
 }
 
-/// How many clients of the node are blocked in a `BLPOP` right now (its own `CLIENT LIST`).
+/// How many clients of the cluster's masters are blocked in a `BLPOP` right now (their own
+/// `CLIENT LIST`).
 async fn blocked_pops(cluster: &tower_redis_cluster::harness::LocalCluster) -> usize {
-    let list = cluster
-        .node_command(cluster.master_of(0).addr, &words("CLIENT LIST"))
-        .await
-        .unwrap();
-    let text: String = redis::from_redis_value(list).unwrap();
-    text.lines().filter(|l| l.contains("cmd=blpop")).count()
+    let mut blocked = 0;
+    for master in cluster.masters() {
+        let list = cluster
+            .node_command(master.addr, &words("CLIENT LIST"))
+            .await
+            .unwrap();
+        let text: String = redis::from_redis_value(list).unwrap();
+        blocked += text.lines().filter(|l| l.contains("cmd=blpop")).count();
+    }
+    blocked
+}
+
+/// Waits until `count` pops block on the servers.
+async fn until_blocked(cluster: &tower_redis_cluster::harness::LocalCluster, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while blocked_pops(cluster).await != count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} pops never blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,14 +127,7 @@ async fn an_abandoned_pop_never_takes_an_element_pushed_later() {
     .await;
     assert!(gave_up.is_err(), "the pop returned: {gave_up:?}");
     // Its connection went with it, so the server stops waiting on its behalf...
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while blocked_pops(&cluster).await > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the abandoned pop still blocks"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_blocked(&cluster, 0).await;
     // ...and an element pushed now is there for the next reader, not popped for nobody.
     client.send(words("LPUSH {q}orders order-1")).await.unwrap();
     assert_eq!(
@@ -149,7 +161,7 @@ async fn blocking_for_ever_needs_a_client_without_a_deadline() {
     let unbounded = client(&cluster, None).await;
     let popper = unbounded.clone();
     let pop = tokio::spawn(async move { popper.send(words("BLPOP {q}forever 0")).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_blocked(&cluster, 1).await;
     unbounded.send(words("RPUSH {q}forever x")).await.unwrap();
     assert!(matches!(pop.await.unwrap().unwrap(), Value::Array(_)));
 }
@@ -178,5 +190,9 @@ async fn blocking_commands_leave_the_inner_client_alone() {
     let err = client.send_pipeline(pipe).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
     let err = client.send(words("WAIT 1 100")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg("{q}a").arg(1).cmd("WAIT").arg(1).arg(0);
+    let err = client.send_pipeline(pipe).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
 }

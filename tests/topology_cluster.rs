@@ -10,7 +10,8 @@ use std::{
 };
 
 use support::{
-    assert_documented_kinds, crash_master_and_replace, first_success, init_tracing, Load,
+    assert_documented_kinds_without_retry, crash_master_and_replace, first_success, init_tracing,
+    Load,
 };
 use tower::ServiceExt;
 use tower_redis_cluster::{
@@ -106,7 +107,7 @@ async fn recovers_twice_while_the_seed_name_points_at_dead_ips_where_the_plain_c
         );
     }
     let stats = load.stop().await;
-    assert_documented_kinds(&stats.errors());
+    assert_documented_kinds_without_retry(&stats.errors());
     println!(
         "load: {} ok, errors {:?}",
         stats.ok.load(Ordering::SeqCst),
