@@ -889,3 +889,90 @@ impl Layers {
             .service(inner)
     }
 }
+
+/// The `Client` as a connection of the redis crate: every `redis::AsyncCommands` method
+/// (`client.get(..)`, `client.set(..)`, `client.xadd(..)`), `Cmd::query_async(&mut client)`,
+/// `Pipeline::query_async` and `redis::Script::invoke_async` go through the whole stack —
+/// deadline, retries with their idempotency rules, rebuilds, topology refresh.
+///
+/// Errors arrive as the redis crate's: a reply the server sent as the server sent it (so
+/// `redis::Script` loads a script again when a replaced node answers `NOSCRIPT`), anything
+/// else as an I/O error carrying the crate's [`Error`] — [`Error::of_redis`] gives it back,
+/// [`Sent`](crate::Sent) included. See [`Error::into_redis`].
+///
+/// ```no_run
+/// use redis::AsyncCommands;
+/// use tower_redis_cluster::Client;
+///
+/// # async fn run() -> redis::RedisResult<()> {
+/// let mut client = Client::builder()
+///     .seed("clustercfg.my-cluster.example.com:6379")
+///     .build()
+///     .await
+///     .map_err(tower_redis_cluster::Error::into_redis)?;
+/// let () = client.set("greeting", "hello").await?;
+/// let greeting: String = client.get("greeting").await?;
+/// let visits: i64 = client.incr("visits", 1).await?; // never sent twice behind one Ok
+/// # Ok(()) }
+/// ```
+impl redis::aio::ConnectionLike for Client {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> redis::RedisFuture<'a, Value> {
+        let now = Instant::now();
+        Box::pin(async move {
+            self.send_request(cmd.clone(), now)
+                .await
+                .map_err(Error::into_redis)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        let now = Instant::now();
+        Box::pin(async move {
+            // `Pipeline::query_async` asks for every reply of a plain pipeline, and for the
+            // one `EXEC` reply of a transaction; it drops the ignored commands' replies itself.
+            let transaction = pipeline.is_transaction();
+            let expected = if transaction {
+                (pipeline.len() + 1, 1)
+            } else {
+                (0, pipeline.len())
+            };
+            if (offset, count) != expected {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "a pipeline read from reply {offset} for {count} replies: the client \
+                         returns all of them (plain) or the transaction's result"
+                    ),
+                )
+                .with_sent(crate::Sent::No)
+                .into_redis());
+            }
+            // The stack answers one value per command not ignored: ask for all of them.
+            let mut every = redis::pipe();
+            if transaction {
+                every.atomic();
+            }
+            for cmd in pipeline.cmd_iter() {
+                every.add_command(cmd.clone());
+            }
+            let values: Vec<Value> = self
+                .send_request(every, now)
+                .await
+                .map_err(Error::into_redis)?;
+            Ok(if transaction {
+                vec![Value::Array(values)]
+            } else {
+                values
+            })
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}

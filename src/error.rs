@@ -460,6 +460,69 @@ impl StdError for Error {
     }
 }
 
+impl Error {
+    /// This error as the redis crate's, for callers that go through the redis crate's own
+    /// interfaces (the [`Client`](crate::Client) as a `redis::aio::ConnectionLike`: typed
+    /// commands, `Script`, `Pipeline::query_async`).
+    ///
+    /// * A reply the server sent (`WRONGTYPE`, `NOSCRIPT`, a script error, `CLUSTERDOWN` once
+    ///   the retries gave up, …) goes as the server sent it, so code that matches on its kind
+    ///   or code works — `redis::Script` loads a script again after `NOSCRIPT`.
+    /// * Everything else — timeouts, lost connections, an unreachable cluster, a refused
+    ///   command, a shard that kept redirecting (`MasterDown`) — is an I/O error that carries
+    ///   this error whole, [`Sent`] and cause included: get it back with
+    ///   [`Error::of_redis`]. Its I/O kind says what it is to the redis crate (`TimedOut` for
+    ///   `Timeout`, so `is_timeout()` holds; `ConnectionReset` for `Connection`, `NotConnected`
+    ///   for `Unreachable` and `Closed`, `Unsupported`, `InvalidInput` for `Config`).
+    ///
+    /// ```
+    /// use tower_redis_cluster::{Error, ErrorKind, Sent};
+    ///
+    /// let error = Error::timeout("no reply").with_sent(Sent::Maybe);
+    /// let redis_error = error.into_redis();
+    /// assert!(redis_error.is_timeout());
+    /// let back = Error::of_redis(&redis_error).unwrap();
+    /// assert_eq!((back.kind(), back.sent()), (ErrorKind::Timeout, Sent::Maybe));
+    /// ```
+    pub fn into_redis(self) -> RedisError {
+        let as_sent = !matches!(
+            self.kind(),
+            ErrorKind::MasterDown | ErrorKind::Moved | ErrorKind::Ask
+        );
+        if as_sent {
+            if let Some(server) = self
+                .redis_error()
+                .filter(|e| e.code().is_some() || (*e).clone().into_server_errors().is_some())
+            {
+                return server.clone();
+            }
+        }
+        let io_kind = match self.kind() {
+            ErrorKind::Timeout => std::io::ErrorKind::TimedOut,
+            ErrorKind::Connection => std::io::ErrorKind::ConnectionReset,
+            ErrorKind::Unreachable | ErrorKind::Closed => std::io::ErrorKind::NotConnected,
+            ErrorKind::Unsupported => std::io::ErrorKind::Unsupported,
+            ErrorKind::Config => std::io::ErrorKind::InvalidInput,
+            _ => std::io::ErrorKind::Other,
+        };
+        RedisError::from(std::io::Error::new(io_kind, self))
+    }
+
+    /// The error behind a redis error made by [`Error::into_redis`]: what a caller of the
+    /// [`Client`](crate::Client) through the redis crate's interfaces reads [`Sent`] and
+    /// [`ErrorKind`] from. `None` for an error the server sent (its kind and code are in the
+    /// redis error itself).
+    pub fn of_redis(error: &RedisError) -> Option<&Error> {
+        let source = StdError::source(error)?;
+        // The redis crate keeps the I/O error behind an `Arc` and hands out the `Arc` itself.
+        let io = match source.downcast_ref::<Arc<dyn StdError + Send + Sync>>() {
+            Some(shared) => shared.downcast_ref::<std::io::Error>(),
+            None => source.downcast_ref::<std::io::Error>(),
+        }?;
+        io.get_ref()?.downcast_ref::<Error>()
+    }
+}
+
 impl From<RedisError> for Error {
     fn from(err: RedisError) -> Self {
         Error::from_redis(err)

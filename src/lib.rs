@@ -59,6 +59,9 @@ pub use client::{Client, ClientBuilder};
 pub use command::{classify, Idempotency, IdempotencyTable};
 pub use connect::{ClusterConnector, Connect, Credentials, Seeds, TlsConfig};
 pub use error::{Error, ErrorKind, Sent};
+/// The redis crate this one is built on (its `Cmd`, `Pipeline`, `Value`, `AsyncCommands`):
+/// use it through this path and your commands are always of the version the `Client` takes.
+pub use redis;
 pub use service::RedisService;
 
 /// Entry points for the fuzz targets in `fuzz/` (built with `cargo fuzz`, which sets
