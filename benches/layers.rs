@@ -1,7 +1,6 @@
 //! Per-call overhead of each layer, without any network: an in-memory `ConnectionLike` that
-//! answers at once, wrapped in `RedisService`, then each layer alone and the full stack as
-//! `Client` builds it (`client::outer_stack` with the default configuration, replicated here
-//! because `Client` cannot be built over another inner client).
+//! answers at once, wrapped in `RedisService`, then each layer alone and the real `Client`,
+//! built over that connection with `ClientBuilder::build_with` in its default configuration.
 //!
 //! Three measurements, all of a GET built anew for every call:
 //! * criterion (group `layers_get`): ns per call, `clone().oneshot(cmd)` on a current-thread
@@ -29,8 +28,6 @@ use std::{
     future::Future,
     hint::black_box,
     path::PathBuf,
-    pin::Pin,
-    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -41,9 +38,9 @@ use tower::{util::BoxCloneSyncService, BoxError, Service, ServiceBuilder, Servic
 use tower_redis_cluster::{
     connect::{Connect, ConnectFuture, ConnectHints},
     rebuild::{Rebuild, RebuildConfig},
-    retry::{CallOnce, Retry, RetryConfig, RetryLayer, StandardRetryPolicy},
-    topology::{RefreshConfig, TopologyRefresh, TopologyRefreshLayer, TopologySource},
-    Error, RedisService, Seeds,
+    retry::{Retry, RetryConfig},
+    topology::{RefreshConfig, TopologyRefresh, TopologySource},
+    Client, Error, RedisService, Seeds,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -206,165 +203,22 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 type Commands = BoxCloneSyncService<Cmd, Value, Error>;
 
-/// `Client`'s core stack, as its `query`/`send`/`query_pipeline` use it (no concurrency limit,
-/// the default): Retry → TopologyRefresh → Rebuild → RedisService, not boxed.
-type Core<const PENDING: bool> = Retry<TopologyRefresh<Rebuild<FakeConnector<PENDING>>>>;
-
-async fn core_stack<const PENDING: bool>() -> Core<PENDING> {
-    let rebuild = rebuild::<PENDING>().await;
-    let refresh = TopologyRefreshLayer::new(unreachable_source(), refresh_config())
-        .rebuild_handle(rebuild.handle());
-    ServiceBuilder::new()
-        .layer(RetryLayer::new(retry_config()))
-        .layer(refresh)
-        .service(rebuild)
+/// The real `Client` over the in-memory connector, as `Client::builder()` configures it by
+/// default (deadline 5 s, Retry, TopologyRefresh with its timer off, Rebuild), connected.
+async fn real_client<const PENDING: bool>() -> Client<FakeConnector<PENDING>> {
+    let client = Client::builder()
+        .timeout(TIMEOUT)
+        .topology_source(unreachable_source())
+        .topology_refresh(refresh_config())
+        .build_with(FakeConnector::<PENDING>)
+        .await
+        .expect("the client builds");
+    client
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .expect("the in-memory connector connects");
+    client
 }
-
-/// `Client` over the in-memory connector, line for line as `client.rs` has it (`Client` cannot
-/// be built over another connector): behind one `Arc` the core stack and the deadline; a
-/// stack of its own only between `poll_ready` and `call`.
-struct FakeClient<const PENDING: bool> {
-    ready: Option<Core<PENDING>>,
-    info: Arc<Info<PENDING>>,
-}
-
-impl<const PENDING: bool> Clone for FakeClient<PENDING> {
-    fn clone(&self) -> Self {
-        FakeClient {
-            ready: None,
-            info: self.info.clone(),
-        }
-    }
-}
-
-struct Info<const PENDING: bool> {
-    core: Core<PENDING>,
-    deadline: Option<Duration>,
-}
-
-impl<const PENDING: bool> Info<PENDING> {
-    /// `Client`'s one deadline over readiness and call.
-    fn within_deadline<F, I>(this: I, call: F, now: tokio::time::Instant) -> Deadline<F, I>
-    where
-        I: std::ops::Deref<Target = Info<PENDING>>,
-    {
-        Deadline {
-            call,
-            at: this.deadline.map(|d| now + d),
-            sleep: None,
-            _info: this,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// `client.rs`'s `Deadline`, the timer made at the first wait (its timeout error and
-    /// metrics hook are not reached here).
-    struct Deadline<F, I> {
-        #[pin]
-        call: F,
-        at: Option<tokio::time::Instant>,
-        #[pin]
-        sleep: Option<tokio::time::Sleep>,
-        _info: I,
-    }
-}
-
-impl<F, I, T> Future for Deadline<F, I>
-where
-    F: Future<Output = Result<T, Error>>,
-{
-    type Output = Result<T, Error>;
-
-    fn poll(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let mut this = self.project();
-        if let std::task::Poll::Ready(result) = this.call.poll(cx) {
-            return std::task::Poll::Ready(result);
-        }
-        let Some(at) = *this.at else {
-            return std::task::Poll::Pending;
-        };
-        if this.sleep.is_none() {
-            this.sleep.set(Some(tokio::time::sleep_until(at)));
-        }
-        match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
-            Some(std::task::Poll::Ready(())) => {
-                std::task::Poll::Ready(Err(Error::timeout("deadline")))
-            }
-            _ => std::task::Poll::Pending,
-        }
-    }
-}
-
-impl<const PENDING: bool> FakeClient<PENDING> {
-    async fn new() -> Self {
-        FakeClient {
-            ready: None,
-            info: Arc::new(Info {
-                core: core_stack::<PENDING>().await,
-                deadline: Some(TIMEOUT),
-            }),
-        }
-    }
-
-    /// `Client::send`: a clone of the core consumed by `Retry::call_once`, within the deadline.
-    async fn send(&self, cmd: Cmd) -> Result<Value, Error> {
-        let now = tokio::time::Instant::now();
-        let call = self.info.core.clone().call_once(cmd).started_at(now);
-        Info::within_deadline(&*self.info, call, now).await
-    }
-
-    /// `Client::query_pipeline::<Vec<Value>>`.
-    async fn query_pipeline(&self, pipeline: &Pipeline) -> Result<Vec<Value>, Error> {
-        let now = tokio::time::Instant::now();
-        let call = self
-            .info
-            .core
-            .clone()
-            .call_once(pipeline.clone())
-            .started_at(now);
-        let values = Info::within_deadline(&*self.info, call, now).await?;
-        Ok(redis::from_redis_value(Value::Array(values)).expect("converts"))
-    }
-}
-
-type Inner<const PENDING: bool> = TopologyRefresh<Rebuild<FakeConnector<PENDING>>>;
-
-/// `Client`'s `Service` interface: the stack made ready is consumed by the call.
-macro_rules! fake_client_service {
-    ($req:ty, $resp:ty) => {
-        impl<const PENDING: bool> Service<$req> for FakeClient<PENDING> {
-            type Response = $resp;
-            type Error = Error;
-            type Future =
-                Deadline<CallOnce<Inner<PENDING>, StandardRetryPolicy, $req>, Arc<Info<PENDING>>>;
-
-            fn poll_ready(
-                &mut self,
-                cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<Result<(), Error>> {
-                let info = &self.info;
-                Service::<$req>::poll_ready(self.ready.get_or_insert_with(|| info.core.clone()), cx)
-            }
-
-            fn call(&mut self, request: $req) -> Self::Future {
-                let core = self.ready.take().unwrap_or_else(|| self.info.core.clone());
-                let now = tokio::time::Instant::now();
-                Info::within_deadline(
-                    self.info.clone(),
-                    core.call_once(request).started_at(now),
-                    now,
-                )
-            }
-        }
-    };
-}
-
-fake_client_service!(Cmd, Value);
-fake_client_service!(Pipeline, Vec<Value>);
 
 /// A pipeline of `len` commands on one hash tag, half SET, half GET.
 fn pipeline(len: usize) -> Pipeline {
@@ -383,7 +237,7 @@ fn pipeline(len: usize) -> Pipeline {
 /// as a caller that keeps its pipeline would): the bare service, the full stack, and exactly
 /// what `Client::query_pipeline::<Vec<Value>>(&pipe)` does (clone, deadline, convert).
 fn pipeline_table(rt: &Runtime, calls: u64) {
-    let (bare_service, client) = rt.block_on(async { (bare(), FakeClient::<false>::new().await) });
+    let (bare_service, client) = rt.block_on(async { (bare(), real_client::<false>().await) });
     let template = pipeline(10);
     let count = |name: &str, what: &str, run: &dyn Fn()| {
         run();
@@ -434,7 +288,7 @@ fn pipeline_table(rt: &Runtime, calls: u64) {
         "client_query_pipeline",
         "= Client::query_pipeline(&p): clone, deadline, from_redis_value",
         &|| {
-            let values = rt.block_on(client.query_pipeline(&template));
+            let values = rt.block_on(client.query_pipeline::<Vec<Value>>(&template));
             black_box(values.expect("the fake answers"));
         },
     );
@@ -509,7 +363,7 @@ where
 }
 
 /// `Client::send`.
-struct ClientSend<const PENDING: bool>(FakeClient<PENDING>);
+struct ClientSend<const PENDING: bool>(Client<FakeConnector<PENDING>>);
 
 impl<const PENDING: bool> Caller for ClientSend<PENDING> {
     async fn call_once(&self) -> Value {
@@ -578,8 +432,8 @@ fn configs(rt: &Runtime) -> Vec<Config> {
         let (rebuild_alone, topology_alone, retry_alone, retry_no_budget, timeout_alone) =
             single_layers().await;
         let bare_boxed: Commands = BoxCloneSyncService::new(bare());
-        let client = FakeClient::<false>::new().await;
-        let client_pending = FakeClient::<true>::new().await;
+        let client = real_client::<false>().await;
+        let client_pending = real_client::<true>().await;
         // Let the refreshers' first (failing) refreshes and the rebuild tasks finish.
         tokio::time::sleep(Duration::from_millis(200)).await;
         vec![
@@ -883,7 +737,7 @@ fn multi_thread_table(per_task: u64) {
         let bare_service = bare();
         let (rebuild_alone, topology_alone, retry_alone, retry_no_budget, timeout_alone) =
             single_layers().await;
-        let client = FakeClient::<false>::new().await;
+        let client = real_client::<false>().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Warm-up, then the measured rounds.
         for round in 0..=ROUNDS {

@@ -38,7 +38,9 @@ use tower::{
 };
 
 use crate::{
-    connect::{ClusterConnector, Credentials, CredentialsProvider, Resolve, Seeds, TlsConfig},
+    connect::{
+        ClusterConnector, Connect, Credentials, CredentialsProvider, Resolve, Seeds, TlsConfig,
+    },
     rebuild::{Rebuild, RebuildConfig, RebuildHandle},
     retry::{
         CallOnce, CallPolicy, Delay, Retry, RetryConfig, RetryLayer, RetryRequest,
@@ -78,15 +80,15 @@ use crate::{
 /// let value: String = client.query(&get).await?;
 /// # Ok(()) }
 /// ```
-pub struct Client {
+pub struct Client<C: Connect = ClusterConnector> {
     /// This handle's own copy of the layers, made at `poll_ready` and consumed by `call`.
-    ready: Option<Core>,
+    ready: Option<Core<C>>,
     /// Set while `poll_ready` waits (for a rebuild, or the concurrency limit): the call's
     /// deadline runs from the start of that wait. Boxed: a client that is ready at once never
     /// makes one.
     waiting: Option<Box<ReadyWait>>,
     /// Shared by every clone: a clone of the client is one reference count.
-    info: Arc<Info>,
+    info: Arc<Info<C>>,
 }
 
 /// A `Service` caller waiting in `poll_ready`: since when, and the timer that ends the wait at
@@ -98,7 +100,7 @@ struct ReadyWait {
     expired: bool,
 }
 
-impl Clone for Client {
+impl<C: Connect> Clone for Client<C> {
     fn clone(&self) -> Self {
         // Readiness is per clone (tower's rule): a clone starts without a stack of its own.
         Client {
@@ -109,10 +111,10 @@ impl Clone for Client {
     }
 }
 
-struct Info {
+struct Info<C: Connect> {
     /// The layers, unboxed; every call runs on a clone of them, and clones share their state
     /// (one rebuild, refresher, budget, concurrency limit).
-    core: Core,
+    core: Core<C>,
     rebuild: RebuildHandle,
     topology: Option<TopologyHandle>,
     summary: String,
@@ -121,7 +123,7 @@ struct Info {
     name: crate::metrics::ClientName,
 }
 
-impl Info {
+impl<C: Connect> Info<C> {
     /// The error of a call whose deadline passed: `what` happened, and, while no inner client
     /// serves, the last connect failure as the reason.
     fn deadline_error(&self, what: &str) -> Error {
@@ -138,7 +140,7 @@ impl Info {
     /// is the block time of a blocking command, added to it.
     fn within_deadline<F, I>(this: I, call: F, now: Instant, extra: Duration) -> Deadline<F, I>
     where
-        I: Deref<Target = Info>,
+        I: Deref<Target = Info<C>>,
     {
         Deadline {
             call,
@@ -157,31 +159,31 @@ pin_project! {
     /// One call of a helper on a clone of the stack: through the retry layer, or straight to
     /// the layers below it when retries are off.
     #[project = OneCallProj]
-    enum OneCall<Req>
+    enum OneCall<Req, C: Connect>
     where
-        Limited: Service<Req>,
-        Limited: Service<Arc<Req>>,
+        Limited<C>: Service<Req>,
+        Limited<C>: Service<Arc<Req>>,
     {
         Retrying {
             #[pin]
-            call: CallOnce<Limited, StandardRetryPolicy, Req>,
+            call: CallOnce<Limited<C>, StandardRetryPolicy, Req>,
         },
         Direct {
             #[pin]
-            call: Oneshot<Limited, Req>,
+            call: Oneshot<Limited<C>, Req>,
         },
     }
 }
 
-impl<Req> OneCall<Req>
+impl<Req, C: Connect> OneCall<Req, C>
 where
-    Limited: Service<Req> + Service<Arc<Req>>,
+    Limited<C>: Service<Req> + Service<Arc<Req>>,
 {
     /// A call on `core`, which it consumes; `now` is when the call started.
-    fn new(core: Core, request: Req, now: Instant) -> Self
+    fn new(core: Core<C>, request: Req, now: Instant) -> Self
     where
         Req: RetryRequest,
-        Limited: Service<Arc<Req>, Error = Error>,
+        Limited<C>: Service<Arc<Req>, Error = Error>,
     {
         match core {
             Either::Left(retry) => OneCall::Retrying {
@@ -194,10 +196,10 @@ where
     }
 }
 
-impl<Req, T> Future for OneCall<Req>
+impl<Req, T, C: Connect> Future for OneCall<Req, C>
 where
     Req: RetryRequest,
-    Limited:
+    Limited<C>:
         Service<Req, Response = T, Error = Error> + Service<Arc<Req>, Response = T, Error = Error>,
     CallPolicy<StandardRetryPolicy>: Policy<Arc<Req>, T, Error, Future = Delay>,
 {
@@ -225,10 +227,10 @@ pin_project! {
     }
 }
 
-impl<F, I, T> Future for Deadline<F, I>
+impl<F, I, T, C: Connect> Future for Deadline<F, I>
 where
     F: Future<Output = Result<T, Error>>,
-    I: Deref<Target = Info>,
+    I: Deref<Target = Info<C>>,
 {
     type Output = Result<T, Error>;
 
@@ -263,14 +265,19 @@ impl Client {
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
     }
+}
 
+impl<C: Connect> Client<C>
+where
+    C::Service: InnerService,
+{
     /// Sends `request` on a clone of the stack, consumed by the call, within the deadline.
     /// The call started at `now` (read before the request was copied, so the copy counts
     /// against the deadline too).
     async fn send_request<Req, T>(&self, request: Req, now: Instant) -> Result<T, Error>
     where
         Req: RetryRequest,
-        Limited: Service<Req, Response = T, Error = Error>
+        Limited<C>: Service<Req, Response = T, Error = Error>
             + Service<Arc<Req>, Response = T, Error = Error>,
         CallPolicy<StandardRetryPolicy>: Policy<Arc<Req>, T, Error, Future = Delay>,
         T: Send + 'static,
@@ -360,7 +367,7 @@ impl Client {
     /// deadline passes, and its call then fails with `Timeout` without being sent.
     fn poll_ready_service<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>>
     where
-        Core: Service<Req, Error = Error>,
+        Core<C>: Service<Req, Error = Error>,
     {
         if self.waiting.as_ref().is_some_and(|w| w.expired) {
             return Poll::Ready(Ok(()));
@@ -400,10 +407,10 @@ impl Client {
     /// The `Service` interface's call: the stack made ready is consumed by the call (no clone
     /// is left behind for the next one until it is needed), within the deadline — counted from
     /// the start of a wait in `poll_ready`.
-    fn call_service<Req>(&mut self, request: Req) -> ResponseFuture<Req>
+    fn call_service<Req>(&mut self, request: Req) -> ResponseFuture<Req, C>
     where
         Req: RetryRequest,
-        Limited: Service<Req> + Service<Arc<Req>, Error = Error>,
+        Limited<C>: Service<Req> + Service<Arc<Req>, Error = Error>,
     {
         let waited = self.waiting.take();
         if waited.as_ref().is_some_and(|w| w.expired) {
@@ -449,7 +456,7 @@ impl Client {
     }
 }
 
-impl fmt::Debug for Client {
+impl<C: Connect> fmt::Debug for Client<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("config", &self.info.summary)
@@ -463,10 +470,13 @@ impl fmt::Debug for Client {
 /// starts with that wait: a caller that is still not ready when it passes is let through to a
 /// call that fails with `Timeout` (`Sent::No`). Clones are cheap and independent, as tower
 /// expects.
-impl Service<Cmd> for Client {
+impl<C: Connect> Service<Cmd> for Client<C>
+where
+    C::Service: InnerService,
+{
     type Response = Value;
     type Error = Error;
-    type Future = ResponseFuture<Cmd>;
+    type Future = ResponseFuture<Cmd, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.poll_ready_service::<Cmd>(cx)
@@ -477,10 +487,13 @@ impl Service<Cmd> for Client {
     }
 }
 
-impl Service<Pipeline> for Client {
+impl<C: Connect> Service<Pipeline> for Client<C>
+where
+    C::Service: InnerService,
+{
     type Response = Vec<Value>;
     type Error = Error;
-    type Future = ResponseFuture<Pipeline>;
+    type Future = ResponseFuture<Pipeline, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.poll_ready_service::<Pipeline>(cx)
@@ -494,26 +507,26 @@ impl Service<Pipeline> for Client {
 pin_project! {
     /// The future of a call through `Client`'s `Service` interface: the layers' future within
     /// the client's deadline. Not boxed: a call costs no allocation beyond the layers' own.
-    pub struct ResponseFuture<Req>
+    pub struct ResponseFuture<Req, C: Connect = ClusterConnector>
     where
-        Limited: Service<Req>,
-        Limited: Service<Arc<Req>>,
+        Limited<C>: Service<Req>,
+        Limited<C>: Service<Arc<Req>>,
     {
         #[pin]
-        state: CallState<Req>,
+        state: CallState<Req, C>,
     }
 }
 
 pin_project! {
     #[project = CallStateProj]
-    enum CallState<Req>
+    enum CallState<Req, C: Connect>
     where
-        Limited: Service<Req>,
-        Limited: Service<Arc<Req>>,
+        Limited<C>: Service<Req>,
+        Limited<C>: Service<Arc<Req>>,
     {
         Call {
             #[pin]
-            inner: Deadline<OneCall<Req>, Arc<Info>>,
+            inner: Deadline<OneCall<Req, C>, Arc<Info<C>>>,
         },
         /// Ended before any attempt: the deadline passed while waiting to be ready, or the
         /// request cannot be honoured.
@@ -521,10 +534,10 @@ pin_project! {
     }
 }
 
-impl<Req, T> Future for ResponseFuture<Req>
+impl<Req, T, C: Connect> Future for ResponseFuture<Req, C>
 where
     Req: RetryRequest,
-    Limited:
+    Limited<C>:
         Service<Req, Response = T, Error = Error> + Service<Arc<Req>, Response = T, Error = Error>,
     CallPolicy<StandardRetryPolicy>: Policy<Arc<Req>, T, Error, Future = Delay>,
 {
@@ -540,9 +553,9 @@ where
     }
 }
 
-impl<Req> fmt::Debug for ResponseFuture<Req>
+impl<Req, C: Connect> fmt::Debug for ResponseFuture<Req, C>
 where
-    Limited: Service<Req> + Service<Arc<Req>>,
+    Limited<C>: Service<Req> + Service<Arc<Req>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
@@ -566,6 +579,7 @@ pub struct ClientBuilder {
     concurrency_limit: Option<usize>,
     inner_retries: Option<u32>,
     name: Option<String>,
+    topology_source: Option<crate::topology::TopologySource>,
 }
 
 impl ClientBuilder {
@@ -721,35 +735,21 @@ impl ClientBuilder {
     /// first connect runs in the background and calls wait for it, bounded (see
     /// [`Client::wait_connected`]). Fails only on invalid configuration, with a `Config` error
     /// that says what to fix.
-    pub async fn build(self) -> Result<Client, Error> {
+    pub async fn build(mut self) -> Result<Client, Error> {
         let seeds = Seeds::parse(&self.seeds)?;
-        for (name, value) in [
-            ("connection_timeout", self.connection_timeout),
-            ("response_timeout", self.response_timeout),
-            ("timeout", self.timeout.flatten()),
-        ] {
-            if value.is_some_and(|d| d.is_zero()) {
-                return Err(Error::config(format!("{name} must be greater than zero")));
-            }
-        }
-        if self.concurrency_limit == Some(0) {
-            return Err(Error::config("concurrency_limit must be at least 1"));
-        }
-
-        let name = crate::metrics::ClientName::new(
-            self.name
-                .clone()
-                .or_else(|| seeds.iter().next().map(|s| s.to_string()))
-                .unwrap_or_default(),
-        );
+        let name = self
+            .name
+            .clone()
+            .or_else(|| seeds.iter().next().map(|s| s.to_string()))
+            .unwrap_or_default();
         let mut connector = ClusterConnector::new(seeds);
-        if let Some(c) = self.credentials {
+        if let Some(c) = self.credentials.take() {
             connector = connector.credentials_provider(c);
         }
-        if let Some(t) = self.tls {
+        if let Some(t) = self.tls.take() {
             connector = connector.tls(t);
         }
-        if let Some(r) = self.resolver {
+        if let Some(r) = self.resolver.take() {
             connector = connector.resolver(r);
         }
         if let Some(d) = self.connection_timeout {
@@ -763,6 +763,107 @@ impl ClientBuilder {
             connector.inner_retries(self.inner_retries.unwrap_or(if retry_on { 0 } else { 2 }));
         connector = connector.read_from_replicas(self.read_from_replicas);
         connector.validate()?;
+        let source = connector.topology_source();
+        let described = format!("{connector:?}");
+        self.assemble(connector, described, Some(source), name)
+    }
+
+    /// Builds the same stack — deadline, retries, concurrency limit, rebuilds — over a
+    /// connector of your own: a [`ConnectionManager`](redis::aio::ConnectionManager) for a
+    /// cluster-mode-disabled primary endpoint, a connection with options this builder does
+    /// not have, a test double. The connector is asked for a new inner service at the first
+    /// connect and at every rebuild, so it should resolve names afresh each time.
+    ///
+    /// What configures the connection — seeds, credentials, TLS, resolver, connection and
+    /// response timeouts, replica reads, inner retries — belongs to that connector: set on
+    /// this builder, it fails the build with a `Config` error. Topology refresh watches a
+    /// Redis Cluster and needs a source to ask; it is off unless
+    /// [`topology_source`](Self::topology_source) gives one.
+    ///
+    /// ```no_run
+    /// use tower_redis_cluster::{connect::connect_fn, redis, Client, Error, RedisService};
+    ///
+    /// # async fn run() -> Result<(), Error> {
+    /// // The primary endpoint of a cluster-mode-disabled replication group: its name moves to
+    /// // the promoted replica, and every connect resolves it again.
+    /// let primary = connect_fn(|_hints: &_| async {
+    ///     let client = redis::Client::open("redis://primary.my-group.example.com:6379")
+    ///         .map_err(Error::from_redis)?;
+    ///     let manager = redis::aio::ConnectionManager::new(client)
+    ///         .await
+    ///         .map_err(Error::from_redis)?;
+    ///     Ok(RedisService::new(manager))
+    /// });
+    /// let client = Client::builder().build_with(primary).await?;
+    /// let value: Option<String> = client.query(redis::cmd("GET").arg("greeting")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn build_with<C>(self, connector: C) -> Result<Client<C>, Error>
+    where
+        C: Connect,
+        C::Service: InnerService,
+    {
+        let connection_options = [
+            ("seed", !self.seeds.is_empty()),
+            ("credentials", self.credentials.is_some()),
+            ("tls", self.tls.is_some()),
+            ("resolver", self.resolver.is_some()),
+            ("connection_timeout", self.connection_timeout.is_some()),
+            ("response_timeout", self.response_timeout.is_some()),
+            ("read_from_replicas", self.read_from_replicas),
+            ("inner_retries", self.inner_retries.is_some()),
+        ];
+        if let Some((option, _)) = connection_options.iter().find(|(_, set)| *set) {
+            return Err(Error::config(format!(
+                "{option} configures the connection, which build_with's connector makes: set it \
+                 on that connector"
+            )));
+        }
+        if self.topology_source.is_none() && matches!(self.refresh, Some(Some(_))) {
+            return Err(Error::config(
+                "topology refresh needs a source to ask: give build_with one with \
+                 topology_source(..), or leave topology_refresh unset",
+            ));
+        }
+        let name = self.name.clone().unwrap_or_else(|| "client".to_string());
+        let described = std::any::type_name::<C>().to_string();
+        self.assemble(connector, described, None, name)
+    }
+
+    /// The topology source of the refresh layer: which nodes to ask for the cluster's
+    /// topology, and how. [`build`](Self::build) uses its connector's by default;
+    /// [`build_with`](Self::build_with) has none unless given one here.
+    pub fn topology_source(mut self, source: crate::topology::TopologySource) -> Self {
+        self.topology_source = Some(source);
+        self
+    }
+
+    /// The layers over `connector` (`described` in the client's `Debug`), configured as this
+    /// builder says. `source` is the connector's own topology source, if it has one.
+    fn assemble<C>(
+        self,
+        connector: C,
+        described: String,
+        source: Option<crate::topology::TopologySource>,
+        name: String,
+    ) -> Result<Client<C>, Error>
+    where
+        C: Connect,
+        C::Service: InnerService,
+    {
+        for (option, value) in [
+            ("connection_timeout", self.connection_timeout),
+            ("response_timeout", self.response_timeout),
+            ("timeout", self.timeout.flatten()),
+        ] {
+            if value.is_some_and(|d| d.is_zero()) {
+                return Err(Error::config(format!("{option} must be greater than zero")));
+            }
+        }
+        if self.concurrency_limit == Some(0) {
+            return Err(Error::config("concurrency_limit must be at least 1"));
+        }
+        let name = crate::metrics::ClientName::new(name);
 
         let timeout = self.timeout.unwrap_or(Some(Duration::from_secs(5)));
         let retry = self.retry.unwrap_or_else(|| Some(RetryConfig::default()));
@@ -776,26 +877,29 @@ impl ClientBuilder {
             r.client_name = name.clone();
             r
         });
-        let refresh = self
-            .refresh
-            .unwrap_or_else(|| Some(RefreshConfig::default()))
-            .map(|mut r| {
-                r.client_name = name.clone();
-                r
-            });
+        let source = self.topology_source.or(source);
+        let refresh = match source {
+            Some(source) => self
+                .refresh
+                .unwrap_or_else(|| Some(RefreshConfig::default()))
+                .map(|mut r| {
+                    r.client_name = name.clone();
+                    (source, r)
+                }),
+            None => None,
+        };
 
         let summary = format!(
-            "{connector:?}, timeout {timeout:?}, retry {}, topology refresh {}, concurrency limit {:?}",
+            "{described}, timeout {timeout:?}, retry {}, topology refresh {}, concurrency limit {:?}",
             if retry.is_some() { "on" } else { "off" },
             if refresh.is_some() { "on" } else { "off" },
             self.concurrency_limit
         );
 
         // Knobs that cannot work fail the build, not every later call.
-        if let Some(config) = &refresh {
+        if let Some((_, config)) = &refresh {
             config.validate()?;
         }
-        let source = connector.topology_source();
         let mut rebuild_config = self.rebuild.unwrap_or_default();
         rebuild_config.validate()?;
         rebuild_config.client_name = name.clone();
@@ -813,7 +917,7 @@ impl ClientBuilder {
             limit: self.concurrency_limit,
         };
         let (core, topology) = match refresh {
-            Some(config) => {
+            Some((source, config)) => {
                 let layer = TopologyRefreshLayer::new(source, config)
                     .rebuild_handle(rebuild_handle.clone());
                 let refreshed = tower::Layer::layer(&layer, rebuild);
@@ -866,12 +970,39 @@ impl fmt::Debug for ClientBuilder {
     }
 }
 
-type Connected = Rebuild<ClusterConnector>;
-type Refreshed = Either<TopologyRefresh<Connected>, Connected>;
-type Limited = Either<tower::limit::ConcurrencyLimit<Refreshed>, Refreshed>;
+type Refreshed<C> = Either<TopologyRefresh<Rebuild<C>>, Rebuild<C>>;
+type Limited<C> = Either<tower::limit::ConcurrencyLimit<Refreshed<C>>, Refreshed<C>>;
 /// The helpers' stack: Retry (when on) → ConcurrencyLimit (when set) → TopologyRefresh (when
 /// on) → Rebuild. Named, so that a helper's call is one future, not a boxed one.
-type Core = Either<Retry<Limited>, Limited>;
+type Core<C> = Either<Retry<Limited<C>>, Limited<C>>;
+
+/// What a [`Client`] needs of the service its connector makes: commands and pipelines, taken
+/// by value and shared (the retry layer shares one request between its attempts), with the
+/// crate's [`Error`], `Send` futures and cheap clones. [`RedisService`](crate::RedisService)
+/// over any redis connection is one; nothing needs to implement it by hand.
+pub trait InnerService:
+    Service<Cmd, Response = Value, Error = Error, Future: Send + 'static>
+    + Service<Arc<Cmd>, Response = Value, Error = Error, Future: Send + 'static>
+    + Service<Pipeline, Response = Vec<Value>, Error = Error, Future: Send + 'static>
+    + Service<Arc<Pipeline>, Response = Vec<Value>, Error = Error, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> InnerService for S where
+    S: Service<Cmd, Response = Value, Error = Error, Future: Send + 'static>
+        + Service<Arc<Cmd>, Response = Value, Error = Error, Future: Send + 'static>
+        + Service<Pipeline, Response = Vec<Value>, Error = Error, Future: Send + 'static>
+        + Service<Arc<Pipeline>, Response = Vec<Value>, Error = Error, Future: Send + 'static>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
 
 /// The layers `Client` puts above the topology refresh (or rebuild) layer.
 struct Layers {
@@ -882,7 +1013,10 @@ struct Layers {
 impl Layers {
     /// Retry → ConcurrencyLimit around `inner`. The overall deadline is the client's own, not
     /// a Timeout layer: it covers readiness as well, with one timer per call.
-    fn stack(self, inner: Refreshed) -> Core {
+    fn stack<C: Connect>(self, inner: Refreshed<C>) -> Core<C>
+    where
+        C::Service: InnerService,
+    {
         ServiceBuilder::new()
             .option_layer(self.retry.map(RetryLayer::new))
             .option_layer(self.limit.map(tower::limit::ConcurrencyLimitLayer::new))
@@ -915,7 +1049,10 @@ impl Layers {
 /// let visits: i64 = client.incr("visits", 1).await?; // never sent twice behind one Ok
 /// # Ok(()) }
 /// ```
-impl redis::aio::ConnectionLike for Client {
+impl<C: Connect> redis::aio::ConnectionLike for Client<C>
+where
+    C::Service: InnerService,
+{
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> redis::RedisFuture<'a, Value> {
         let now = Instant::now();
         Box::pin(async move {
