@@ -641,6 +641,11 @@ impl ClientBuilder {
     }
 
     /// Connect over TLS (feature `tls`).
+    ///
+    /// The option exists in every build, so configuration read at run time compiles the same
+    /// way with and without the feature; a build without it fails [`build`](Self::build) at
+    /// once — before anything connects — with a `Config` error that names the `tls` feature,
+    /// as does a `rediss://` seed.
     pub fn tls(mut self, tls: TlsConfig) -> Self {
         self.tls = Some(tls);
         self
@@ -1111,5 +1116,30 @@ where
 
     fn get_db(&self) -> i64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tls_options_fail_the_build_naming_the_feature_it_lacks() {
+        let asked = [
+            Client::builder()
+                .seed("cluster.example.com:6379")
+                .tls(TlsConfig::webpki_roots()),
+            Client::builder().seed("rediss://cluster.example.com:6379"),
+        ];
+        for builder in asked {
+            let built = builder.build().await;
+            if cfg!(feature = "tls") {
+                assert!(built.is_ok(), "{:?}", built.err());
+            } else {
+                let err = built.unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+                assert!(err.to_string().contains("`tls` feature"), "{err}");
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! | target | level | event | fields |
 //! |---|---|---|---|
-//! | `retry` | DEBUG span `redis_retry` | one per call through the retry layer | `command` (name only) or `commands` (pipeline length), `attempts`, `redirects` |
+//! | `retry` | DEBUG span `redis` | one per call through the retry layer (so every `Client` call with retries on), with OpenTelemetry's database client fields | `otel.name` and `db.operation.name` (the command's name, `PIPELINE` or `MULTI`), `otel.kind = client`, `db.system.name = redis`, `db.operation.batch.size` (pipelines), `server.address`/`server.port` (when the node is known: a blocking command's own connection), `error.type` (the [`ErrorKind`](crate::ErrorKind)) and `otel.status_code = ERROR` on failure, `attempts`, `redirects`, `generation` (of the inner client that served or failed it) |
 //! | `retry` | DEBUG | `retrying` | `kind`, `sent`, `idempotency`, `generation`, `attempt`, `redirects`, `follow`, `delay_ms` |
 //! | `retry` | DEBUG | no retry: the deadline would pass | `kind`, `attempt`, `delay`, `remaining` |
 //! | `retry` | WARN (at most once a second) / DEBUG | retry budget exhausted | `kind`, `attempt` |
@@ -21,6 +21,11 @@
 //! | `topology` | WARN | topology refresh failed | `error` |
 //! | `topology` | DEBUG | publishing topology snapshot | `sequence`, `shards`, `agreed_by`, `answered` |
 //! | `connect` | DEBUG | resolved seed name | `host`, `port`, `addrs` |
+//!
+//! The span follows OpenTelemetry's database conventions, so `tracing-opentelemetry` exports it
+//! as a client span named for the command; it is at DEBUG, so enable
+//! `tower_redis_cluster=debug` for the layer that exports it (a per-layer filter keeps the
+//! rest of the output at its own level).
 //!
 //! The `redis` crate logs through the `log` facade; its messages appear next to ours when a
 //! `tracing-log` bridge (as `tracing-subscriber`'s default) is installed.

@@ -67,7 +67,10 @@ async fn the_client_follows_a_primary_endpoint_to_the_promoted_replica() {
         .build_with(primary_endpoint(names.clone()))
         .await
         .unwrap();
-    client.wait_connected(Duration::from_secs(10)).await.unwrap();
+    client
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
     let () = client.set("greeting", "hello").await.unwrap();
     assert_eq!(client.incr::<_, _, i64>("visits", 1).await.unwrap(), 1);
     // Replicated before the primary dies.

@@ -931,7 +931,11 @@ async fn traces_name_the_command_never_its_arguments() {
     send(&mut retry, cmd("GET session:42")).await.unwrap_err();
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("redis_retry{command=SET}"), "{logs}");
+    assert!(
+        logs.contains("redis{otel.kind=\"client\" db.system.name=\"redis\" otel.name=SET"),
+        "{logs}"
+    );
+    assert!(logs.contains("db.operation.name=SET"), "{logs}");
     assert!(logs.contains("retrying"), "{logs}");
     assert!(logs.contains("kind=try_again"), "{logs}");
     assert!(logs.contains("attempt=1"), "{logs}");

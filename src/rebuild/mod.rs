@@ -345,6 +345,11 @@ where
         match &mut self.current {
             Some(current) if self.reserved => {
                 self.reserved = false;
+                // The call's span (the retry layer's, when it is there) says which inner
+                // client served it.
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    tracing::Span::current().record("generation", current.generation);
+                }
                 let inner = current.service.call(request);
                 ResponseFuture::called(inner, self.shared.clone(), current.generation)
             }

@@ -128,8 +128,9 @@ where
                                 None => error,
                             };
                             tracing::debug!("deadline passed during a retry");
-                            record_attempts(this.span, this.policy);
-                            return Poll::Ready(Err(this.policy.final_error(error)));
+                            let result = Err(this.policy.final_error(error));
+                            record_outcome(this.span, this.policy, &result);
+                            return Poll::Ready(result);
                         }
                     };
                     match this.policy.retry(this.request, &mut result) {
@@ -145,7 +146,7 @@ where
                             this.state.set(State::Waiting { delay });
                         }
                         None => {
-                            record_attempts(this.span, this.policy);
+                            record_outcome(this.span, this.policy, &result);
                             return Poll::Ready(result);
                         }
                     }
@@ -167,7 +168,6 @@ where
                     // hold the caller past the deadline either.
                     if retrying.as_mut().deadline_passed(cx) {
                         tracing::debug!("deadline passed before the retry could be sent");
-                        record_attempts(this.span, this.policy);
                         let error = retrying
                             .as_mut()
                             .project()
@@ -176,12 +176,15 @@ where
                             .unwrap_or_else(|| {
                                 Error::timeout("the call's deadline passed before a retry")
                             });
-                        return Poll::Ready(Err(this.policy.final_error(error)));
+                        let result = Err(this.policy.final_error(error));
+                        record_outcome(this.span, this.policy, &result);
+                        return Poll::Ready(result);
                     }
                     let ready = ready!(this.service.poll_ready(cx));
                     if let Err(error) = ready {
-                        record_attempts(this.span, this.policy);
-                        return Poll::Ready(Err(this.policy.final_error(error)));
+                        let result = Err(this.policy.final_error(error));
+                        record_outcome(this.span, this.policy, &result);
+                        return Poll::Ready(result);
                     }
                     let future = this.service.call(this.request.clone());
                     this.state.set(State::Called { future });
@@ -285,11 +288,27 @@ where
     }
 }
 
-/// Puts the counts on the call's span, when there is more than the first attempt to tell.
-fn record_attempts<P: RetryPolicy>(span: &Span, policy: &CallPolicy<P>) {
+/// Puts the call's outcome on its span: the counts, when there is more than the first
+/// attempt to tell, and for a failure its kind (`error.type`), status and the generation of
+/// the inner client that failed it.
+fn record_outcome<P: RetryPolicy, T>(
+    span: &Span,
+    policy: &CallPolicy<P>,
+    result: &Result<T, Error>,
+) {
+    if span.is_disabled() {
+        return;
+    }
     if policy.attempt() > 1 || policy.redirects() > 0 {
         span.record("attempts", policy.attempt());
         span.record("redirects", policy.redirects());
+    }
+    if let Err(error) = result {
+        span.record("error.type", error.kind().as_str());
+        span.record("otel.status_code", "ERROR");
+        if let Some(generation) = error.generation() {
+            span.record("generation", generation);
+        }
     }
 }
 

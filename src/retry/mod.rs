@@ -126,9 +126,10 @@
 //!
 //! # Observability
 //!
-//! Each call runs in a `redis_retry` debug span carrying the command *name* — never its
-//! arguments, which may hold secrets — and, when the call needed more than one attempt, the
-//! attempt and redirection counts. Each retry is a debug event with the error kind, whether
+//! Each call runs in a `redis` debug span with OpenTelemetry's database client fields (see
+//! [`observability`](crate::observability)): the command *name* — never its arguments, which
+//! may hold secrets — the generation of the inner client, the error kind of a failure and,
+//! when the call needed more than one attempt, the attempt and redirection counts. Each retry is a debug event with the error kind, whether
 //! the failed attempt may have taken effect, the attempt number and the delay. An empty budget
 //! is a warning (at most one a second).
 
@@ -255,12 +256,22 @@ where
     P: RetryPolicy,
     Req: RetryRequest,
 {
+    // OpenTelemetry's database client conventions: an exporter (tracing-opentelemetry) names
+    // the span for the command (`otel.name`) and maps the rest as they are.
     let span = tracing::debug_span!(
-        "redis_retry",
-        command = field::Empty,
-        commands = field::Empty,
+        "redis",
+        otel.name = field::Empty,
+        otel.kind = "client",
+        otel.status_code = field::Empty,
+        db.system.name = "redis",
+        db.operation.name = field::Empty,
+        db.operation.batch.size = field::Empty,
+        server.address = field::Empty,
+        server.port = field::Empty,
+        error.type = field::Empty,
         attempts = field::Empty,
         redirects = field::Empty,
+        generation = field::Empty,
     );
     request.describe(&span);
     let mut policy = match started {
@@ -320,7 +331,8 @@ impl RetryRequest for Cmd {
         if !span.is_disabled() {
             // The name only: arguments may be passwords (AUTH) or personal data.
             if let Some(name) = command::command_name(self) {
-                span.record("command", field::display(&name));
+                span.record("otel.name", field::display(&name));
+                span.record("db.operation.name", field::display(&name));
             }
         }
     }
@@ -334,8 +346,9 @@ impl RetryRequest for Pipeline {
             } else {
                 "PIPELINE"
             };
-            span.record("command", field::display(kind));
-            span.record("commands", self.len());
+            span.record("otel.name", field::display(kind));
+            span.record("db.operation.name", field::display(kind));
+            span.record("db.operation.batch.size", self.len());
         }
     }
 }

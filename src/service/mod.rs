@@ -292,6 +292,12 @@ impl BlockingLane {
             )
             .with_sent(crate::Sent::No));
         };
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // The node is known here: it goes on the call's span (OpenTelemetry's fields).
+            let span = tracing::Span::current();
+            span.record("server.address", host.as_str());
+            span.record("server.port", port);
+        }
         let node = crate::connect::Endpoint::new(host, port)?;
         let response_timeout = match block {
             crate::command::Block::For(d) => Some(d.saturating_add(self.margin)),
