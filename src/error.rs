@@ -202,6 +202,11 @@ impl Error {
 
     /// Classifies an error of the `redis` crate. This is the one place where that happens.
     pub fn from_redis(err: RedisError) -> Self {
+        // One of ours that went through the redis crate's interfaces (`Error::into_redis`):
+        // itself again, `Sent` and cause intact.
+        if let Some(ours) = Error::of_redis(&err) {
+            return ours.clone();
+        }
         let (kind, sent) = classify_redis(&err);
         Error(Box::new(Inner {
             kind,
@@ -483,6 +488,9 @@ impl Error {
     /// assert!(redis_error.is_timeout());
     /// let back = Error::of_redis(&redis_error).unwrap();
     /// assert_eq!((back.kind(), back.sent()), (ErrorKind::Timeout, Sent::Maybe));
+    /// // `?` from a redis result into this crate's error gives it back whole too.
+    /// let again = Error::from(redis_error);
+    /// assert_eq!((again.kind(), again.sent()), (ErrorKind::Timeout, Sent::Maybe));
     /// ```
     pub fn into_redis(self) -> RedisError {
         let as_sent = !matches!(

@@ -1,5 +1,21 @@
-//! Tower layers that keep a service talking to a Redis Cluster through failovers, node
-//! replacements and topology changes.
+//! A Redis Cluster client for Rust services that keeps serving through failovers and nodes
+//! replaced at new IPs, built from composable tower layers.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_redis_cluster::{redis::AsyncCommands, Client, Error};
+//!
+//! # async fn run() -> Result<(), Error> {
+//! let mut client = Client::builder()
+//!     .seed("clustercfg.my-cluster.example.com:6379") // kept as a name, resolved at every connect
+//!     .timeout(Duration::from_millis(500)) // one deadline per call, retries included
+//!     .build()
+//!     .await?;
+//! let () = client.set("greeting", "hello").await?;
+//! let greeting: Option<String> = client.get("greeting").await?;
+//! let visits: i64 = client.incr("visits", 1).await?; // never sent twice behind one Ok
+//! # Ok(()) }
+//! ```
 //!
 //! A managed Redis Cluster (AWS MemoryDB, ElastiCache) fails a shard over by promoting the
 //! replica and replacing the old master with a node at a **new IP**. After two such failovers
@@ -10,11 +26,17 @@
 //! around any Redis connection exposed as `tower::Service<redis::Cmd>` (and, below the retry
 //! layer, which shares the request instead of copying it, `Service<Arc<redis::Cmd>>`):
 //!
+//! * [`Client`] — the layers below stacked with one deadline; a `tower::Service` and a
+//!   `redis::aio::ConnectionLike` (typed commands, `Script`, pipelines);
 //! * [`RedisService`] — a `redis` connection as a `Service<Cmd>` / `Service<Pipeline>`;
+//! * [`retry`] — classification × idempotency × [`Sent`], backoff, budget, deadline;
+//! * [`topology`] — periodic and error-driven refresh, the nodes it knows fed to rebuilds;
 //! * [`rebuild`] — recreate the inner client from its seed *names* (never its frozen IPs):
 //!   single-flight across clones, backoff, make-before-break, bounded waiting;
 //! * [`Error`] — one classification of every failure, with [`Sent`] telling whether a command
 //!   may have taken effect, and [`command`] telling whether it is safe to send again.
+//!
+//! The same stack by hand, to replace or omit any layer:
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -33,6 +55,8 @@
 //! redis.oneshot(set).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Features: `tls` (rustls), `metrics` (the `metrics` facade), `test-util` (the harness).
 //!
 //! The `test-util` feature adds the `harness` module: a local cluster of real `redis-server` processes,
 //! one loopback IP per node, that can fail over, kill and replace nodes at new IPs — to
@@ -63,6 +87,11 @@ pub use error::{Error, ErrorKind, Sent};
 /// use it through this path and your commands are always of the version the `Client` takes.
 pub use redis;
 pub use service::RedisService;
+
+/// The README's examples, compiled as doc tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 /// Entry points for the fuzz targets in `fuzz/` (built with `cargo fuzz`, which sets
 /// `--cfg fuzzing`): the parsers that take untrusted input, which must never panic. Compiled in
