@@ -257,9 +257,7 @@ pub(crate) fn settle_sent(cmd: &Cmd, error: crate::Error, cluster: bool) -> crat
         error.kind(),
         crate::ErrorKind::Command | crate::ErrorKind::Conversion
     ) && redis.code() != Some("NOSCRIPT");
-    let sent = if cluster && fans_out(cmd) {
-        Sent::Maybe
-    } else if raised_while_running && runs_in_steps(cmd) {
+    let sent = if (cluster && fans_out(cmd)) || (raised_while_running && runs_in_steps(cmd)) {
         Sent::Maybe
     } else {
         Sent::No
