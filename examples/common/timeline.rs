@@ -29,11 +29,12 @@ pub const BUCKET: Duration = Duration::from_millis(100);
 pub struct Timeline {
     pub title: String,
     pub bucket: Duration,
-    /// Calls per bucket; error series are drawn in red against the right-hand axis.
+    /// Calls per bucket; error series are drawn in red (then orange) against the right-hand
+    /// axis, the others in blue (then green) against the left-hand one.
     pub series: Vec<Series>,
     /// Stretches of time shaded with a label on top, e.g. a chaos event from start to end.
     pub spans: Vec<Span>,
-    /// Instants marked with a dashed line and a label near the bottom, e.g. a rebuild.
+    /// Instants marked with a dashed line, labelled under the spans' labels, e.g. a rebuild.
     pub marks: Vec<Mark>,
 }
 
