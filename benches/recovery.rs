@@ -39,12 +39,17 @@
 //! generation, its refresher's counters, and how many live nodes its last topology snapshot
 //! lists (the rebuild layer's known nodes, its only way back when the name is stale).
 //!
+//! Each variant's first run is also drawn: `target/recovery-<scenario>-<variant>.svg` shows
+//! both clients' successful and failed GETs per 100 ms from a second before the crash, the
+//! crash → takeover and the replacement shaded, and the `Client`'s rebuilds marked.
+//!
 //! ```text
 //! cargo bench --features test-util,tls --bench recovery
 //! RECOVERY_RUNS=10 RECOVERY_SCENARIOS=managed cargo bench --features test-util,tls --bench recovery
 //! ```
 
 use std::{
+    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -59,6 +64,10 @@ use tower_redis_cluster::{
     topology::RefreshConfig,
     Client, Seeds,
 };
+
+#[path = "../examples/common/timeline.rs"]
+mod timeline;
+use timeline::{Counts, Rebuilds, Series, Span, Timeline};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -128,6 +137,19 @@ impl Probe {
         }
     }
 
+    /// Its successful and failed calls per bucket from `origin` to `end`.
+    fn series(&self, origin: Instant, end: Instant) -> [Series; 2] {
+        let counts = Counts::new(origin, end - origin + timeline::BUCKET);
+        for e in self.events.lock().unwrap().iter() {
+            counts.record_at(e.ended, e.ok);
+        }
+        counts.series(
+            &format!("{} ok/s", self.name),
+            &format!("{} failed/s", self.name),
+            end,
+        )
+    }
+
     /// Forgets the calls that ended before `before` (keeps memory flat across runs).
     fn trim(&self, before: Instant) {
         self.events.lock().unwrap().retain(|e| e.ended >= before);
@@ -174,6 +196,8 @@ struct Variant {
     results: [Vec<RunResult>; 2],
     /// When this variant's cluster was last healthy after a run.
     last_healthy: Option<Instant>,
+    /// The first run's timeline.
+    plot: Option<Timeline>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -243,6 +267,7 @@ async fn make_variant(
         ],
         results: [Vec::new(), Vec::new()],
         last_healthy: None,
+        plot: None,
     }
 }
 
@@ -290,6 +315,7 @@ async fn run_once(variant: &mut Variant, run: usize, limit: Duration, gap: Durat
         .collect();
 
     let before = client_state(&variant.client, &cluster.addrs());
+    let rebuilds = (run == 1).then(|| Rebuilds::watch(&variant.client));
     let master = cluster.master_of(0);
     cluster
         .kill_node(master.addr)
@@ -305,6 +331,7 @@ async fn run_once(variant: &mut Variant, run: usize, limit: Duration, gap: Durat
         .node_command(replica.addr, &takeover)
         .await
         .expect("CLUSTER FAILOVER TAKEOVER");
+    let promoted = Instant::now();
     let new = cluster
         .replace_node(master.addr)
         .await
@@ -312,6 +339,34 @@ async fn run_once(variant: &mut Variant, run: usize, limit: Duration, gap: Durat
     let healthy = Instant::now();
     variant.last_healthy = Some(healthy);
     wait_successes(&variant.probes, crashed, healthy, healthy + limit).await;
+    if let Some(rebuilds) = rebuilds {
+        // From a second before the crash (the probes' calls since the last trim are kept).
+        let origin = check.checked_sub(Duration::from_secs(1)).unwrap_or(check);
+        let end = Instant::now();
+        let spans = vec![
+            Span {
+                from: crashed - origin,
+                to: promoted - origin,
+                label: "crash, takeover".to_string(),
+            },
+            Span {
+                from: promoted - origin,
+                to: healthy - origin,
+                label: "replace at a new IP".to_string(),
+            },
+        ];
+        variant.plot = Some(Timeline {
+            title: format!("{}, run 1: GETs per 100 ms", variant.name),
+            bucket: timeline::BUCKET,
+            series: variant
+                .probes
+                .iter()
+                .flat_map(|p| p.series(origin, end))
+                .collect(),
+            spans,
+            marks: rebuilds.marks(origin),
+        });
+    }
 
     let mut line = format!(
         "  {:<13} run {run}: crash→healthy {:>6.0} ms (master {} → {}, new node {}) |",
@@ -501,6 +556,25 @@ async fn scenario(scenario: &Scenario, settings: &Settings) -> Vec<String> {
         }
     }
     println!("(scenario took {:.0} s)", started.elapsed().as_secs_f64());
+    for variant in &mut variants {
+        let Some(mut plot) = variant.plot.take() else {
+            continue;
+        };
+        plot.title = format!("recovery, scenario \"{}\": {}", scenario.name, plot.title);
+        let path = PathBuf::from(format!(
+            "target/recovery-{}-{}.svg",
+            scenario.name,
+            variant.name.replace(' ', "-")
+        ));
+        match timeline::write_svg(&path, &plot) {
+            Ok(()) => println!(
+                "timeline of {}'s first run: {}",
+                variant.name,
+                path.display()
+            ),
+            Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+        }
+    }
     for variant in variants {
         for probe in variant.probes {
             probe.stop().await;

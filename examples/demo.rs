@@ -22,10 +22,14 @@
 //! With `REDIS_CLUSTER_SEEDS=host:port[,host:port]` (and optionally `REDIS_USERNAME`,
 //! `REDIS_PASSWORD`, `DEMO_SECONDS`) it runs the same workload against that cluster, without
 //! chaos.
+//!
+//! At the end it writes a timeline — successful and failed calls per 100 ms, the chaos events
+//! and the client's rebuilds marked — to `target/demo-timeline.svg` (or `DEMO_PLOT`).
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -38,6 +42,10 @@ use tower_redis_cluster::{
     topology::RefreshConfig,
     Client,
 };
+
+#[path = "common/timeline.rs"]
+mod timeline;
+use timeline::{Counts, Rebuilds, Span, Timeline};
 
 /// A node's announced name without the cluster's domain.
 fn short_name(node: &NodeInfo) -> String {
@@ -76,19 +84,24 @@ impl Stats {
 
 struct Workload {
     stats: Arc<Stats>,
+    /// Calls per 100 ms, for the timeline.
+    counts: Arc<Counts>,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     started: Instant,
 }
 
 /// 16 tasks: reads, idempotent writes and counters (INCR), each call with the client's deadline.
-fn start_workload(client: &Client) -> Workload {
+/// The timeline counts the calls of the first `span`.
+fn start_workload(client: &Client, span: Duration) -> Workload {
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let counts = Arc::new(Counts::new(started, span));
     let tasks = (0..16)
         .map(|task| {
             let (client, stats, stop) = (client.clone(), stats.clone(), stop.clone());
+            let counts = counts.clone();
             tokio::spawn(async move {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -107,7 +120,9 @@ fn start_workload(client: &Client) -> Workload {
                     if i % 3 == 1 {
                         cmd.arg(i);
                     }
-                    match client.send(cmd).await {
+                    let result = client.send(cmd).await;
+                    counts.record_at(Instant::now(), result.is_ok());
+                    match result {
                         Ok(_) => {
                             stats.ok.fetch_add(1, Ordering::Relaxed);
                             let now = started.elapsed().as_millis() as u64;
@@ -132,6 +147,7 @@ fn start_workload(client: &Client) -> Workload {
         .collect();
     Workload {
         stats,
+        counts,
         stop,
         tasks,
         started,
@@ -178,6 +194,41 @@ fn start_status_line(client: &Client, workload: &Workload) -> tokio::task::JoinH
             last = ok;
         }
     })
+}
+
+/// The run so far as a timeline: calls per 100 ms, `spans` shaded, the client's rebuilds marked.
+fn timeline_of(
+    title: String,
+    workload: &Workload,
+    spans: Vec<Span>,
+    rebuilds: &Rebuilds,
+) -> Timeline {
+    let [ok, errors] = workload.counts.series(
+        "successful calls/s",
+        "failed calls/s (right axis)",
+        Instant::now(),
+    );
+    Timeline {
+        title,
+        bucket: timeline::BUCKET,
+        series: vec![ok, errors],
+        spans,
+        marks: rebuilds.marks(workload.started),
+    }
+}
+
+/// Writes the timeline to `DEMO_PLOT` (default `target/demo-timeline.svg`) and says where.
+fn write_plot(timeline: &Timeline) {
+    let path = std::env::var_os("DEMO_PLOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/demo-timeline.svg"));
+    match timeline::write_svg(&path, timeline) {
+        Ok(()) => println!(
+            "  timeline (calls per 100 ms, events, rebuilds): {}",
+            path.display()
+        ),
+        Err(e) => eprintln!("cannot write the timeline to {}: {e}", path.display()),
+    }
 }
 
 struct Event {
@@ -243,9 +294,12 @@ async fn local_chaos() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("  nodes {}", start_names.join(" "));
 
-    let workload = start_workload(&client);
+    // Ten minutes of timeline: far more than the chaos takes.
+    let workload = start_workload(&client, Duration::from_secs(600));
+    let rebuilds = Rebuilds::watch(&client);
     let status = start_status_line(&client, &workload);
     let mut events = Vec::new();
+    let mut spans = Vec::new();
 
     // Every start-up node is replaced, in start-up order, then a master crashes.
     let mut plan: Vec<Option<SocketAddr>> = cluster.addrs().into_iter().map(Some).collect();
@@ -257,7 +311,7 @@ async fn local_chaos() -> Result<(), Box<dyn std::error::Error>> {
         let errors_before = stats.error_total();
         stats.max_gap_ms.store(0, Ordering::Relaxed);
         let began = Instant::now();
-        let what = match step {
+        let (what, label) = match step {
             None => {
                 let master = cluster.master_of(0);
                 println!(
@@ -266,7 +320,10 @@ async fn local_chaos() -> Result<(), Box<dyn std::error::Error>> {
                 );
                 cluster.kill_node(master.addr).await?;
                 let new = cluster.replace_node(master.addr).await?;
-                format!("crash master of shard 0 (new replica {})", short_name(&new))
+                (
+                    format!("crash master of shard 0 (new replica {})", short_name(&new)),
+                    "crash master 0".to_string(),
+                )
             }
             Some(addr) => {
                 // Roles move as nodes are replaced: say what the node is now.
@@ -278,15 +335,23 @@ async fn local_chaos() -> Result<(), Box<dyn std::error::Error>> {
                     name_of(&old)
                 );
                 let new = cluster.replace_node(addr).await?;
-                format!(
-                    "replace {role} of shard {} ({} → {})",
-                    old.shard,
-                    short_name(&old),
-                    short_name(&new)
+                (
+                    format!(
+                        "replace {role} of shard {} ({} → {})",
+                        old.shard,
+                        short_name(&old),
+                        short_name(&new)
+                    ),
+                    format!("replace {role} {}", old.shard),
                 )
             }
         };
         let took = began.elapsed();
+        spans.push(Span {
+            from: began - workload.started,
+            to: began + took - workload.started,
+            label,
+        });
         // Recovered: a call succeeded after the event ended.
         let ended_ms = workload.started.elapsed().as_millis() as u64;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -302,6 +367,12 @@ async fn local_chaos() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let plot = timeline_of(
+        "demo: 16 tasks through Client while every node is replaced at a new IP and a master crashes (managed profile, DNS frozen)".to_string(),
+        &workload,
+        spans,
+        &rebuilds,
+    );
     let stats = workload.stats.clone();
     workload.stop().await;
     let _ = status.await;
@@ -354,6 +425,7 @@ async fn local_chaos() -> Result<(), Box<dyn std::error::Error>> {
             if e.recovered { "yes" } else { "NO" }
         );
     }
+    write_plot(&plot);
     if !all {
         eprintln!("a chaos event was not recovered from");
         std::process::exit(1);
@@ -376,9 +448,16 @@ async fn remote(seeds: String) -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     println!("running the workload against {seeds} for {seconds} s");
-    let workload = start_workload(&client);
+    let workload = start_workload(&client, Duration::from_secs(seconds + 10));
+    let rebuilds = Rebuilds::watch(&client);
     let status = start_status_line(&client, &workload);
     tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let plot = timeline_of(
+        format!("demo: 16 tasks through Client against {seeds}"),
+        &workload,
+        Vec::new(),
+        &rebuilds,
+    );
     let stats = workload.stats.clone();
     workload.stop().await;
     let _ = status.await;
@@ -387,6 +466,7 @@ async fn remote(seeds: String) -> Result<(), Box<dyn std::error::Error>> {
         stats.ok.load(Ordering::Relaxed),
         stats.errors()
     );
+    write_plot(&plot);
     Ok(())
 }
 
