@@ -41,7 +41,9 @@ pub enum ErrorKind {
     /// node that did not serve the request before the call's deadline or redirect limit (a
     /// failover or migration in progress). A redirection never reaches a caller as such.
     MasterDown,
-    /// `READONLY`: a write reached a node that is (now) a replica, typically a demoted master.
+    /// `READONLY`: a write reached a node that is (now) a replica, typically a demoted master —
+    /// or a blocking command was unblocked because its master was demoted (`UNBLOCKED … instance
+    /// state changed`).
     ReadOnly,
     /// The connection was refused, reset or closed, or another I/O failure occurred.
     Connection,
@@ -636,10 +638,20 @@ fn classify_redis(err: &RedisError) -> (ErrorKind, Sent) {
             (kind, sent)
         }
         K::Extension => {
-            let kind = err
-                .code()
-                .map(classify_extension_code)
-                .unwrap_or(ErrorKind::Command);
+            let kind = match err.code() {
+                // A master that becomes a replica (a failover demoting it) unblocks its blocked
+                // clients: the command popped nothing and belongs on the new master. (Not the
+                // `UNBLOCKED` of `CLIENT UNBLOCK … ERROR`, which someone asked for.)
+                Some("UNBLOCKED")
+                    if err
+                        .detail()
+                        .is_some_and(|d| d.contains("instance state changed")) =>
+                {
+                    ErrorKind::ReadOnly
+                }
+                Some(code) => classify_extension_code(code),
+                None => ErrorKind::Command,
+            };
             let sent = if kind == ErrorKind::Command {
                 Sent::Maybe
             } else {
@@ -765,6 +777,16 @@ mod tests {
                 b"-READONLY You can't write against a read only replica.\r\n",
                 ErrorKind::ReadOnly,
                 Sent::No,
+            ),
+            (
+                b"-UNBLOCKED force unblock from blocking operation, instance state changed (master -> replica?)\r\n",
+                ErrorKind::ReadOnly,
+                Sent::No,
+            ),
+            (
+                b"-UNBLOCKED client unblocked via CLIENT UNBLOCK\r\n",
+                ErrorKind::Command,
+                Sent::Maybe,
             ),
             (
                 b"-NOAUTH Authentication required.\r\n",

@@ -196,3 +196,26 @@ async fn blocking_commands_leave_the_inner_client_alone() {
     let err = client.send_pipeline(pipe).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_whose_master_is_demoted_waits_on_the_new_master() {
+    let mut cluster = support::cluster(1, 1).await;
+    let client = client(&cluster, Some(Duration::from_secs(10))).await;
+    let popper = client.clone();
+    let pop = tokio::spawn(async move { popper.send(words("BLPOP {q}handover 8")).await });
+    until_blocked(&cluster, 1).await;
+    // A graceful failover demotes the master, which unblocks its blocked clients with
+    // `-UNBLOCKED … instance state changed (master -> replica?)`: nothing was popped, and the
+    // pop belongs on the new master.
+    cluster.failover(0).await.unwrap();
+    until_blocked(&cluster, 1).await;
+    client.send(words("RPUSH {q}handover job")).await.unwrap();
+    let popped = pop.await.unwrap().unwrap();
+    assert_eq!(
+        popped,
+        Value::Array(vec![
+            Value::BulkString(b"{q}handover".to_vec()),
+            Value::BulkString(b"job".to_vec())
+        ])
+    );
+}
