@@ -742,6 +742,7 @@ impl ClientBuilder {
     /// that says what to fix.
     pub async fn build(mut self) -> Result<Client, Error> {
         let seeds = Seeds::parse(&self.seeds)?;
+        self.check_limits()?;
         let name = self
             .name
             .clone()
@@ -830,9 +831,27 @@ impl ClientBuilder {
                  topology_source(..), or leave topology_refresh unset",
             ));
         }
+        self.check_limits()?;
         let name = self.name.clone().unwrap_or_else(|| "client".to_string());
         let described = std::any::type_name::<C>().to_string();
         self.assemble(connector, described, None, name)
+    }
+
+    /// Timeouts and limits that cannot work, named.
+    fn check_limits(&self) -> Result<(), Error> {
+        for (option, value) in [
+            ("connection_timeout", self.connection_timeout),
+            ("response_timeout", self.response_timeout),
+            ("timeout", self.timeout.flatten()),
+        ] {
+            if value.is_some_and(|d| d.is_zero()) {
+                return Err(Error::config(format!("{option} must be greater than zero")));
+            }
+        }
+        if self.concurrency_limit == Some(0) {
+            return Err(Error::config("concurrency_limit must be at least 1"));
+        }
+        Ok(())
     }
 
     /// The topology source of the refresh layer: which nodes to ask for the cluster's
@@ -856,18 +875,6 @@ impl ClientBuilder {
         C: Connect,
         C::Service: InnerService,
     {
-        for (option, value) in [
-            ("connection_timeout", self.connection_timeout),
-            ("response_timeout", self.response_timeout),
-            ("timeout", self.timeout.flatten()),
-        ] {
-            if value.is_some_and(|d| d.is_zero()) {
-                return Err(Error::config(format!("{option} must be greater than zero")));
-            }
-        }
-        if self.concurrency_limit == Some(0) {
-            return Err(Error::config("concurrency_limit must be at least 1"));
-        }
         let name = crate::metrics::ClientName::new(name);
 
         let timeout = self.timeout.unwrap_or(Some(Duration::from_secs(5)));
