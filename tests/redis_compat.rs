@@ -23,6 +23,17 @@ async fn cached_on_master(cluster: &tower_redis_cluster::harness::LocalCluster, 
     found == [true]
 }
 
+/// Runs the INCRBY script on `{u}score` with 5, as `redis::Script` does: `EVALSHA`, and after
+/// `NOSCRIPT` a `SCRIPT LOAD` and `EVALSHA` again.
+async fn add_five(script: &redis::Script, client: &mut tower_redis_cluster::Client) -> i64 {
+    script
+        .key("{u}score")
+        .arg(5)
+        .invoke_async(client)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_commands_pipelines_and_scripts_work_through_a_master_replacement() {
     init_tracing();
@@ -75,13 +86,7 @@ async fn typed_commands_pipelines_and_scripts_work_through_a_master_replacement(
     assert!(Error::of_redis(&wrong).is_none());
 
     let script = redis::Script::new("return redis.call('INCRBY', KEYS[1], ARGV[1])");
-    let total: i64 = script
-        .key("{u}score")
-        .arg(5)
-        .invoke_async(&mut client)
-        .await
-        .unwrap();
-    assert_eq!(total, 5);
+    assert_eq!(add_five(&script, &mut client).await, 5);
     assert!(cached_on_master(&cluster, script.get_hash()).await);
 
     // The master dies and its replica takes over; the old master comes back at a new IP.
@@ -93,13 +98,7 @@ async fn typed_commands_pipelines_and_scripts_work_through_a_master_replacement(
     // Scripts are not replicated: the promoted master answers NOSCRIPT, and the script is
     // loaded again and run once, on what the replica had.
     assert!(!cached_on_master(&cluster, script.get_hash()).await);
-    let total: i64 = script
-        .key("{u}score")
-        .arg(5)
-        .invoke_async(&mut client)
-        .await
-        .unwrap();
-    assert_eq!(total, 10);
+    assert_eq!(add_five(&script, &mut client).await, 10);
     assert!(cached_on_master(&cluster, script.get_hash()).await);
     let name: String = client.get("{u}name").await.unwrap();
     assert_eq!(name, "ada");
