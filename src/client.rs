@@ -580,6 +580,7 @@ pub struct ClientBuilder {
     inner_retries: Option<u32>,
     name: Option<String>,
     topology_source: Option<crate::topology::TopologySource>,
+    topology_probes: Option<usize>,
 }
 
 impl ClientBuilder {
@@ -690,6 +691,14 @@ impl ClientBuilder {
     /// Topology refresh configuration (default [`RefreshConfig::default`]).
     pub fn topology_refresh(mut self, config: RefreshConfig) -> Self {
         self.refresh = Some(Some(config));
+        self
+    }
+
+    /// At most `max` nodes asked (connections opened) per topology refresh, however large the
+    /// cluster (default [`DEFAULT_MAX_PROBES`](crate::topology::DEFAULT_MAX_PROBES)); see
+    /// [`TopologySource::max_probes`](crate::topology::TopologySource::max_probes).
+    pub fn topology_probes(mut self, max: usize) -> Self {
+        self.topology_probes = Some(max);
         self
     }
 
@@ -889,7 +898,13 @@ impl ClientBuilder {
             r.client_name = name.clone();
             r
         });
-        let source = self.topology_source.or(source);
+        let source = self
+            .topology_source
+            .or(source)
+            .map(|s| match self.topology_probes {
+                Some(max) => s.max_probes(max),
+                None => s,
+            });
         let refresh = match source {
             Some(source) => self
                 .refresh

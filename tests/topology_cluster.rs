@@ -336,3 +336,58 @@ async fn live_resharding_under_load_reaches_no_caller() {
     );
     assert!(stats.ok.load(Ordering::SeqCst) > 1000);
 }
+
+/// Connections the cluster's nodes have accepted so far (`INFO stats`), summed.
+async fn connections_received(cluster: &LocalCluster) -> u64 {
+    let mut stats = redis::cmd("INFO");
+    stats.arg("stats");
+    let mut total = 0;
+    for node in cluster.nodes() {
+        let reply = cluster.node_command(node.addr, &stats).await.unwrap();
+        let text: String = redis::from_redis_value(reply).unwrap();
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("INFO stats has total_connections_received");
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_of_twelve_nodes_opens_no_more_connections_than_its_limit() {
+    init_tracing();
+    let cluster = support::cluster(6, 1).await;
+    let service = stack(&cluster, RefreshConfig::default().every(None));
+    let topology = service.handle();
+    wait_snapshot(&topology, Duration::from_secs(20), |s| {
+        s.shards.len() == 6 && s.nodes().count() == 12
+    })
+    .await;
+    first_success(&service, Duration::from_secs(20))
+        .await
+        .unwrap();
+    // Reading the counters opens connections of its own: measured, then left out.
+    let first = connections_received(&cluster).await;
+    let reading = connections_received(&cluster).await - first;
+    let mut opened = Vec::new();
+    for _ in 0..4 {
+        let before = connections_received(&cluster).await;
+        topology
+            .refresh_and_wait(Duration::from_secs(10))
+            .await
+            .unwrap();
+        let after = connections_received(&cluster).await;
+        opened.push(after - before - reading);
+    }
+    let limit = tower_redis_cluster::topology::DEFAULT_MAX_PROBES as u64;
+    println!("12 nodes: connections per refresh {opened:?} (limit {limit}, reading {reading})");
+    assert!(
+        opened.iter().all(|&n| n >= 1 && n <= limit),
+        "{opened:?} against a limit of {limit}"
+    );
+    // Twelve nodes known; still one view of them all.
+    let snapshot = topology.current().unwrap();
+    assert_eq!(snapshot.nodes().count(), 12);
+    assert!(snapshot.asked <= limit as usize, "{}", snapshot.asked);
+}

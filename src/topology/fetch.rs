@@ -47,8 +47,13 @@ pub struct TopologySource {
     connection_timeout: Duration,
     response_timeout: Duration,
     concurrency: usize,
+    max_probes: usize,
     tls: Option<TlsConfig>,
 }
+
+/// How many nodes one refresh asks by default: every node of a cluster of up to three shards
+/// with a replica each, and no more however large the cluster grows.
+pub const DEFAULT_MAX_PROBES: usize = 6;
 
 /// One probe: a node (or seed) endpoint, and the IP to reach it at when the probe is for one
 /// address behind a name.
@@ -91,6 +96,7 @@ impl TopologySource {
             connection_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             concurrency: 16,
+            max_probes: DEFAULT_MAX_PROBES,
             tls: None,
         }
     }
@@ -159,16 +165,29 @@ impl TopologySource {
         self
     }
 
-    /// The probes of one refresh: every known node by its endpoint, and every address the seeds
-    /// resolve to now that is not already one of those.
+    /// At most `max` connections per refresh (default [`DEFAULT_MAX_PROBES`], at least 1),
+    /// whatever the size of the cluster: a fleet of clients refreshing against a large cluster
+    /// must not open a connection to every node each time. The known nodes are asked in the
+    /// order given — the refresh layer puts the serving masters first and rotates through the
+    /// others from one refresh to the next — and up to half the probes go to seed addresses
+    /// that are not known nodes (how new nodes are found, and the only probes of the first
+    /// refresh). The view most of the asked nodes agree on still wins.
+    pub fn max_probes(mut self, max: usize) -> Self {
+        self.max_probes = max.max(1);
+        self
+    }
+
+    /// The probes of one refresh, at most [`max_probes`](Self::max_probes): known nodes by their
+    /// endpoint, in the order given, and addresses the seeds resolve to now that are not known
+    /// nodes.
     async fn probes(&self, known: &[Endpoint], errors: &mut Vec<Error>) -> Vec<Probe> {
-        let mut probes: Vec<Probe> = known
-            .iter()
-            .map(|e| Probe {
-                endpoint: e.clone(),
-                pin: None,
-            })
-            .collect();
+        let seeds = self.seed_probes(known, errors).await;
+        select_probes(known, seeds, self.max_probes)
+    }
+
+    /// Every address the seeds resolve to now that is not one of the `known` nodes.
+    async fn seed_probes(&self, known: &[Endpoint], errors: &mut Vec<Error>) -> Vec<Probe> {
+        let mut probes = Vec::new();
         let covered: HashSet<SocketAddr> = known
             .iter()
             .filter_map(|e| {
@@ -343,6 +362,28 @@ impl TopologySource {
     }
 }
 
+/// At most `limit` probes: the seed addresses (`seeds`, not known nodes) take up to half of
+/// them when there are known nodes, all of them when there are none; the known nodes, in their
+/// order, the rest; a share one side leaves unused goes to the other.
+fn select_probes(known: &[Endpoint], seeds: Vec<Probe>, limit: usize) -> Vec<Probe> {
+    let seed_share = if known.is_empty() {
+        limit
+    } else {
+        seeds.len().min(limit.div_ceil(2))
+    };
+    let known_take = known.len().min(limit - seed_share);
+    let seed_take = seeds.len().min(limit - known_take);
+    let mut probes: Vec<Probe> = known[..known_take]
+        .iter()
+        .map(|e| Probe {
+            endpoint: e.clone(),
+            pin: None,
+        })
+        .collect();
+    probes.extend(seeds.into_iter().take(seed_take));
+    probes
+}
+
 /// A plain `ERR` reply (for one command of a pipeline too): what a server before 7.0 answers
 /// to `CLUSTER SHARDS`.
 fn is_error_reply(e: &redis::RedisError) -> bool {
@@ -388,4 +429,59 @@ pub(crate) struct Fetched {
     pub(crate) agreed_by: usize,
     pub(crate) answered: usize,
     pub(crate) asked: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints(n: usize) -> Vec<Endpoint> {
+        (1..=n)
+            .map(|i| format!("127.0.0.{i}:7000").parse().unwrap())
+            .collect()
+    }
+
+    fn seed_addresses(n: usize) -> Vec<Probe> {
+        (1..=n)
+            .map(|i| Probe {
+                endpoint: "clustercfg.example.com:7000".parse().unwrap(),
+                pin: Some(format!("127.0.1.{i}").parse().unwrap()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_refresh_never_opens_more_than_its_limit() {
+        // (known nodes, seed addresses not known, limit) → (known asked, seed addresses asked)
+        let cases = [
+            // Steady state: every seed address is a known node.
+            ((12, 0, 6), (6, 0)),
+            ((4, 0, 6), (4, 0)),
+            // The first refresh: only the seeds, a configuration name behind 12 nodes.
+            ((0, 12, 6), (0, 6)),
+            // New nodes behind the name: up to half the probes find them.
+            ((12, 5, 6), (3, 3)),
+            ((12, 1, 6), (5, 1)),
+            ((2, 5, 6), (2, 4)),
+            ((12, 5, 1), (0, 1)),
+        ];
+        for ((known, seeds, limit), (want_known, want_seeds)) in cases {
+            let known = endpoints(known);
+            let probes = select_probes(&known, seed_addresses(seeds), limit);
+            let asked_known = probes.iter().filter(|p| p.pin.is_none()).count();
+            let asked_seeds = probes.len() - asked_known;
+            assert_eq!(
+                (asked_known, asked_seeds),
+                (want_known, want_seeds),
+                "{known:?}, {seeds} seed addresses, limit {limit}"
+            );
+            // The known nodes asked are the first ones, in order.
+            let first: Vec<&Endpoint> = probes
+                .iter()
+                .take(asked_known)
+                .map(|p| &p.endpoint)
+                .collect();
+            assert_eq!(first, known.iter().take(asked_known).collect::<Vec<_>>());
+        }
+    }
 }

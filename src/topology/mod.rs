@@ -64,7 +64,7 @@ use tokio::sync::watch;
 use tower::{Layer, Service};
 
 pub use config::RefreshConfig;
-pub use fetch::TopologySource;
+pub use fetch::{TopologySource, DEFAULT_MAX_PROBES};
 pub use snapshot::{NodeHealth, NodeRole, Shard, TopologyChange, TopologyNode, TopologySnapshot};
 
 use refresher::Refresher;

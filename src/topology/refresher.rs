@@ -95,7 +95,11 @@ impl Refresher {
     /// One refresh; returns whether the topology changed since the previous snapshot.
     async fn refresh(&self) -> Result<bool, Error> {
         let previous = self.snapshot.borrow().clone();
-        let known = previous.as_ref().map(|s| s.endpoints()).unwrap_or_default();
+        // Masters first, the rest in turns: a refresh asks only the first few.
+        let known = previous
+            .as_ref()
+            .map(|s| s.probe_order(s.sequence))
+            .unwrap_or_default();
         let fetched = match self.source.fetch(&known).await {
             Ok(f) => f,
             Err(e) => {

@@ -109,6 +109,47 @@ impl TopologySnapshot {
         endpoints
     }
 
+    /// The nodes in the order a refresh asks them (it asks the first few, see
+    /// [`TopologySource::max_probes`](super::TopologySource::max_probes)): the serving masters,
+    /// then the other nodes — serving ones before failed or loading ones — rotated by `turn`, so
+    /// that successive refreshes reach every node in time. Each node once.
+    pub fn probe_order(&self, turn: u64) -> Vec<Endpoint> {
+        let mut masters: Vec<&TopologyNode> = self
+            .shards
+            .iter()
+            .filter_map(|s| s.master.as_ref())
+            .filter(|m| m.health == NodeHealth::Online)
+            .collect();
+        masters.sort();
+        let mut order: Vec<Endpoint> = Vec::new();
+        for master in masters {
+            if !order.contains(&master.endpoint) {
+                order.push(master.endpoint.clone());
+            }
+        }
+        let mut rest: Vec<&TopologyNode> = self
+            .nodes()
+            .filter(|n| !order.contains(&n.endpoint))
+            .collect();
+        rest.sort_by(|a, b| {
+            (a.health != NodeHealth::Online, *a).cmp(&(b.health != NodeHealth::Online, *b))
+        });
+        rest.dedup_by(|a, b| a.endpoint == b.endpoint);
+        let serving = rest
+            .iter()
+            .take_while(|n| n.health == NodeHealth::Online)
+            .count();
+        if serving > 0 {
+            rest[..serving].rotate_left((turn % serving as u64) as usize);
+        }
+        let others = rest.len() - serving;
+        if others > 0 {
+            rest[serving..].rotate_left((turn % others as u64) as usize);
+        }
+        order.extend(rest.into_iter().map(|n| n.endpoint.clone()));
+        order
+    }
+
     /// Every node, masters and replicas.
     pub fn nodes(&self) -> impl Iterator<Item = &TopologyNode> {
         self.shards.iter().flat_map(Shard::nodes)

@@ -552,3 +552,53 @@ fn the_captured_topology_replies_parse_to_a_node_announced_by_name() {
         assert_eq!(shards[0].slots, vec![0..=16383], "{}", path.display());
     }
 }
+
+/// Six shards of a master and a replica (`127.0.<shard>.1` and `.2`), the master of shard 3
+/// failed.
+fn six_shards() -> super::TopologySnapshot {
+    let shards = (0..6)
+        .map(|i| {
+            let master = node(&format!("127.0.{i}.1:7000"), NodeRole::Master);
+            let master = if i == 3 { failed(master) } else { master };
+            let mut shard = shard(
+                master,
+                vec![node(&format!("127.0.{i}.2:7000"), NodeRole::Replica)],
+            );
+            shard.slots = vec![(i * 2000)..=(i * 2000 + 1999)];
+            shard
+        })
+        .collect();
+    super::TopologySnapshot {
+        shards,
+        agreed_by: 1,
+        answered: 1,
+        asked: 1,
+        taken_at: std::time::SystemTime::now(),
+        sequence: 0,
+    }
+}
+
+#[test]
+fn a_refresh_asks_the_serving_masters_first_and_every_other_node_in_turn() {
+    let snapshot = six_shards();
+    let serving_masters: Vec<Endpoint> = [0, 1, 2, 4, 5]
+        .iter()
+        .map(|i| format!("127.0.{i}.1:7000").parse().unwrap())
+        .collect();
+    let failed_master: Endpoint = "127.0.3.1:7000".parse().unwrap();
+    let mut reached = std::collections::HashSet::new();
+    for turn in 0..6 {
+        let order = snapshot.probe_order(turn);
+        assert_eq!(order.len(), 12, "each node once: {order:?}");
+        assert_eq!(order[..5], serving_masters[..], "turn {turn}");
+        // The failed node comes after every serving one.
+        assert_eq!(order.last(), Some(&failed_master), "turn {turn}");
+        // A refresh asking 6 nodes asks the masters and one replica, another each turn.
+        reached.extend(order[..6].iter().cloned());
+    }
+    assert_eq!(
+        reached.len(),
+        11,
+        "every serving node within 6 refreshes: {reached:?}"
+    );
+}
