@@ -257,6 +257,10 @@ const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `base` spread by ±`jitter`, saturating at [`FOREVER`] (a configured `Duration::MAX` means
 /// "practically never", not a panic).
+/// Failed refreshes in a row double the pause before the next one at most this many times:
+/// 16 × the minimum interval (16 s by default).
+const FAILURE_DOUBLINGS: u32 = 4;
+
 pub(crate) fn jittered(base: Duration, jitter: f64, rng: &mut HasherRng) -> Duration {
     let base = base.min(FOREVER);
     if jitter <= 0.0 {
@@ -291,6 +295,10 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
     // replacement node joining): look again soon, backing off, until a refresh sees no change.
     // Without this, a second failover before the next period could find every known node gone.
     let mut settle: Option<Duration> = None;
+    // Refreshes that failed in a row (no node answered): the next one waits twice as long each
+    // time, up to `FAILURE_CAP` times the minimum interval, so a client of a cluster that is
+    // all down — and a fleet of them — does not knock on every node each second.
+    let mut failures: u32 = 0;
     loop {
         if signal.closed.load(Ordering::Acquire) {
             return;
@@ -321,7 +329,15 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
         }
         due_now = false;
         if let Some(last) = last_refresh {
-            tokio::time::sleep_until(last + jittered(min_interval, jitter, &mut rng)).await;
+            let wait = if failures == 0 {
+                jittered(min_interval, jitter, &mut rng)
+            } else {
+                // Spread over the second half of the pause while backing off: clients that
+                // lost the cluster together must not come back together.
+                let pause = min_interval.saturating_mul(1 << failures.min(FAILURE_DOUBLINGS));
+                jittered(pause.mul_f64(0.75), 1.0 / 3.0, &mut rng)
+            };
+            tokio::time::sleep_until(last + wait).await;
         }
         signal.requested.store(false, Ordering::Release);
         let Some(refresher) = weak.upgrade() else {
@@ -333,11 +349,18 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
         let outcome = AssertUnwindSafe(refresher.refresh()).catch_unwind().await;
         match outcome {
             Ok(Ok(true)) => {
+                failures = 0;
                 let first = min_interval.max(Duration::from_secs(1)).min(SETTLE_CAP);
                 settle = Some(settle.map_or(first, |s| s.saturating_mul(2).min(SETTLE_CAP)));
             }
-            Ok(Ok(false)) => settle = None,
-            Ok(Err(e)) => tracing::warn!(error = %e, "topology refresh failed"),
+            Ok(Ok(false)) => {
+                failures = 0;
+                settle = None;
+            }
+            Ok(Err(e)) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, failures, "topology refresh failed");
+            }
             Err(panic) => {
                 let error = Error::closed(format!(
                     "a topology refresh panicked: {}",

@@ -29,6 +29,8 @@ struct FakeSource {
     fetches: Arc<Mutex<Vec<Instant>>>,
     shard: Arc<Mutex<Shard>>,
     delay: Duration,
+    /// No node answers (the whole cluster is down).
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeSource {
@@ -40,6 +42,7 @@ impl FakeSource {
                 vec![node("127.0.0.2:7000", NodeRole::Replica)],
             ))),
             delay,
+            down: Arc::default(),
         }
     }
 
@@ -92,6 +95,9 @@ impl FetchTopology for FakeSource {
         Box::pin(async move {
             self.fetches.lock().unwrap().push(Instant::now());
             tokio::time::sleep(self.delay).await;
+            if self.down.load(Ordering::Relaxed) {
+                return Err(Error::unreachable("no node answered a topology request"));
+            }
             let shard = self.shard.lock().unwrap().clone();
             Ok(Fetched {
                 shards: vec![shard],
@@ -600,5 +606,63 @@ fn a_refresh_asks_the_serving_masters_first_and_every_other_node_in_turn() {
         reached.len(),
         11,
         "every serving node within 6 refreshes: {reached:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_back_off_while_no_node_answers_and_resume_when_one_does() {
+    let source = FakeSource::new(Duration::from_millis(5));
+    source.down.store(true, Ordering::Relaxed);
+    let config = RefreshConfig::default()
+        .every(None)
+        .min_interval(Duration::from_secs(1))
+        .jitter(0.1);
+    let svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Connection),
+        Arc::new(source.clone()),
+        config,
+        None,
+    );
+    // Every call fails and asks for a refresh, for 60 s of a cluster that is all down.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let down = source.count();
+    // Once a second without backing off: 60. Doubling from 1 s to at most 16 s: about 8.
+    assert!(down <= 10, "{down} failed refreshes in 60 s");
+    assert!(down >= 5, "{down}");
+    let gaps: Vec<Duration> = {
+        let times = source.fetches.lock().unwrap();
+        times.windows(2).map(|w| w[1] - w[0]).collect()
+    };
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_secs(17)),
+        "never more than the cap apart: {gaps:?}"
+    );
+    // A node answers again: the next refresh succeeds, and the one after that comes at the
+    // usual pace.
+    source.down.store(false, Ordering::Relaxed);
+    let back = Instant::now();
+    while svc.handle().current().is_none() {
+        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        back.elapsed() <= Duration::from_secs(17),
+        "{:?}",
+        back.elapsed()
+    );
+    let after = source.count();
+    let resumed = Instant::now();
+    while resumed.elapsed() < Duration::from_secs(5) {
+        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        source.count() - after >= 4,
+        "{} refreshes in 5 s",
+        source.count() - after
     );
 }
