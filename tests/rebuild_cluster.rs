@@ -279,3 +279,29 @@ async fn a_thousand_forced_rebuilds_leak_no_connections_or_tasks() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_no_node_accepts_fails_from_its_tcp_check_with_the_cause() {
+    let mut cluster = support::cluster(3, 0).await;
+    let connector = ClusterConnector::new(Seeds::parse(cluster.node_urls()).unwrap());
+    cluster.stop_all().await.unwrap();
+    let err = match connector.connect(&ConnectHints::default()).await {
+        Ok(_) => panic!("connected to a stopped cluster"),
+        Err(e) => e,
+    };
+    // Not the inner client trying every node again after the check found none: one error
+    // that says what the check saw.
+    assert_eq!(
+        (err.kind(), err.sent()),
+        (ErrorKind::Unreachable, tower_redis_cluster::Sent::No)
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("none of the 3 initial nodes accepted a TCP connection"),
+        "{text}"
+    );
+    assert!(
+        text.to_lowercase().contains("refused"),
+        "the cause is shown: {text}"
+    );
+}

@@ -243,11 +243,11 @@ impl ClusterConnector {
     }
 
     /// The candidates that accept a TCP connection, probed all at once: those that answer by
-    /// the time the first one did plus a short grace. All of them when none answers, so the
-    /// inner client reports what is wrong.
-    async fn reachable(&self, candidates: Vec<Endpoint>) -> Vec<Endpoint> {
+    /// the time the first one did plus a short grace. When none does, the first candidate's
+    /// failure: none would accept the inner client either, which would try each in turn again.
+    async fn reachable(&self, candidates: Vec<Endpoint>) -> Result<Vec<Endpoint>, Error> {
         if candidates.len() < 2 {
-            return candidates;
+            return Ok(candidates);
         }
         let timeout = self.connection_timeout;
         let attempts: FuturesUnordered<_> = candidates
@@ -258,37 +258,62 @@ impl ClusterConnector {
                 let book = self.book.clone();
                 async move {
                     let attempt = async {
-                        let addrs = book.lookup(endpoint.host(), endpoint.port()).await.ok()?;
+                        let addrs = book.lookup(endpoint.host(), endpoint.port()).await?;
                         let mut connects: FuturesUnordered<_> = addrs
                             .into_iter()
                             .map(tokio::net::TcpStream::connect)
                             .collect();
+                        let mut last = None;
                         while let Some(result) = connects.next().await {
-                            if result.is_ok() {
-                                return Some(());
+                            match result {
+                                Ok(_) => return Ok(()),
+                                Err(e) => last = Some(e),
                             }
                         }
-                        None
+                        Err(last.unwrap_or_else(|| {
+                            std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                        }))
                     };
-                    let answered = tokio::time::timeout(timeout, attempt)
-                        .await
-                        .ok()
-                        .flatten()
-                        .is_some();
-                    (i, answered)
+                    let outcome = match tokio::time::timeout(timeout, attempt).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {timeout:?}"),
+                        )),
+                    };
+                    (i, outcome)
                 }
             })
             .collect();
         let mut reachable = HashSet::new();
-        super::drain_with_grace(attempts, REACHABLE_GRACE, |(i, answered)| {
-            if answered {
+        let mut failures: Vec<(usize, std::io::Error)> = Vec::new();
+        super::drain_with_grace(attempts, REACHABLE_GRACE, |(i, outcome)| match outcome {
+            Ok(()) => {
                 reachable.insert(i);
+                true
             }
-            answered
+            Err(e) => {
+                failures.push((i, e));
+                false
+            }
         })
         .await;
         if reachable.is_empty() {
-            return candidates;
+            failures.sort_by_key(|(i, _)| *i);
+            let first = failures.into_iter().next();
+            let mut error = Error::unreachable(format!(
+                "none of the {} initial nodes accepted a TCP connection within {timeout:?}{}",
+                candidates.len(),
+                match &first {
+                    Some((i, _)) => format!(" ({} first)", candidates[*i]),
+                    None => String::new(),
+                }
+            ))
+            .with_sent(crate::Sent::No);
+            if let Some((_, cause)) = first {
+                error = error.with_source(cause);
+            }
+            return Err(error);
         }
         let skipped = candidates.len() - reachable.len();
         if skipped > 0 {
@@ -297,12 +322,12 @@ impl ClusterConnector {
                 "initial nodes that did not answer a TCP connect are left out"
             );
         }
-        candidates
+        Ok(candidates
             .into_iter()
             .enumerate()
             .filter(|(i, _)| reachable.contains(i))
             .map(|(_, e)| e)
-            .collect()
+            .collect())
     }
 }
 
@@ -384,7 +409,10 @@ impl Connect for ClusterConnector {
                     candidates.push(extra);
                 }
             }
-            let nodes = this.reachable(candidates).await;
+            let nodes = this
+                .reachable(candidates)
+                .await
+                .map_err(|e| e.context(format_args!("connecting to {target}")))?;
             // Static credentials go to the inner client as they are; a provider is asked by
             // each of its connections instead (never cached past one).
             let static_credentials = match this.credentials.get() {
