@@ -171,6 +171,8 @@ pin_project! {
         Direct {
             #[pin]
             call: Oneshot<Limited<C>, Req>,
+            // The retry layer's span, made here when that layer is off.
+            span: tracing::Span,
         },
     }
 }
@@ -190,6 +192,7 @@ where
                 call: retry.call_once(request).started_at(now),
             },
             Either::Right(direct) => OneCall::Direct {
+                span: crate::retry::call_span(&request),
                 call: direct.oneshot(request),
             },
         }
@@ -208,7 +211,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             OneCallProj::Retrying { call } => call.poll(cx),
-            OneCallProj::Direct { call } => call.poll(cx),
+            OneCallProj::Direct { call, span } => {
+                let _entered = span.enter();
+                let result = ready!(call.poll(cx));
+                if let Err(error) = &result {
+                    crate::retry::record_failure(span, error);
+                }
+                Poll::Ready(result)
+            }
         }
     }
 }
@@ -1060,6 +1070,10 @@ impl Layers {
 /// `redis::Script` loads a script again when a replaced node answers `NOSCRIPT`), anything
 /// else as an I/O error carrying the crate's [`Error`] — [`Error::of_redis`] gives it back,
 /// [`Sent`](crate::Sent) included. See [`Error::into_redis`].
+///
+/// A pipeline made with `ignore_errors()` fails as a whole at its first error reply here (the
+/// redis crate does not let the client see that flag); send such pipelines with
+/// [`Client::send_pipeline`] and look at each reply, or send their commands one by one.
 ///
 /// ```no_run
 /// use redis::AsyncCommands;

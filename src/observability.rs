@@ -8,7 +8,7 @@
 //!
 //! | target | level | event | fields |
 //! |---|---|---|---|
-//! | `retry` | DEBUG span `redis` | one per call through the retry layer (so every `Client` call with retries on), with OpenTelemetry's database client fields | `otel.name` and `db.operation.name` (the command's name, `PIPELINE` or `MULTI`), `otel.kind = client`, `db.system.name = redis`, `db.operation.batch.size` (pipelines), `server.address`/`server.port` (when the node is known: a blocking command's own connection), `error.type` (the [`ErrorKind`](crate::ErrorKind)) and `otel.status_code = ERROR` on failure, `attempts`, `redirects`, `generation` (of the inner client that served or failed it) |
+//! | `retry` | DEBUG span `redis` | one per call through the retry layer, and per `Client` call with retries off too, with OpenTelemetry's database client fields | `otel.name` and `db.operation.name` (the command's name, `PIPELINE` or `MULTI`), `otel.kind = client`, `db.system.name = redis`, `db.operation.batch.size` (pipelines), `server.address`/`server.port` (when the node is known: a blocking command's own connection), `error.type` (the [`ErrorKind`](crate::ErrorKind)) and `otel.status_code = ERROR` on failure, `attempts`, `redirects`, `generation` (of the inner client that served or failed it) |
 //! | `retry` | DEBUG | `retrying` | `kind`, `sent`, `idempotency`, `generation`, `attempt`, `redirects`, `follow`, `delay_ms` |
 //! | `retry` | DEBUG | no retry: the deadline would pass | `kind`, `attempt`, `delay`, `remaining` |
 //! | `retry` | WARN (at most once a second) / DEBUG | retry budget exhausted | `kind`, `attempt` |

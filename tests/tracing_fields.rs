@@ -148,4 +148,21 @@ async fn every_call_has_a_span_with_the_database_client_fields() {
         ),
         "{pop:?}"
     );
+
+    // Without the retry layer, the client makes the same span.
+    let direct = support::connected(cluster.client_builder().no_retry()).await;
+    direct
+        .send(redis::cmd("ECHO").arg("hello").clone())
+        .await
+        .unwrap();
+    let echo = spans.last("ECHO");
+    assert_eq!(
+        echo.get("db.system.name").map(String::as_str),
+        Some("redis")
+    );
+    assert_eq!(
+        echo.get("generation").cloned(),
+        Some(direct.generation().to_string()),
+        "{echo:?}"
+    );
 }

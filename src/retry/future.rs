@@ -304,11 +304,20 @@ fn record_outcome<P: RetryPolicy, T>(
         span.record("redirects", policy.redirects());
     }
     if let Err(error) = result {
-        span.record("error.type", error.kind().as_str());
-        span.record("otel.status_code", "ERROR");
-        if let Some(generation) = error.generation() {
-            span.record("generation", generation);
-        }
+        record_failure(span, error);
+    }
+}
+
+/// Puts a failed call's kind (`error.type`), status and the generation of the inner client
+/// that failed it on the call's span.
+pub(crate) fn record_failure(span: &Span, error: &Error) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("error.type", error.kind().as_str());
+    span.record("otel.status_code", "ERROR");
+    if let Some(generation) = error.generation() {
+        span.record("generation", generation);
     }
 }
 

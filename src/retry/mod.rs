@@ -154,6 +154,7 @@ use tracing::{field, Span};
 pub use budget::RetryBudget;
 pub use call::{CallPolicy, Delay};
 pub use config::{RetryConfig, SharedBudget};
+pub(crate) use future::record_failure;
 pub use future::{CallOnce, ResponseFuture};
 pub use layer::RetryLayer;
 pub use policy::{Action, Attempt, RetryPolicy};
@@ -244,20 +245,10 @@ impl<S, P: RetryPolicy> Retry<S, P> {
     }
 }
 
-/// Sends the first attempt of a call on `service`, which is ready.
-fn start_call<S, P, Req>(
-    policy: P,
-    mut service: S,
-    request: Req,
-    started: Option<tokio::time::Instant>,
-) -> ResponseFuture<S, P, Req>
-where
-    S: Service<Arc<Req>>,
-    P: RetryPolicy,
-    Req: RetryRequest,
-{
-    // OpenTelemetry's database client conventions: an exporter (tracing-opentelemetry) names
-    // the span for the command (`otel.name`) and maps the rest as they are.
+/// The span of one call: OpenTelemetry's database client conventions, so an exporter
+/// (tracing-opentelemetry) names it for the command (`otel.name`) and maps the rest as they
+/// are. The `Client` makes the same span when its retry layer is off.
+pub(crate) fn call_span<Req: RetryRequest>(request: &Req) -> Span {
     let span = tracing::debug_span!(
         "redis",
         otel.name = field::Empty,
@@ -274,6 +265,22 @@ where
         generation = field::Empty,
     );
     request.describe(&span);
+    span
+}
+
+/// Sends the first attempt of a call on `service`, which is ready.
+fn start_call<S, P, Req>(
+    policy: P,
+    mut service: S,
+    request: Req,
+    started: Option<tokio::time::Instant>,
+) -> ResponseFuture<S, P, Req>
+where
+    S: Service<Arc<Req>>,
+    P: RetryPolicy,
+    Req: RetryRequest,
+{
+    let span = call_span(&request);
     let mut policy = match started {
         Some(at) => CallPolicy::started_at(policy, at),
         None => CallPolicy::new(policy),
