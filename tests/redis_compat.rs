@@ -174,3 +174,27 @@ async fn a_pipeline_read_another_way_is_refused_unsent() {
     let exists: bool = client.exists("{u}x").await.unwrap();
     assert!(!exists, "nothing was sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_through_async_commands_walks_every_master() {
+    let cluster = support::cluster(3, 0).await;
+    let mut client = connected(cluster.client_builder()).await;
+    let keys: Vec<String> = (0..60).map(|i| format!("scan:{i}")).collect();
+    for key in &keys {
+        let () = client.set(key, 1).await.unwrap();
+    }
+    let () = client.set("other", 1).await.unwrap();
+    // The redis crate's iterator passes the cursor back as its own argument kind.
+    let mut found: Vec<String> = Vec::new();
+    {
+        let mut iter = client.scan_match::<_, String>("scan:*").await.unwrap();
+        while let Some(key) = futures_util::StreamExt::next(&mut iter).await {
+            found.push(key.unwrap());
+        }
+    }
+    found.sort();
+    found.dedup();
+    let mut expected = keys.clone();
+    expected.sort();
+    assert_eq!(found, expected);
+}

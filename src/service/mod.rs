@@ -389,20 +389,19 @@ async fn cluster_scan<C: 'static>(connection: &mut C, cmd: &Cmd) -> redis::Redis
     else {
         return Err(invalid("not a cluster connection"));
     };
-    let mut args = cmd.args_iter().skip(1);
+    // As packed: the redis crate's `scan`/`scan_match` (and their iterators) hold the cursor
+    // as `Arg::Cursor`, written into the packed command.
+    let args = packed_args(&cmd.get_packed_command())
+        .ok_or_else(|| invalid("the command does not pack to an array of strings"))?;
+    let mut args = args.into_iter().skip(1);
     let cursor: u64 = match args.next() {
-        Some(redis::Arg::Simple(c)) => std::str::from_utf8(c)
+        Some(c) => std::str::from_utf8(&c)
             .ok()
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| invalid("the cursor is not a number"))?,
-        _ => return Err(invalid("SCAN needs a cursor")),
+        None => return Err(invalid("SCAN needs a cursor")),
     };
-    let rest: Vec<Vec<u8>> = args
-        .filter_map(|a| match a {
-            redis::Arg::Simple(a) => Some(a.to_vec()),
-            _ => None,
-        })
-        .collect();
+    let rest: Vec<Vec<u8>> = args.collect();
     let slots = cluster
         .route_command(
             redis::cmd("CLUSTER").arg("SLOTS").clone(),
@@ -451,6 +450,28 @@ async fn cluster_scan<C: 'static>(connection: &mut C, cmd: &Cmd) -> redis::Redis
         Value::BulkString(next.to_string().into_bytes()),
         keys,
     ]))
+}
+
+/// The arguments of a packed command (`*N` then `N` bulk strings), or `None` if it is not one.
+fn packed_args(packed: &[u8]) -> Option<Vec<Vec<u8>>> {
+    fn line(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+        let end = rest.windows(2).position(|w| w == b"\r\n")?;
+        Some((&rest[..end], &rest[end + 2..]))
+    }
+    fn number(digits: &[u8]) -> Option<usize> {
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    }
+    let (head, mut rest) = line(packed.strip_prefix(b"*")?)?;
+    let count = number(head)?;
+    let mut args = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        let (len, body) = line(rest.strip_prefix(b"$")?)?;
+        let len = number(len)?;
+        let value = body.get(..len)?;
+        rest = body.get(len..)?.strip_prefix(b"\r\n")?;
+        args.push(value.to_vec());
+    }
+    Some(args)
 }
 
 /// The slot ranges of a `CLUSTER SLOTS` reply with their master: `(first, last, host, port)`.
