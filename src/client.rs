@@ -1066,7 +1066,7 @@ impl Layers {
 /// `Pipeline::query_async` and `redis::Script::invoke_async` go through the whole stack —
 /// deadline, retries with their idempotency rules, rebuilds, topology refresh.
 ///
-/// Errors arrive as the redis crate's: a reply the server sent as the server sent it (so
+/// Errors arrive as the redis crate's: a command the server rejected as the server sent it (so
 /// `redis::Script` loads a script again when a replaced node answers `NOSCRIPT`), anything
 /// else as an I/O error carrying the crate's [`Error`] — [`Error::of_redis`] gives it back,
 /// [`Sent`](crate::Sent) included. See [`Error::into_redis`].

@@ -472,13 +472,15 @@ impl Error {
     /// interfaces (the [`Client`](crate::Client) as a `redis::aio::ConnectionLike`: typed
     /// commands, `Script`, `Pipeline::query_async`).
     ///
-    /// * A reply the server sent (`WRONGTYPE`, `NOSCRIPT`, a script error, `CLUSTERDOWN` once
-    ///   the retries gave up, …) goes as the server sent it, so code that matches on its kind
-    ///   or code works — `redis::Script` loads a script again after `NOSCRIPT`.
-    /// * Everything else — timeouts, lost connections, an unreachable cluster, a refused
-    ///   command, a shard that kept redirecting (`MasterDown`) — is an I/O error that carries
-    ///   this error whole, [`Sent`] and cause included: get it back with
-    ///   [`Error::of_redis`]. Its I/O kind says what it is to the redis crate (`TimedOut` for
+    /// * A reply the server sent goes as the server sent it when it tells the same story —
+    ///   a command the server rejected (`WRONGTYPE`, `NOSCRIPT`, a script error), or a refusal
+    ///   (`CLUSTERDOWN`, `TRYAGAIN`, …) that nothing may have run behind — so code that
+    ///   matches on its kind or code works: `redis::Script` loads a script again after
+    ///   `NOSCRIPT`.
+    /// * Everything else — timeouts, lost connections, an unreachable cluster, a command
+    ///   refused before it was sent, a shard that kept redirecting (`MasterDown`), a refusal
+    ///   after an attempt that may have applied (`Sent::Maybe`) — is an I/O error that carries
+    ///   this error whole, [`Sent`] and cause included: get it back with [`Error::of_redis`]. Its I/O kind says what it is to the redis crate (`TimedOut` for
     ///   `Timeout`, so `is_timeout()` holds; `ConnectionReset` for `Connection`, `NotConnected`
     ///   for `Unreachable` and `Closed`, `Unsupported`, `InvalidInput` for `Config`).
     ///
@@ -495,14 +497,17 @@ impl Error {
     /// assert_eq!((again.kind(), again.sent()), (ErrorKind::Timeout, Sent::Maybe));
     /// ```
     pub fn into_redis(self) -> RedisError {
-        let as_sent = !matches!(
-            self.kind(),
-            ErrorKind::MasterDown | ErrorKind::Moved | ErrorKind::Ask
-        );
-        if as_sent {
-            if let Some(server) = self
-                .redis_error()
-                .filter(|e| e.code().is_some() || (*e).clone().into_server_errors().is_some())
+        if let Some(server) = self
+            .redis_error()
+            .filter(|e| e.code().is_some() || (*e).clone().into_server_errors().is_some())
+        {
+            // As the server sent it only when that tells the same story: a rejected command
+            // (its code is what callers match on; read again it says `Maybe`, never less), or
+            // a reply that reads again as this error's kind and `Sent`. A `Sent::Maybe` the
+            // stack worked out (a multi-slot command, a retry after an attempt that may have
+            // applied) or a kind it worked out (`MasterDown` from redirects) must survive.
+            if self.kind() == ErrorKind::Command
+                || classify_redis(server) == (self.kind(), self.sent())
             {
                 return server.clone();
             }
@@ -742,6 +747,28 @@ mod tests {
             .expect("valid RESP")
             .extract_error()
             .expect_err("an error reply")
+    }
+
+    #[test]
+    fn sent_survives_a_round_trip_through_the_redis_error_type() {
+        // A refusal the server sent, which the stack knows may have run elsewhere (a multi-slot
+        // command, or a retry after an attempt that may have applied): `Maybe` must come back.
+        let maybe = Error::from_redis(server_reply(b"-CLUSTERDOWN The cluster is down\r\n"))
+            .with_sent(Sent::Maybe);
+        let back = Error::from(maybe.into_redis());
+        assert_eq!(
+            (back.kind(), back.sent()),
+            (ErrorKind::ClusterDown, Sent::Maybe)
+        );
+        // Told as the server sent it when that says the same: code-matching callers keep
+        // working (`redis::Script` reloads after `NOSCRIPT`).
+        let noscript = Error::from_redis(server_reply(b"-NOSCRIPT No matching script\r\n"))
+            .with_sent(Sent::No)
+            .into_redis();
+        assert_eq!(noscript.code(), Some("NOSCRIPT"));
+        let refused = Error::from_redis(server_reply(b"-TRYAGAIN Multiple keys\r\n")).into_redis();
+        assert_eq!(refused.code(), Some("TRYAGAIN"));
+        assert_eq!(Error::from(refused).sent(), Sent::No);
     }
 
     #[test]
