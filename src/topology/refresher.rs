@@ -39,6 +39,8 @@ pub(crate) struct Refresher {
     pub(crate) invalid: Option<Error>,
     started: AtomicBool,
     triggers: AtomicU64,
+    /// Refreshes started, failed ones included: which nodes the next one asks first.
+    turns: AtomicU64,
     last_change: Mutex<Option<std::time::Instant>>,
     /// The nodes seen right after the inner client of a generation was made.
     generation_nodes: Mutex<Option<(u64, HashSet<Endpoint>)>>,
@@ -67,6 +69,7 @@ impl Refresher {
             signal: Arc::default(),
             started: AtomicBool::new(false),
             triggers: AtomicU64::new(0),
+            turns: AtomicU64::new(0),
             last_change: Mutex::new(None),
             generation_nodes: Mutex::new(None),
         })
@@ -95,10 +98,12 @@ impl Refresher {
     /// One refresh; returns whether the topology changed since the previous snapshot.
     async fn refresh(&self) -> Result<bool, Error> {
         let previous = self.snapshot.borrow().clone();
-        // Masters first, the rest in turns: a refresh asks only the first few.
+        // Masters first, everyone in turns (also after a failed refresh, so a dead set of
+        // nodes is not asked again and again): a refresh asks only the first few.
+        let turn = self.turns.fetch_add(1, Ordering::Relaxed);
         let known = previous
             .as_ref()
-            .map(|s| s.probe_order(s.sequence))
+            .map(|s| s.probe_order(turn))
             .unwrap_or_default();
         let fetched = match self.source.fetch(&known).await {
             Ok(f) => f,
@@ -255,12 +260,12 @@ const SETTLE_CAP: Duration = Duration::from_secs(60);
 /// A wait longer than this is "never": it keeps instant arithmetic from overflowing.
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// `base` spread by ±`jitter`, saturating at [`FOREVER`] (a configured `Duration::MAX` means
-/// "practically never", not a panic).
 /// Failed refreshes in a row double the pause before the next one at most this many times:
 /// 16 × the minimum interval (16 s by default).
 const FAILURE_DOUBLINGS: u32 = 4;
 
+/// `base` spread by ±`jitter`, saturating at [`FOREVER`] (a configured `Duration::MAX` means
+/// "practically never", not a panic).
 pub(crate) fn jittered(base: Duration, jitter: f64, rng: &mut HasherRng) -> Duration {
     let base = base.min(FOREVER);
     if jitter <= 0.0 {
@@ -296,7 +301,7 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
     // Without this, a second failover before the next period could find every known node gone.
     let mut settle: Option<Duration> = None;
     // Refreshes that failed in a row (no node answered): the next one waits twice as long each
-    // time, up to `FAILURE_CAP` times the minimum interval, so a client of a cluster that is
+    // time, up to 16 times the minimum interval (`FAILURE_DOUBLINGS`), so a client of a cluster that is
     // all down — and a fleet of them — does not knock on every node each second.
     let mut failures: u32 = 0;
     loop {

@@ -111,8 +111,9 @@ impl TopologySnapshot {
 
     /// The nodes in the order a refresh asks them (it asks the first few, see
     /// [`TopologySource::max_probes`](super::TopologySource::max_probes)): the serving masters,
-    /// then the other nodes — serving ones before failed or loading ones — rotated by `turn`, so
-    /// that successive refreshes reach every node in time. Each node once.
+    /// then the other nodes — serving ones before failed or loading ones — each group rotated
+    /// by `turn` (the refresh's number), so that successive refreshes reach every node in time.
+    /// Each node once.
     pub fn probe_order(&self, turn: u64) -> Vec<Endpoint> {
         let mut masters: Vec<&TopologyNode> = self
             .shards
@@ -121,12 +122,12 @@ impl TopologySnapshot {
             .filter(|m| m.health == NodeHealth::Online)
             .collect();
         masters.sort();
-        let mut order: Vec<Endpoint> = Vec::new();
-        for master in masters {
-            if !order.contains(&master.endpoint) {
-                order.push(master.endpoint.clone());
-            }
+        masters.dedup_by(|a, b| a.endpoint == b.endpoint);
+        if !masters.is_empty() {
+            let len = masters.len() as u64;
+            masters.rotate_left((turn % len) as usize);
         }
+        let mut order: Vec<Endpoint> = masters.iter().map(|m| m.endpoint.clone()).collect();
         let mut rest: Vec<&TopologyNode> = self
             .nodes()
             .filter(|n| !order.contains(&n.endpoint))

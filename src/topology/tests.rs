@@ -596,7 +596,9 @@ fn a_refresh_asks_the_serving_masters_first_and_every_other_node_in_turn() {
     for turn in 0..6 {
         let order = snapshot.probe_order(turn);
         assert_eq!(order.len(), 12, "each node once: {order:?}");
-        assert_eq!(order[..5], serving_masters[..], "turn {turn}");
+        let mut first: Vec<Endpoint> = order[..5].to_vec();
+        first.sort();
+        assert_eq!(first, serving_masters, "turn {turn}");
         // The failed node comes after every serving one.
         assert_eq!(order.last(), Some(&failed_master), "turn {turn}");
         // A refresh asking 6 nodes asks the masters and one replica, another each turn.
@@ -665,4 +667,84 @@ async fn refreshes_back_off_while_no_node_answers_and_resume_when_one_does() {
         "{} refreshes in 5 s",
         source.count() - after
     );
+}
+
+#[test]
+fn with_more_masters_than_probes_every_master_is_asked_in_turn() {
+    let snapshot = six_shards();
+    let mut asked = std::collections::HashSet::new();
+    for turn in 0..5 {
+        // A refresh that asks 2 nodes: two serving masters each turn.
+        asked.extend(snapshot.probe_order(turn)[..2].iter().cloned());
+    }
+    assert_eq!(
+        asked.len(),
+        5,
+        "every serving master within 5 refreshes: {asked:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_that_failed_asks_other_nodes_next_time() {
+    // The refresher's turn moves with every refresh, failed ones included.
+    let source = Recording::default();
+    let config = RefreshConfig::default()
+        .every(None)
+        .min_interval(Duration::from_millis(100));
+    let svc = TopologyRefresh::with_fetcher(
+        failing(ErrorKind::Connection),
+        Arc::new(source.clone()),
+        config,
+        None,
+    );
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let firsts: std::collections::HashSet<Endpoint> = source
+        .known
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k.first().cloned())
+        .collect();
+    assert!(
+        firsts.len() >= 3,
+        "the first node asked never changed: {firsts:?}"
+    );
+}
+
+/// Answers with `six_shards` once, then fails every refresh, recording the order of the known
+/// nodes it was given.
+#[derive(Clone, Default)]
+struct Recording {
+    known: Arc<Mutex<Vec<Vec<Endpoint>>>>,
+}
+
+impl FetchTopology for Recording {
+    fn fetch<'a>(
+        &'a self,
+        known: &'a [Endpoint],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, Error>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let first = {
+                let mut seen = self.known.lock().unwrap();
+                seen.push(known.to_vec());
+                seen.len() == 1
+            };
+            if first {
+                let snapshot = six_shards();
+                Ok(Fetched {
+                    shards: snapshot.shards,
+                    agreed_by: 1,
+                    answered: 1,
+                    asked: 1,
+                })
+            } else {
+                Err(Error::unreachable("no node answered"))
+            }
+        })
+    }
 }
