@@ -138,12 +138,19 @@ impl<C: Connect> Info<C> {
 
     /// `call` — readiness and call together — within the overall deadline, counted; `extra`
     /// is the block time of a blocking command, added to it.
-    fn within_deadline<F, I>(this: I, call: F, now: Instant, extra: Duration) -> Deadline<F, I>
+    fn within_deadline<F, I>(
+        this: I,
+        call: F,
+        now: Instant,
+        extra: Duration,
+        span: tracing::Span,
+    ) -> Deadline<F, I>
     where
         I: Deref<Target = Info<C>>,
     {
         Deadline {
             call,
+            span,
             // A deadline too far to represent is no deadline.
             at: this
                 .deadline
@@ -181,18 +188,18 @@ impl<Req, C: Connect> OneCall<Req, C>
 where
     Limited<C>: Service<Req> + Service<Arc<Req>>,
 {
-    /// A call on `core`, which it consumes; `now` is when the call started.
-    fn new(core: Core<C>, request: Req, now: Instant) -> Self
+    /// A call on `core`, which it consumes, in `span`; `now` is when the call started.
+    fn new(core: Core<C>, request: Req, now: Instant, span: tracing::Span) -> Self
     where
         Req: RetryRequest,
         Limited<C>: Service<Arc<Req>, Error = Error>,
     {
         match core {
             Either::Left(retry) => OneCall::Retrying {
-                call: retry.call_once(request).started_at(now),
+                call: retry.call_once(request).started_at(now).in_span(span),
             },
             Either::Right(direct) => OneCall::Direct {
-                span: crate::retry::call_span(&request),
+                span,
                 call: direct.oneshot(request),
             },
         }
@@ -230,6 +237,8 @@ pin_project! {
     struct Deadline<F, I> {
         #[pin]
         call: F,
+        // The call's span, which hears of the deadline passing too.
+        span: tracing::Span,
         at: Option<Instant>,
         #[pin]
         sleep: Option<Sleep>,
@@ -257,9 +266,11 @@ where
                 }
                 let sleep = this.sleep.as_pin_mut().expect("set above");
                 ready!(sleep.poll(cx));
-                Err(this
+                let error = this
                     .info
-                    .deadline_error("the call did not finish within its deadline"))
+                    .deadline_error("the call did not finish within its deadline");
+                crate::retry::record_failure(this.span, &error);
+                Err(error)
             }
         };
         crate::metrics::call_finished(
@@ -295,8 +306,9 @@ where
         // One clock reading for the deadline and the retry layer's own.
         let extra =
             crate::command::block_allowance(crate::retry::block_of(&request), self.info.deadline)?;
-        let call = OneCall::new(self.info.core.clone(), request, now);
-        Info::within_deadline(&*self.info, call, now, extra).await
+        let span = crate::retry::call_span(&request);
+        let call = OneCall::new(self.info.core.clone(), request, now, span.clone());
+        Info::within_deadline(&*self.info, call, now, extra, span).await
     }
 
     /// Sends a command and converts its reply.
@@ -431,6 +443,7 @@ where
                 )
                 .with_sent(crate::Sent::No);
             crate::metrics::call_finished(&self.info.name, Err(error.kind()));
+            crate::retry::record_failure(&crate::retry::call_span(&request), &error);
             return ResponseFuture {
                 state: CallState::Expired { error: Some(error) },
             };
@@ -453,13 +466,15 @@ where
         // its stack ready itself.
         let core = self.ready.take().unwrap_or_else(|| self.info.core.clone());
         let started = waited.map_or_else(Instant::now, |w| w.since);
+        let span = crate::retry::call_span(&request);
         ResponseFuture {
             state: CallState::Call {
                 inner: Info::within_deadline(
                     self.info.clone(),
-                    OneCall::new(core, request, started),
+                    OneCall::new(core, request, started, span.clone()),
                     started,
                     extra,
+                    span,
                 ),
             },
         }

@@ -149,6 +149,30 @@ async fn every_call_has_a_span_with_the_database_client_fields() {
         "{pop:?}"
     );
 
+    // A call its deadline ends (the first attempt, which the retry layer never cuts, is still
+    // waiting for its reply) fails on its span too.
+    let hurried = support::connected(
+        cluster
+            .client_builder()
+            .timeout(std::time::Duration::from_millis(200)),
+    )
+    .await;
+    let err = hurried
+        .send(redis::cmd("DEBUG").arg("SLEEP").arg(0.6).clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), tower_redis_cluster::ErrorKind::Timeout, "{err}");
+    let slept = spans.last("DEBUG");
+    assert_eq!(
+        slept.get("error.type").map(String::as_str),
+        Some("timeout"),
+        "{slept:?}"
+    );
+    assert_eq!(
+        slept.get("otel.status_code").map(String::as_str),
+        Some("ERROR")
+    );
+
     // Without the retry layer, the client makes the same span.
     let direct = support::connected(cluster.client_builder().no_retry()).await;
     direct

@@ -215,6 +215,8 @@ pin_project! {
         Readying {
             parts: Option<(S, P, Req)>,
             started: Option<Instant>,
+            // The call's span when the caller made it (to cover the wait for readiness too).
+            span: Option<Span>,
         },
         Called {
             #[pin]
@@ -232,6 +234,7 @@ where
             state: Once::Readying {
                 parts: Some((service, policy, request)),
                 started: None,
+                span: None,
             },
         }
     }
@@ -241,6 +244,16 @@ where
     pub fn started_at(mut self, at: Instant) -> Self {
         if let Once::Readying { started, .. } = &mut self.state {
             *started = Some(at);
+        }
+        self
+    }
+
+    /// Runs the call in `span` (made by [`call_span`](super::call_span)) instead of one of its
+    /// own: the caller made it before waiting, and records there what ends the call outside
+    /// this future (its own deadline).
+    pub(crate) fn in_span(mut self, call_span: Span) -> Self {
+        if let Once::Readying { span, .. } = &mut self.state {
+            *span = Some(call_span);
         }
         self
     }
@@ -259,7 +272,11 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                OnceProj::Readying { parts, started } => {
+                OnceProj::Readying {
+                    parts,
+                    started,
+                    span,
+                } => {
                     let Some((service, _, _)) = parts.as_mut() else {
                         return Poll::Ready(Err(Error::closed(
                             "call_once future polled after completion",
@@ -267,10 +284,13 @@ where
                     };
                     if let Err(error) = ready!(service.poll_ready(cx)) {
                         *parts = None;
+                        if let Some(span) = span.as_ref() {
+                            record_failure(span, &error);
+                        }
                         return Poll::Ready(Err(error));
                     }
                     let (service, policy, request) = parts.take().expect("checked above");
-                    let future = super::start_call(policy, service, request, *started);
+                    let future = super::start_call(policy, service, request, *started, span.take());
                     this.state.set(Once::Called { future });
                 }
                 OnceProj::Called { future } => return future.poll(cx),

@@ -215,7 +215,7 @@ impl<S, P: RetryPolicy> Retry<S, P> {
         // handle gets a fresh clone, which must be made ready again (tower's `Clone` rule).
         let fresh = self.inner.clone();
         let service = mem::replace(&mut self.inner, fresh);
-        start_call(self.policy.clone(), service, request, None)
+        start_call(self.policy.clone(), service, request, None, None)
     }
 
     /// One call through this handle, consuming it: the inner service is made ready and moved
@@ -274,13 +274,14 @@ fn start_call<S, P, Req>(
     mut service: S,
     request: Req,
     started: Option<tokio::time::Instant>,
+    span: Option<Span>,
 ) -> ResponseFuture<S, P, Req>
 where
     S: Service<Arc<Req>>,
     P: RetryPolicy,
     Req: RetryRequest,
 {
-    let span = call_span(&request);
+    let span = span.unwrap_or_else(|| call_span(&request));
     let mut policy = match started {
         Some(at) => CallPolicy::started_at(policy, at),
         None => CallPolicy::new(policy),
