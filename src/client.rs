@@ -721,7 +721,9 @@ impl ClientBuilder {
 
     /// At most `max` nodes asked (connections opened) per topology refresh, however large the
     /// cluster (default [`DEFAULT_MAX_PROBES`](crate::topology::DEFAULT_MAX_PROBES)); see
-    /// [`TopologySource::max_probes`](crate::topology::TopologySource::max_probes).
+    /// [`TopologySource::max_probes`](crate::topology::TopologySource::max_probes). Applies to
+    /// the topology source in use: the connector's for [`build`](Self::build), the one given to
+    /// [`topology_source`](Self::topology_source) for [`build_with`](Self::build_with).
     pub fn topology_probes(mut self, max: usize) -> Self {
         self.topology_probes = Some(max);
         self

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use support::init_tracing;
 use tower_redis_cluster::{
-    connect::{connect_fn, ConnectHints},
+    connect::{connect_fn, BoxConnect, ConnectHints},
     harness::{NameMap, StandaloneServer},
     redis::{self, aio::ConnectionManager, AsyncCommands},
     Client, ErrorKind, RedisService,
@@ -27,10 +27,9 @@ async fn direct(server: &StandaloneServer, cmd: &redis::Cmd) -> redis::Value {
 /// The connector an application would write: resolve the endpoint's name at every connect
 /// (here through the test's name map; in production the system resolver does it when the
 /// URL holds the name), and manage one connection to what it names.
-fn primary_endpoint(
-    names: NameMap,
-) -> impl tower_redis_cluster::Connect<Service = RedisService<ConnectionManager>> {
-    connect_fn(move |_: &ConnectHints| {
+/// Boxed, so that the client has a type an application can name (and keep in its state).
+fn primary_endpoint(names: NameMap) -> BoxConnect<RedisService<ConnectionManager>> {
+    BoxConnect::new(connect_fn(move |_: &ConnectHints| {
         let names = names.clone();
         async move {
             let Some(addr) = names.lookup(PRIMARY).first().copied() else {
@@ -46,7 +45,12 @@ fn primary_endpoint(
             let manager = ConnectionManager::new_with_config(client, config).await?;
             Ok(RedisService::new(manager))
         }
-    })
+    }))
+}
+
+/// What an application keeps: a client of a nameable type.
+struct AppState {
+    redis: Client<BoxConnect<RedisService<ConnectionManager>>>,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,11 +66,14 @@ async fn the_client_follows_a_primary_endpoint_to_the_promoted_replica() {
     let names = NameMap::new();
     names.set(PRIMARY, vec![primary.addr()]);
 
-    let mut client = Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build_with(primary_endpoint(names.clone()))
-        .await
-        .unwrap();
+    let state = AppState {
+        redis: Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build_with(primary_endpoint(names.clone()))
+            .await
+            .unwrap(),
+    };
+    let mut client = state.redis.clone();
     client
         .wait_connected(Duration::from_secs(10))
         .await

@@ -12,7 +12,7 @@ mod resolve;
 mod seeds;
 mod tls;
 
-use std::{fmt, future::Future, pin::Pin};
+use std::{fmt, future::Future, pin::Pin, sync::Arc};
 
 pub(crate) use address_book::AddressBook;
 pub(crate) use cluster::node_addr as cluster_node_addr;
@@ -146,5 +146,57 @@ where
 
     fn connect(&self, hints: &ConnectHints) -> ConnectFuture<S> {
         Box::pin((self.f)(hints))
+    }
+}
+
+/// Any [`Connect`] behind one nameable type, for a [`Client`](crate::Client) built over a
+/// connector of your own that must be stored — in a struct, in axum state — without naming a
+/// closure's type: `Client<BoxConnect<RedisService<ConnectionManager>>>`.
+///
+/// ```no_run
+/// use tower_redis_cluster::{
+///     connect::{connect_fn, BoxConnect},
+///     redis::{self, aio::ConnectionManager},
+///     Client, Error, RedisService,
+/// };
+///
+/// struct AppState {
+///     redis: Client<BoxConnect<RedisService<ConnectionManager>>>,
+/// }
+///
+/// # async fn run() -> Result<AppState, Error> {
+/// let primary = BoxConnect::new(connect_fn(|_hints: &_| async {
+///     let client = redis::Client::open("redis://primary.my-group.example.com:6379")?;
+///     Ok(RedisService::new(ConnectionManager::new(client).await?))
+/// }));
+/// Ok(AppState { redis: Client::builder().build_with(primary).await? })
+/// # }
+/// ```
+pub struct BoxConnect<S>(Arc<dyn Connect<Service = S>>);
+
+impl<S> BoxConnect<S> {
+    /// Boxes `connector`.
+    pub fn new(connector: impl Connect<Service = S>) -> Self {
+        BoxConnect(Arc::new(connector))
+    }
+}
+
+impl<S> Clone for BoxConnect<S> {
+    fn clone(&self) -> Self {
+        BoxConnect(self.0.clone())
+    }
+}
+
+impl<S> fmt::Debug for BoxConnect<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxConnect").finish_non_exhaustive()
+    }
+}
+
+impl<S: 'static> Connect for BoxConnect<S> {
+    type Service = S;
+
+    fn connect(&self, hints: &ConnectHints) -> ConnectFuture<S> {
+        self.0.connect(hints)
     }
 }
