@@ -121,7 +121,7 @@ async fn waiting_for_a_connection_ends_at_once_on_errors_that_do_not_pass() {
                 .seed(standalone.addr().to_string())
                 .credentials("app", "wrong"),
             ErrorKind::Auth,
-            "",
+            "Password authentication failed",
         ),
     ] {
         let client = builder.build().await.unwrap();
