@@ -109,6 +109,18 @@ impl FetchTopology for FakeSource {
     }
 }
 
+/// Calls `GET` through `svc` every 10 ms for `period` (paused time), whatever the outcome.
+async fn call_every_10ms<S>(svc: &S, period: Duration)
+where
+    S: Service<Cmd> + Clone,
+{
+    let started = Instant::now();
+    while started.elapsed() < period {
+        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// An inner service that fails every call with `kind`.
 fn failing(
     kind: ErrorKind,
@@ -159,11 +171,7 @@ async fn continuous_triggers_refresh_at_most_once_per_min_interval() {
         config,
         None,
     );
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(10) {
-        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    call_every_10ms(&svc, Duration::from_secs(10)).await;
     let times = source.fetches.lock().unwrap().clone();
     // 10 s at one per ≥ 0.9 s, plus the first one.
     assert!(times.len() <= 12, "{} refreshes in 10 s", times.len());
@@ -626,11 +634,7 @@ async fn refreshes_back_off_while_no_node_answers_and_resume_when_one_does() {
         None,
     );
     // Every call fails and asks for a refresh, for 60 s of a cluster that is all down.
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(60) {
-        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    call_every_10ms(&svc, Duration::from_secs(60)).await;
     let down = source.count();
     // Once a second without backing off: 60. Doubling from 1 s to at most 16 s: about 8.
     assert!(down <= 10, "{down} failed refreshes in 60 s");
@@ -648,8 +652,7 @@ async fn refreshes_back_off_while_no_node_answers_and_resume_when_one_does() {
     source.down.store(false, Ordering::Relaxed);
     let back = Instant::now();
     while svc.handle().current().is_none() {
-        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        call_every_10ms(&svc, Duration::from_millis(10)).await;
     }
     assert!(
         back.elapsed() <= Duration::from_secs(17),
@@ -657,11 +660,7 @@ async fn refreshes_back_off_while_no_node_answers_and_resume_when_one_does() {
         back.elapsed()
     );
     let after = source.count();
-    let resumed = Instant::now();
-    while resumed.elapsed() < Duration::from_secs(5) {
-        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    call_every_10ms(&svc, Duration::from_secs(5)).await;
     assert!(
         source.count() - after >= 4,
         "{} refreshes in 5 s",
@@ -697,11 +696,7 @@ async fn a_refresh_that_failed_asks_other_nodes_next_time() {
         config,
         None,
     );
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        let _ = svc.clone().oneshot(redis::cmd("GET")).await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    call_every_10ms(&svc, Duration::from_secs(30)).await;
     let firsts: std::collections::HashSet<Endpoint> = source
         .known
         .lock()
