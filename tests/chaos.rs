@@ -722,22 +722,19 @@ async fn run_event(
                 // Through the client: it must follow the cluster as it is now.
                 let _ = probe_on.client.send(fill).await;
             }
-            let there = cluster
-                .migrate_slot(
-                    slot,
-                    cluster.master_of(to).addr,
-                    8,
-                    Duration::from_millis(40),
-                )
-                .await?;
-            let back = cluster
-                .migrate_slot(
-                    slot,
-                    cluster.master_of(from).addr,
-                    8,
-                    Duration::from_millis(40),
-                )
-                .await?;
+            // There and back, so the shards serve their own ranges again.
+            let mut moved = [0; 2];
+            for (count, shard) in moved.iter_mut().zip([to, from]) {
+                *count = cluster
+                    .migrate_slot(
+                        slot,
+                        cluster.master_of(shard).addr,
+                        8,
+                        Duration::from_millis(40),
+                    )
+                    .await?;
+            }
+            let [there, back] = moved;
             cluster.wait_healthy(HEALTHY_LIMIT).await?;
             records.push(
                 probe_on

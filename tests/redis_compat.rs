@@ -38,7 +38,28 @@ async fn add_five(script: &redis::Script, client: &mut tower_redis_cluster::Clie
 async fn typed_commands_pipelines_and_scripts_work_through_a_master_replacement() {
     init_tracing();
     // The seed user's shape: one shard, a master and its replica.
-    let mut cluster = support::cluster(1, 1).await;
+    typed_commands_pipelines_and_scripts(support::cluster(1, 1).await).await;
+}
+
+/// The same in the seed user's world: TLS with certificates that name DNS names only, nodes
+/// announced by host name, an ACL user, the dead master's address blackholed.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_commands_pipelines_and_scripts_work_through_a_master_replacement_when_managed() {
+    init_tracing();
+    let cluster = tower_redis_cluster::harness::LocalCluster::builder()
+        .shards(1)
+        .replicas(1)
+        .managed()
+        .start()
+        .await
+        .expect("the managed cluster starts");
+    typed_commands_pipelines_and_scripts(cluster).await;
+}
+
+async fn typed_commands_pipelines_and_scripts(
+    mut cluster: tower_redis_cluster::harness::LocalCluster,
+) {
     let mut client = connected(cluster.client_builder()).await;
 
     let () = client.set("{u}name", "ada").await.unwrap();

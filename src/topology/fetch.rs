@@ -168,8 +168,9 @@ impl TopologySource {
     /// At most `max` connections per refresh (default [`DEFAULT_MAX_PROBES`], at least 1),
     /// whatever the size of the cluster: a fleet of clients refreshing against a large cluster
     /// must not open a connection to every node each time. The known nodes are asked in the
-    /// order given — the refresh layer puts the serving masters first and rotates through the
-    /// others from one refresh to the next — and up to half the probes go to seed addresses
+    /// order given — the refresh layer puts the serving masters first, then the other nodes,
+    /// each group rotated by one with every refresh (failed ones included), so every node is
+    /// asked in time — and up to half the probes go to seed addresses
     /// that are not known nodes (how new nodes are found, and the only probes of the first
     /// refresh). The view most of the asked nodes agree on still wins.
     pub fn max_probes(mut self, max: usize) -> Self {

@@ -114,7 +114,7 @@ impl TopologySnapshot {
     /// then the other nodes — serving ones before failed or loading ones — each group rotated
     /// by `turn` (the refresh's number), so that successive refreshes reach every node in time.
     /// Each node once.
-    pub fn probe_order(&self, turn: u64) -> Vec<Endpoint> {
+    pub(crate) fn probe_order(&self, turn: u64) -> Vec<Endpoint> {
         let mut masters: Vec<&TopologyNode> = self
             .shards
             .iter()

@@ -109,6 +109,20 @@ impl FetchTopology for FakeSource {
     }
 }
 
+/// The refresh layer asking `source`, its timer off, over a service whose every call fails
+/// with a connection error: each call asks for a refresh, at most one per `min_interval`.
+fn called_to_failure(
+    source: Arc<dyn FetchTopology>,
+    min_interval: Duration,
+) -> TopologyRefresh<impl Service<Cmd, Response = Value, Error = Error, Future = impl Send> + Clone>
+{
+    let config = RefreshConfig::default()
+        .every(None)
+        .min_interval(min_interval)
+        .jitter(0.1);
+    TopologyRefresh::with_fetcher(failing(ErrorKind::Connection), source, config, None)
+}
+
 /// Calls `GET` through `svc` every 10 ms for `period` (paused time), whatever the outcome.
 async fn call_every_10ms<S>(svc: &S, period: Duration)
 where
@@ -161,16 +175,7 @@ async fn a_burst_of_triggers_during_a_refresh_costs_at_most_one_more() {
 #[tokio::test(start_paused = true)]
 async fn continuous_triggers_refresh_at_most_once_per_min_interval() {
     let source = FakeSource::new(Duration::from_millis(5));
-    let config = RefreshConfig::default()
-        .every(None)
-        .min_interval(Duration::from_secs(1))
-        .jitter(0.1);
-    let svc = TopologyRefresh::with_fetcher(
-        failing(ErrorKind::Connection),
-        Arc::new(source.clone()),
-        config,
-        None,
-    );
+    let svc = called_to_failure(Arc::new(source.clone()), Duration::from_secs(1));
     call_every_10ms(&svc, Duration::from_secs(10)).await;
     let times = source.fetches.lock().unwrap().clone();
     // 10 s at one per ≥ 0.9 s, plus the first one.
@@ -623,16 +628,7 @@ fn a_refresh_asks_the_serving_masters_first_and_every_other_node_in_turn() {
 async fn refreshes_back_off_while_no_node_answers_and_resume_when_one_does() {
     let source = FakeSource::new(Duration::from_millis(5));
     source.down.store(true, Ordering::Relaxed);
-    let config = RefreshConfig::default()
-        .every(None)
-        .min_interval(Duration::from_secs(1))
-        .jitter(0.1);
-    let svc = TopologyRefresh::with_fetcher(
-        failing(ErrorKind::Connection),
-        Arc::new(source.clone()),
-        config,
-        None,
-    );
+    let svc = called_to_failure(Arc::new(source.clone()), Duration::from_secs(1));
     // Every call fails and asks for a refresh, for 60 s of a cluster that is all down.
     call_every_10ms(&svc, Duration::from_secs(60)).await;
     let down = source.count();
@@ -687,15 +683,7 @@ fn with_more_masters_than_probes_every_master_is_asked_in_turn() {
 async fn a_refresh_that_failed_asks_other_nodes_next_time() {
     // The refresher's turn moves with every refresh, failed ones included.
     let source = Recording::default();
-    let config = RefreshConfig::default()
-        .every(None)
-        .min_interval(Duration::from_millis(100));
-    let svc = TopologyRefresh::with_fetcher(
-        failing(ErrorKind::Connection),
-        Arc::new(source.clone()),
-        config,
-        None,
-    );
+    let svc = called_to_failure(Arc::new(source.clone()), Duration::from_millis(100));
     call_every_10ms(&svc, Duration::from_secs(30)).await;
     let firsts: std::collections::HashSet<Endpoint> = source
         .known
