@@ -117,6 +117,8 @@ struct Info<C: Connect> {
     core: Core<C>,
     rebuild: RebuildHandle,
     topology: Option<TopologyHandle>,
+    /// Where a [`Subscriber`](crate::pubsub::Subscriber) of this client finds the cluster.
+    subscriber_source: Option<crate::topology::TopologySource>,
     summary: String,
     deadline: Option<Duration>,
     /// The `client` label of the metrics.
@@ -358,6 +360,33 @@ where
     /// The handle of the rebuild layer: generation, manual rebuilds.
     pub fn rebuild_handle(&self) -> &RebuildHandle {
         &self.info.rebuild
+    }
+
+    /// A [`Subscriber`](crate::pubsub::Subscriber) to this client's cluster: the same seeds,
+    /// resolver, TLS, credentials provider and timeouts, and the client's topology refreshes
+    /// (when on) as well as its own. Subscriptions do not go through the client's
+    /// connection; a rebuild of the client leaves them alone. Must be called inside a Tokio
+    /// runtime. Fails with a `Config` error for a client made by
+    /// [`build_with`](ClientBuilder::build_with) without a
+    /// [`topology_source`](ClientBuilder::topology_source): there is no cluster to follow.
+    pub fn subscriber(&self) -> Result<crate::pubsub::Subscriber, Error> {
+        self.subscriber_with(
+            crate::pubsub::SubscriberConfig::default().client_name(self.info.name.0.to_string()),
+        )
+    }
+
+    /// [`subscriber`](Self::subscriber) with a configuration of your own.
+    pub fn subscriber_with(
+        &self,
+        config: crate::pubsub::SubscriberConfig,
+    ) -> Result<crate::pubsub::Subscriber, Error> {
+        let source = self.info.subscriber_source.clone().ok_or_else(|| {
+            Error::config(
+                "a subscriber needs a cluster to follow: give build_with a topology_source(..)",
+            )
+        })?;
+        let shared = self.info.topology.as_ref().map(|t| t.subscribe());
+        crate::pubsub::Subscriber::start(source, shared, config)
     }
 
     /// The handle of the topology refresh layer, when it is on.
@@ -932,6 +961,7 @@ impl ClientBuilder {
                 Some(max) => s.max_probes(max),
                 None => s,
             });
+        let subscriber_source = source.clone();
         let refresh = match source {
             Some(source) => self
                 .refresh
@@ -987,6 +1017,7 @@ impl ClientBuilder {
                 core,
                 rebuild: rebuild_handle,
                 topology,
+                subscriber_source,
                 summary,
                 deadline: timeout,
                 name,

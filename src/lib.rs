@@ -74,6 +74,7 @@ pub mod error;
 pub mod harness;
 pub mod metrics;
 pub mod observability;
+pub mod pubsub;
 pub mod rebuild;
 pub mod retry;
 pub mod service;

@@ -12,6 +12,11 @@
 //! | `redis_cluster_topology_refreshes_total` | counter | `client`, `outcome` = `ok` / `error` | topology refreshes |
 //! | `redis_cluster_topology_changes_total` | counter | `client` | refreshes that found a change |
 //! | `redis_cluster_topology_seconds_since_change` | gauge | `client` | at the last refresh, seconds since the topology last changed |
+//! | `redis_cluster_pubsub_subscriptions` | gauge | `client` | subscriptions a [`Subscriber`](crate::pubsub::Subscriber) holds (wanted, established or not) |
+//! | `redis_cluster_pubsub_lost_total` | counter | `client`, `kind` = `channel` / `pattern` / `sharded` | subscriptions lost (each a gap) |
+//! | `redis_cluster_pubsub_resubscribed_total` | counter | `client`, `kind` | subscriptions re-established |
+//! | `redis_cluster_pubsub_gap_seconds` | histogram | `client`, `kind` | how long re-established subscriptions were down |
+//! | `redis_cluster_pubsub_dropped_total` | counter | `client` | messages dropped because the consumer fell behind |
 //!
 //! The `client` label tells the clients of one process apart:
 //! [`ClientBuilder::name`](crate::ClientBuilder::name) — by default the client's first seed —
@@ -95,6 +100,32 @@ mod enabled {
                 .set(at.elapsed().as_secs_f64());
         }
     }
+    pub(crate) fn pubsub_subscriptions(client: &str, n: usize) {
+        metrics::gauge!("redis_cluster_pubsub_subscriptions", "client" => client.to_string())
+            .set(n as f64);
+    }
+
+    pub(crate) fn pubsub_lost(client: &str, kind: &'static str, n: usize) {
+        metrics::counter!("redis_cluster_pubsub_lost_total", "client" => client.to_string(), "kind" => kind)
+            .increment(n as u64);
+    }
+
+    pub(crate) fn pubsub_resubscribed(
+        client: &str,
+        kind: &'static str,
+        n: usize,
+        gap: std::time::Duration,
+    ) {
+        metrics::counter!("redis_cluster_pubsub_resubscribed_total", "client" => client.to_string(), "kind" => kind)
+            .increment(n as u64);
+        metrics::histogram!("redis_cluster_pubsub_gap_seconds", "client" => client.to_string(), "kind" => kind)
+            .record(gap.as_secs_f64());
+    }
+
+    pub(crate) fn pubsub_dropped(client: &str) {
+        metrics::counter!("redis_cluster_pubsub_dropped_total", "client" => client.to_string())
+            .increment(1);
+    }
 }
 
 #[cfg(not(feature = "metrics"))]
@@ -116,6 +147,14 @@ mod enabled {
     pub(crate) fn connect_failed(_: &ClientName, _: ErrorKind) {}
     #[inline(always)]
     pub(crate) fn refreshed(_: &ClientName, _: bool, _: bool, _: Option<Instant>) {}
+    #[inline(always)]
+    pub(crate) fn pubsub_subscriptions(_: &str, _: usize) {}
+    #[inline(always)]
+    pub(crate) fn pubsub_lost(_: &str, _: &'static str, _: usize) {}
+    #[inline(always)]
+    pub(crate) fn pubsub_resubscribed(_: &str, _: &'static str, _: usize, _: std::time::Duration) {}
+    #[inline(always)]
+    pub(crate) fn pubsub_dropped(_: &str) {}
 }
 
 pub(crate) use enabled::*;

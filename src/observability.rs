@@ -21,6 +21,10 @@
 //! | `topology` | WARN | topology refresh failed | `error` |
 //! | `topology` | DEBUG | publishing topology snapshot | `sequence`, `shards`, `agreed_by`, `answered` |
 //! | `connect` | DEBUG | resolved seed name | `host`, `port`, `addrs` |
+//! | `pubsub` | WARN | subscriptions lost; re-establishing them | `kind`, `subscriptions` (a count; channel names are not logged), `cause` |
+//! | `pubsub` | INFO | subscriptions re-established | `kind`, `subscriptions`, `node`, `gap_ms` |
+//! | `pubsub` | WARN | subscriber buffer full: dropping messages until the consumer catches up | `capacity` |
+//! | `pubsub` | DEBUG | subscription connection open / failed / lost, subscribe refused, topology read failed | `node`, `error` |
 //!
 //! The span follows OpenTelemetry's database conventions, so `tracing-opentelemetry` exports it
 //! as a client span named for the command; it is at DEBUG, so enable

@@ -296,9 +296,9 @@ impl Refusal {
                  (redis::pipe().atomic())"
             }
             Refusal::Subscribe => {
-                "it turns the connection into one that serves nothing else: use a connection \
-                 of its own for pub/sub or MONITOR (redis::Client::get_async_pubsub on the \
-                 channel's node)"
+                "it turns the connection into one that serves nothing else: for pub/sub use \
+                 Client::subscriber(), which also re-establishes subscriptions across \
+                 failovers; for MONITOR a connection of its own"
             }
             Refusal::ConnectionState => {
                 "it changes the state of a connection every caller shares: configure the client \

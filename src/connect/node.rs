@@ -28,6 +28,20 @@ impl NodeConnector {
         pin: Option<IpAddr>,
         response_timeout: Option<Duration>,
     ) -> Result<MultiplexedConnection, Error> {
+        self.connect_with(endpoint, pin, response_timeout, None)
+            .await
+    }
+
+    /// A connection as [`connect`](Self::connect) makes it; with `push`, a RESP3 connection
+    /// whose out-of-band messages (pub/sub deliveries and confirmations, and the library's
+    /// notice that the connection closed) go to `push`.
+    pub(crate) async fn connect_with(
+        &self,
+        endpoint: &Endpoint,
+        pin: Option<IpAddr>,
+        response_timeout: Option<Duration>,
+        push: Option<Arc<dyn redis::aio::AsyncPushSender>>,
+    ) -> Result<MultiplexedConnection, Error> {
         // Asked for every connection: a rotated token must reach the next one.
         let mut settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
         if let Some(c) = self
@@ -41,12 +55,18 @@ impl NodeConnector {
         }
         // The connection is made to the endpoint's *name*, so TLS verifies the name; the
         // resolver decides which IP it goes to.
+        if push.is_some() {
+            settings = settings.set_protocol(redis::ProtocolVersion::RESP3);
+        }
         let info = super::cluster_node_addr(endpoint, self.tls.is_some())
             .into_connection_info()?
             .set_redis_settings(settings);
         let mut config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connection_timeout))
             .set_response_timeout(response_timeout);
+        if let Some(push) = push {
+            config = config.set_push_sender(ArcPush(push));
+        }
         config = match pin {
             Some(ip) => config.set_dns_resolver(PinnedResolver(ip)),
             None => config.set_dns_resolver(DnsAdapter(self.book.clone())),
@@ -66,5 +86,14 @@ impl NodeConnector {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| Error::from_redis(e).context(format_args!("connecting to {endpoint}")))
+    }
+}
+
+/// An `Arc` of a push sender, as a push sender.
+struct ArcPush(Arc<dyn redis::aio::AsyncPushSender>);
+
+impl redis::aio::AsyncPushSender for ArcPush {
+    fn send(&self, info: redis::PushInfo) -> Result<(), redis::aio::SendError> {
+        self.0.send(info)
     }
 }

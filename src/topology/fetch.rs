@@ -150,7 +150,7 @@ impl TopologySource {
     }
 
     /// How probes connect: as the inner client does.
-    fn nodes(&self) -> NodeConnector {
+    pub(crate) fn nodes(&self) -> NodeConnector {
         NodeConnector {
             book: self.book.clone(),
             credentials: self.credentials.clone(),

@@ -44,7 +44,7 @@
 //! ```
 
 mod config;
-mod fetch;
+pub(crate) mod fetch;
 mod refresher;
 mod snapshot;
 #[cfg(test)]

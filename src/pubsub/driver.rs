@@ -1,0 +1,1017 @@
+//! The subscriber's task: the subscriptions wanted, the connections that carry them, and the
+//! topology that says where each belongs.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures_util::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
+use redis::{aio::MultiplexedConnection, PushInfo, PushKind, Value};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+use tower::util::rng::{HasherRng, Rng};
+
+use super::{outbox::Outbox, Event, Kind, Message, Request, SubscriberConfig};
+use crate::{
+    backoff::{JitteredBackoff, JitteredBackoffMaker},
+    connect::{Endpoint, NodeConnector},
+    topology::{NodeHealth, TopologySnapshot, TopologySource},
+    Error, ErrorKind,
+};
+
+/// A subscription: its kind and name.
+type Key = (Kind, Vec<u8>);
+
+/// Where a wanted subscription stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Not on any connection; to be (re)established.
+    Pending,
+    /// Its subscribe command is on connection `0`.
+    Sending(u64),
+    /// Confirmed on connection `0`.
+    Active(u64),
+}
+
+struct Sub {
+    state: State,
+    /// When it was noticed lost, if it was established before: its resubscription is a gap.
+    lost_at: Option<Instant>,
+}
+
+struct Conn {
+    endpoint: Endpoint,
+    handle: MultiplexedConnection,
+    pinging: bool,
+    next_ping: Instant,
+}
+
+/// A caller of `subscribe` waiting for its confirmations.
+struct Waiter {
+    remaining: HashSet<Key>,
+    deadline: Instant,
+    done: oneshot::Sender<Result<(), Error>>,
+}
+
+/// What the task's background work reports.
+enum Op {
+    Connected {
+        id: u64,
+        endpoint: Endpoint,
+        result: Result<MultiplexedConnection, Error>,
+    },
+    Sent {
+        conn: u64,
+        keys: Vec<Key>,
+        result: Result<Vec<Value>, Error>,
+    },
+    Pinged {
+        conn: u64,
+        result: Result<(), Error>,
+    },
+    Fetched(Result<crate::topology::fetch::Fetched, Error>),
+    /// An unsubscribe command finished; nothing to do but let the connection go if idle.
+    Unsubscribed,
+}
+
+pub(super) struct Driver {
+    config: SubscriberConfig,
+    source: TopologySource,
+    nodes: NodeConnector,
+    /// The client's topology, when made from a client: adopted whenever it changes.
+    shared: Option<watch::Receiver<Option<Arc<TopologySnapshot>>>>,
+    requests: mpsc::UnboundedReceiver<Request>,
+    control_tx: mpsc::UnboundedSender<(u64, PushInfo)>,
+    control: mpsc::UnboundedReceiver<(u64, PushInfo)>,
+    outbox: Arc<Outbox>,
+    topology: Option<TopologySnapshot>,
+    turn: u64,
+    subs: HashMap<Key, Sub>,
+    conns: HashMap<u64, Conn>,
+    next_id: u64,
+    connecting: HashSet<Endpoint>,
+    /// Nodes not to connect to until then: their connection failed or was lost.
+    avoid: HashMap<Endpoint, Instant>,
+    /// Where channels and patterns go.
+    global: Option<Endpoint>,
+    ops: FuturesUnordered<BoxFuture<'static, Op>>,
+    fetching: bool,
+    fetch_wanted: bool,
+    fetch_after: Instant,
+    backoff_maker: JitteredBackoffMaker,
+    /// Paces topology reads and resubscriptions while something fails; reset by success.
+    backoff: JitteredBackoff,
+    retry_at: Option<Instant>,
+    next_refresh: Instant,
+    waiters: Vec<Waiter>,
+    /// Unsubscribe confirmations asked for, per connection and subscription.
+    unsubscribing: HashMap<(u64, Key), usize>,
+    /// Established again since the last flush: subscription, node, when lost.
+    resubscribed: Vec<(Key, Endpoint, Instant)>,
+    /// Lost since the last flush, with the cause.
+    lost: Vec<(Key, Error)>,
+    last_error: Option<Error>,
+    rng: HasherRng,
+}
+
+impl Driver {
+    pub(super) fn new(
+        source: TopologySource,
+        shared: Option<watch::Receiver<Option<Arc<TopologySnapshot>>>>,
+        config: SubscriberConfig,
+        requests: mpsc::UnboundedReceiver<Request>,
+        outbox: Arc<Outbox>,
+    ) -> Self {
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let backoff_maker = JitteredBackoffMaker::new(config.retry_floor, config.retry_cap)
+            .expect("validated by the subscriber");
+        let now = Instant::now();
+        Driver {
+            nodes: source.nodes(),
+            source,
+            shared,
+            requests,
+            control_tx,
+            control,
+            outbox,
+            topology: None,
+            turn: 0,
+            subs: HashMap::new(),
+            conns: HashMap::new(),
+            next_id: 0,
+            connecting: HashSet::new(),
+            avoid: HashMap::new(),
+            global: None,
+            ops: FuturesUnordered::new(),
+            fetching: false,
+            fetch_wanted: false,
+            fetch_after: now,
+            backoff: backoff_maker.make(),
+            backoff_maker,
+            retry_at: None,
+            next_refresh: now + config.refresh_every,
+            waiters: Vec::new(),
+            unsubscribing: HashMap::new(),
+            resubscribed: Vec::new(),
+            lost: Vec::new(),
+            last_error: None,
+            rng: HasherRng::default(),
+            config,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        self.adopt_shared();
+        loop {
+            self.reconcile();
+            self.flush();
+            let wake = self.next_wake();
+            tokio::select! {
+                request = self.requests.recv() => match request {
+                    Some(r) => self.request(r),
+                    // The subscriber is gone: dropping the connections closes them.
+                    None => return,
+                },
+                Some((conn, push)) = self.control.recv() => self.push(conn, push),
+                Some(op) = self.ops.next(), if !self.ops.is_empty() => self.op(op),
+                changed = changed(&mut self.shared) => {
+                    if changed {
+                        self.adopt_shared();
+                    } else {
+                        self.shared = None;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => self.tick(),
+            }
+        }
+    }
+
+    // ----- requests -----
+
+    fn request(&mut self, request: Request) {
+        match request {
+            Request::Subscribe { kind, names, done } => {
+                let mut remaining = HashSet::new();
+                for name in names {
+                    let key = (kind, name);
+                    let sub = self.subs.entry(key.clone()).or_insert(Sub {
+                        state: State::Pending,
+                        lost_at: None,
+                    });
+                    if !matches!(sub.state, State::Active(_)) {
+                        remaining.insert(key);
+                    }
+                }
+                self.update_gauge();
+                if remaining.is_empty() {
+                    let _ = done.send(Ok(()));
+                } else {
+                    self.waiters.push(Waiter {
+                        remaining,
+                        deadline: Instant::now() + self.config.subscribe_timeout,
+                        done,
+                    });
+                }
+            }
+            Request::Unsubscribe { kind, names, done } => {
+                let keys: Vec<Key> = if names.is_empty() {
+                    self.subs.keys().filter(|k| k.0 == kind).cloned().collect()
+                } else {
+                    names.into_iter().map(|n| (kind, n)).collect()
+                };
+                let mut by_conn: HashMap<u64, Vec<Key>> = HashMap::new();
+                for key in keys {
+                    for w in &mut self.waiters {
+                        w.remaining.remove(&key);
+                    }
+                    if let Some(sub) = self.subs.remove(&key) {
+                        if let State::Active(c) | State::Sending(c) = sub.state {
+                            by_conn.entry(c).or_default().push(key);
+                        }
+                    }
+                }
+                for (conn, keys) in by_conn {
+                    self.send_unsubscribe(conn, keys);
+                }
+                self.update_gauge();
+                self.finish_waiters();
+                let _ = done.send(Ok(()));
+            }
+        }
+    }
+
+    fn send_unsubscribe(&mut self, conn: u64, keys: Vec<Key>) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd(key.0.unsubscribe()).arg(&key.1[..]);
+            *self.unsubscribing.entry((conn, key.clone())).or_default() += 1;
+        }
+        let mut handle = c.handle.clone();
+        let n = keys.len();
+        self.ops.push(
+            async move {
+                use redis::aio::ConnectionLike;
+                let _ = handle.req_packed_commands(&pipe, 0, n).await;
+                Op::Unsubscribed
+            }
+            .boxed(),
+        );
+    }
+
+    // ----- what the connections push -----
+
+    fn push(&mut self, conn: u64, push: PushInfo) {
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        let kind = match push.kind {
+            PushKind::Disconnection => {
+                let endpoint = self.conns[&conn].endpoint.clone();
+                self.conn_lost(
+                    conn,
+                    Error::new(
+                        ErrorKind::Connection,
+                        format!("the subscription connection to {endpoint} closed"),
+                    ),
+                );
+                return;
+            }
+            PushKind::Unsubscribe => Kind::Channel,
+            PushKind::PUnsubscribe => Kind::Pattern,
+            PushKind::SUnsubscribe => Kind::Sharded,
+            // Confirmations of subscribe commands are read from their replies.
+            _ => return,
+        };
+        let Some(Value::BulkString(name)) = push.data.into_iter().next() else {
+            return;
+        };
+        let key = (kind, name);
+        if let Some(n) = self.unsubscribing.get_mut(&(conn, key.clone())) {
+            *n -= 1;
+            if *n == 0 {
+                self.unsubscribing.remove(&(conn, key));
+            }
+            return;
+        }
+        // Not asked for: the server ended it — its slot moved, or the node is a replica now.
+        let on_conn = self
+            .subs
+            .get(&key)
+            .is_some_and(|s| matches!(s.state, State::Active(c) | State::Sending(c) if c == conn));
+        if on_conn {
+            let endpoint = self.conns[&conn].endpoint.clone();
+            let cause = Error::new(
+                ErrorKind::Moved,
+                format!(
+                    "{endpoint} ended the subscription ({}): its slot is served elsewhere now",
+                    kind.unsubscribe()
+                ),
+            );
+            self.mark_lost(&key, cause);
+            self.fetch_wanted = true;
+        }
+    }
+
+    // ----- background work -----
+
+    fn op(&mut self, op: Op) {
+        match op {
+            Op::Connected {
+                id,
+                endpoint,
+                result,
+            } => {
+                self.connecting.remove(&endpoint);
+                match result {
+                    Ok(handle) => {
+                        tracing::debug!(node = %endpoint, "subscription connection open");
+                        self.avoid.remove(&endpoint);
+                        self.conns.insert(
+                            id,
+                            Conn {
+                                endpoint,
+                                handle,
+                                pinging: false,
+                                next_ping: Instant::now() + self.config.ping_interval,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::debug!(node = %endpoint, error = %e, "subscription connection failed");
+                        self.node_failed(&endpoint, e);
+                    }
+                }
+            }
+            Op::Sent { conn, keys, result } => self.sent(conn, keys, result),
+            Op::Pinged { conn, result } => match result {
+                Ok(()) => {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.pinging = false;
+                        c.next_ping = Instant::now() + self.config.ping_interval;
+                    }
+                }
+                Err(e) => self.conn_lost(conn, e),
+            },
+            Op::Fetched(result) => {
+                self.fetching = false;
+                match result {
+                    Ok(fetched) => {
+                        let sequence = self.topology.as_ref().map_or(0, |t| t.sequence) + 1;
+                        self.set_topology(TopologySnapshot {
+                            shards: fetched.shards,
+                            agreed_by: fetched.agreed_by,
+                            answered: fetched.answered,
+                            asked: fetched.asked,
+                            taken_at: SystemTime::now(),
+                            sequence,
+                        });
+                        self.fetch_after = Instant::now() + self.config.retry_floor;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "subscriber topology read failed");
+                        self.last_error = Some(e);
+                        self.fetch_wanted = true;
+                        self.fetch_after = Instant::now() + self.backoff.next_delay();
+                    }
+                }
+            }
+            Op::Unsubscribed => {}
+        }
+    }
+
+    fn sent(&mut self, conn: u64, keys: Vec<Key>, result: Result<Vec<Value>, Error>) {
+        let replies = match result {
+            Ok(replies) => replies,
+            Err(e) if e.kind() == ErrorKind::Connection || e.kind() == ErrorKind::Timeout => {
+                return self.conn_lost(conn, e);
+            }
+            // A refusal of the whole pipeline: each command refused alike.
+            Err(e) => return self.refused(conn, &keys, e),
+        };
+        let Some(endpoint) = self.conns.get(&conn).map(|c| c.endpoint.clone()) else {
+            return;
+        };
+        let mut stray = Vec::new();
+        let mut refused = Vec::new();
+        for (key, reply) in keys
+            .into_iter()
+            .zip(replies.into_iter().map(Some).chain(std::iter::repeat(None)))
+        {
+            let confirmed = matches!(
+                &reply,
+                Some(Value::Push { kind, data })
+                    if confirms(kind, key.0) && data.first() == Some(&Value::BulkString(key.1.clone()))
+            );
+            let Some(sub) = self.subs.get_mut(&key) else {
+                // Withdrawn meanwhile: whatever the server did, undo it.
+                if confirmed {
+                    stray.push(key);
+                }
+                continue;
+            };
+            if sub.state != State::Sending(conn) {
+                continue;
+            }
+            if confirmed {
+                sub.state = State::Active(conn);
+                if let Some(at) = sub.lost_at.take() {
+                    self.resubscribed.push((key.clone(), endpoint.clone(), at));
+                }
+                for w in &mut self.waiters {
+                    w.remaining.remove(&key);
+                }
+            } else {
+                let error = match reply {
+                    Some(Value::ServerError(e)) => Error::from_redis(redis::RedisError::from(e)),
+                    other => Error::new(
+                        ErrorKind::Connection,
+                        format!("unexpected reply to {}: {other:?}", key.0.subscribe()),
+                    ),
+                };
+                refused.push((key, error));
+            }
+        }
+        if !stray.is_empty() {
+            self.send_unsubscribe(conn, stray);
+        }
+        for (key, error) in refused {
+            self.refused(conn, std::slice::from_ref(&key), error);
+        }
+        self.finish_waiters();
+        if self
+            .subs
+            .values()
+            .all(|s| matches!(s.state, State::Active(_)))
+        {
+            self.backoff = self.backoff_maker.make();
+        }
+    }
+
+    /// The server refused to subscribe `keys` on `conn` (`MOVED`, `CLUSTERDOWN`, …): read the
+    /// topology again and try later.
+    fn refused(&mut self, conn: u64, keys: &[Key], error: Error) {
+        let endpoint = self.conns.get(&conn).map(|c| c.endpoint.to_string());
+        tracing::debug!(node = ?endpoint, error = %error, "subscribe refused");
+        for key in keys {
+            if let Some(sub) = self.subs.get_mut(key) {
+                if sub.state == State::Sending(conn) {
+                    sub.state = State::Pending;
+                }
+            }
+        }
+        self.last_error = Some(error);
+        self.fetch_wanted = true;
+        self.retry_at = Some(Instant::now() + self.backoff.next_delay());
+    }
+
+    // ----- losing things -----
+
+    fn mark_lost(&mut self, key: &Key, cause: Error) {
+        let Some(sub) = self.subs.get_mut(key) else {
+            return;
+        };
+        match sub.state {
+            State::Active(_) => {
+                sub.lost_at = Some(Instant::now());
+                self.lost.push((key.clone(), cause));
+            }
+            State::Sending(_) => {}
+            State::Pending => return,
+        }
+        sub.state = State::Pending;
+    }
+
+    fn conn_lost(&mut self, conn: u64, cause: Error) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        tracing::debug!(node = %c.endpoint, error = %cause, "subscription connection lost");
+        let keys: Vec<Key> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| matches!(s.state, State::Active(x) | State::Sending(x) if x == conn))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &keys {
+            self.mark_lost(key, cause.clone());
+        }
+        self.unsubscribing.retain(|(c, _), _| *c != conn);
+        self.node_failed(&c.endpoint, cause);
+    }
+
+    /// A node could not be reached or stopped answering: avoid it for a while, and ask the
+    /// cluster where things are now.
+    fn node_failed(&mut self, endpoint: &Endpoint, cause: Error) {
+        let pause = self.config.ping_interval.max(self.config.retry_cap);
+        self.avoid.insert(endpoint.clone(), Instant::now() + pause);
+        if self.global.as_ref() == Some(endpoint) {
+            self.global = None;
+        }
+        self.last_error = Some(cause);
+        self.fetch_wanted = true;
+    }
+
+    // ----- topology -----
+
+    fn adopt_shared(&mut self) {
+        let Some(shared) = &mut self.shared else {
+            return;
+        };
+        let snapshot = shared.borrow_and_update().clone();
+        if let Some(s) = snapshot {
+            self.set_topology((*s).clone());
+        }
+    }
+
+    fn set_topology(&mut self, snapshot: TopologySnapshot) {
+        // Connections to nodes that left the cluster carry nothing any more (a node replaced
+        // and forgotten may still accept connections: it no longer hears the cluster's
+        // messages).
+        let present: HashSet<&Endpoint> = snapshot.nodes().map(|n| &n.endpoint).collect();
+        let gone: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !present.contains(&c.endpoint))
+            .map(|(id, _)| *id)
+            .collect();
+        // Sharded subscriptions on a node that no longer owns their slot: the server may not
+        // have said so (a demoted master keeps its clients).
+        let mut moved: Vec<(u64, Key)> = Vec::new();
+        for (key, sub) in &self.subs {
+            if let (Kind::Sharded, State::Active(c)) = (key.0, sub.state) {
+                let owner = owner(&snapshot, &key.1);
+                let here = self.conns.get(&c).map(|c| &c.endpoint);
+                if owner.is_some() && here.is_some() && owner != here {
+                    moved.push((c, key.clone()));
+                }
+            }
+        }
+        self.topology = Some(snapshot);
+        for id in gone {
+            let endpoint = self.conns[&id].endpoint.clone();
+            self.conn_lost(
+                id,
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("{endpoint} is no longer a node of the cluster"),
+                ),
+            );
+        }
+        let mut by_conn: HashMap<u64, Vec<Key>> = HashMap::new();
+        for (conn, key) in moved {
+            // Its connection was to a node that left: lost with it already.
+            let Some(endpoint) = self.conns.get(&conn).map(|c| c.endpoint.clone()) else {
+                continue;
+            };
+            self.mark_lost(
+                &key,
+                Error::new(
+                    ErrorKind::Moved,
+                    format!("{endpoint} no longer owns the slot of the sharded channel"),
+                ),
+            );
+            by_conn.entry(conn).or_default().push(key);
+        }
+        for (conn, keys) in by_conn {
+            self.send_unsubscribe(conn, keys);
+        }
+    }
+
+    fn start_fetch(&mut self) {
+        self.fetching = true;
+        self.fetch_wanted = false;
+        self.turn += 1;
+        let mut known = self
+            .topology
+            .as_ref()
+            .map(|t| t.probe_order(self.turn))
+            .unwrap_or_default();
+        // Nodes known to be unreachable right now go last.
+        let now = Instant::now();
+        known.sort_by_key(|e| avoided(&self.avoid, e, now));
+        let source = self.source.clone();
+        self.ops
+            .push(async move { Op::Fetched(source.fetch(&known).await) }.boxed());
+    }
+
+    /// Where channels and patterns go: the node already carrying them, else an online node —
+    /// masters first — not failed lately.
+    fn global_target(&mut self) -> Option<Endpoint> {
+        if let Some(g) = &self.global {
+            return Some(g.clone());
+        }
+        let topology = self.topology.as_ref()?;
+        let now = Instant::now();
+        let mut candidates: Vec<&Endpoint> = topology
+            .shards
+            .iter()
+            .filter_map(|s| s.master.as_ref())
+            .chain(topology.shards.iter().flat_map(|s| s.replicas.iter()))
+            .filter(|n| n.health == NodeHealth::Online)
+            .map(|n| &n.endpoint)
+            .filter(|e| !avoided(&self.avoid, e, now))
+            .collect();
+        // A node a connection is open to already is cheapest.
+        candidates.sort_by_key(|e| !self.conns.values().any(|c| &c.endpoint == *e));
+        let pick = candidates.first().map(|e| (*e).clone())?;
+        self.global = Some(pick.clone());
+        Some(pick)
+    }
+
+    // ----- the loop's own work -----
+
+    /// Puts every pending subscription on its way to where it belongs.
+    fn reconcile(&mut self) {
+        let now = Instant::now();
+        if self.subs.values().any(|s| s.state == State::Pending) && self.topology.is_none() {
+            self.fetch_wanted = true;
+        }
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+        }
+        if self.retry_at.is_none() {
+            let mut batches: BTreeMap<Endpoint, Vec<Key>> = BTreeMap::new();
+            let pending: Vec<Key> = self
+                .subs
+                .iter()
+                .filter(|(_, s)| s.state == State::Pending)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in pending {
+                let target = match key.0 {
+                    Kind::Sharded => self.topology.as_ref().and_then(|t| {
+                        owner(t, &key.1)
+                            .filter(|e| !avoided(&self.avoid, e, now))
+                            .cloned()
+                    }),
+                    Kind::Channel | Kind::Pattern => self.global_target(),
+                };
+                match target {
+                    Some(t) => batches.entry(t).or_default().push(key),
+                    // Its master is down or unknown: the topology will tell when it serves.
+                    None => self.fetch_wanted = true,
+                }
+            }
+            for (endpoint, keys) in batches {
+                match self.conn_to(&endpoint) {
+                    Some(conn) => self.send_subscribe(conn, keys),
+                    None => self.connect(endpoint),
+                }
+            }
+        }
+        if self.fetch_wanted && !self.fetching && now >= self.fetch_after {
+            self.start_fetch();
+        }
+        // Connections that carry nothing are closed.
+        let busy: HashSet<u64> = self
+            .subs
+            .values()
+            .filter_map(|s| match s.state {
+                State::Active(c) | State::Sending(c) => Some(c),
+                State::Pending => None,
+            })
+            .collect();
+        let idle: Vec<u64> = self
+            .conns
+            .keys()
+            .filter(|id| !busy.contains(id))
+            .copied()
+            .collect();
+        let pending = self.subs.values().any(|s| s.state == State::Pending);
+        for id in idle {
+            // Kept while something waits to go there.
+            let endpoint = &self.conns[&id].endpoint;
+            if pending && (self.global.as_ref() == Some(endpoint) || self.retry_at.is_some()) {
+                continue;
+            }
+            if self.global.as_ref() == Some(endpoint) {
+                self.global = None;
+            }
+            self.conns.remove(&id);
+            self.unsubscribing.retain(|(c, _), _| *c != id);
+        }
+    }
+
+    fn conn_to(&self, endpoint: &Endpoint) -> Option<u64> {
+        self.conns
+            .iter()
+            .find(|(_, c)| &c.endpoint == endpoint)
+            .map(|(id, _)| *id)
+    }
+
+    fn connect(&mut self, endpoint: Endpoint) {
+        if !self.connecting.insert(endpoint.clone()) {
+            return;
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let outbox = self.outbox.clone();
+        let control = self.control_tx.clone();
+        let push = move |info: PushInfo| -> Result<(), ()> {
+            match message(info) {
+                Ok(m) => outbox.message(m),
+                Err(info) => {
+                    let _ = control.send((id, info));
+                }
+            }
+            Ok(())
+        };
+        let nodes = self.nodes.clone();
+        let timeout = self.config.ping_timeout;
+        self.ops.push(
+            async move {
+                let result = nodes
+                    .connect_with(&endpoint, None, Some(timeout), Some(Arc::new(push)))
+                    .await;
+                Op::Connected {
+                    id,
+                    endpoint,
+                    result,
+                }
+            }
+            .boxed(),
+        );
+    }
+
+    fn send_subscribe(&mut self, conn: u64, keys: Vec<Key>) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        // One name per command: each command has exactly one confirmation.
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd(key.0.subscribe()).arg(&key.1[..]);
+            if let Some(sub) = self.subs.get_mut(key) {
+                sub.state = State::Sending(conn);
+            }
+        }
+        let mut handle = c.handle.clone();
+        self.ops.push(
+            async move {
+                use redis::aio::ConnectionLike;
+                let result = handle
+                    .req_packed_commands(&pipe, 0, keys.len())
+                    .await
+                    .map_err(Error::from_redis);
+                Op::Sent { conn, keys, result }
+            }
+            .boxed(),
+        );
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        // Health checks.
+        let due: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.pinging && c.next_ping <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let c = self.conns.get_mut(&id).expect("listed above");
+            c.pinging = true;
+            let mut handle = c.handle.clone();
+            let endpoint = c.endpoint.clone();
+            let bound = self.config.ping_timeout;
+            self.ops.push(
+                async move {
+                    let cmd = redis::cmd("PING");
+                    let ping = cmd.query_async::<Value>(&mut handle);
+                    let result = match tokio::time::timeout(bound, ping).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(Error::from_redis(e)
+                            .context(format_args!("health check of {endpoint}"))),
+                        Err(_) => Err(Error::timeout(format!(
+                            "{endpoint} did not answer a health check within {bound:?}"
+                        ))),
+                    };
+                    Op::Pinged { conn: id, result }
+                }
+                .boxed(),
+            );
+        }
+        if now >= self.next_refresh {
+            let every = self.config.refresh_every;
+            let spread = every.mul_f64(0.9 + 0.2 * self.rng.next_f64());
+            self.next_refresh = now + spread;
+            // A client's refresher keeps its topology current already.
+            if !self.subs.is_empty() && self.shared.is_none() {
+                self.fetch_wanted = true;
+            }
+        }
+        self.avoid.retain(|_, until| *until > now);
+        self.finish_waiters();
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = self.next_refresh;
+        for c in self.conns.values() {
+            if !c.pinging {
+                wake = wake.min(c.next_ping);
+            }
+        }
+        if let Some(t) = self.retry_at {
+            wake = wake.min(t);
+        }
+        if self.fetch_wanted && !self.fetching {
+            wake = wake.min(self.fetch_after);
+        }
+        for w in &self.waiters {
+            wake = wake.min(w.deadline);
+        }
+        if let Some(t) = self.avoid.values().min() {
+            wake = wake.min(*t);
+        }
+        wake
+    }
+
+    /// Answers the callers of `subscribe` whose subscriptions are all confirmed, or whose
+    /// time is up — withdrawing what could not be established.
+    fn finish_waiters(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let w = &self.waiters[i];
+            if w.remaining.is_empty() {
+                let w = self.waiters.swap_remove(i);
+                let _ = w.done.send(Ok(()));
+            } else if w.deadline <= now {
+                let w = self.waiters.swap_remove(i);
+                let mut error = Error::timeout(format!(
+                    "{} subscription(s) not confirmed within {:?}; withdrawn",
+                    w.remaining.len(),
+                    self.config.subscribe_timeout
+                ))
+                .with_sent(crate::Sent::No);
+                if let Some(cause) = &self.last_error {
+                    error = error.with_source(cause.clone());
+                }
+                for key in &w.remaining {
+                    if let Some(sub) = self.subs.get(key) {
+                        // Established once and lost since: not this caller's to withdraw.
+                        if sub.lost_at.is_none() {
+                            self.subs.remove(key);
+                        }
+                    }
+                }
+                self.update_gauge();
+                let _ = w.done.send(Err(error));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Tells the consumer what was lost and what is back since the last flush.
+    fn flush(&mut self) {
+        let mut lost: BTreeMap<Kind, (Vec<Vec<u8>>, Error)> = BTreeMap::new();
+        for (key, cause) in self.lost.drain(..) {
+            lost.entry(key.0)
+                .or_insert_with(|| (Vec::new(), cause))
+                .0
+                .push(key.1);
+        }
+        for (kind, (mut names, cause)) in lost {
+            names.sort();
+            tracing::warn!(
+                kind = kind.as_str(),
+                subscriptions = names.len(),
+                cause = %cause,
+                "subscriptions lost; re-establishing them"
+            );
+            crate::metrics::pubsub_lost(&self.config.client_name, kind.as_str(), names.len());
+            self.outbox.event(Event::Lost { kind, names, cause });
+        }
+        let now = Instant::now();
+        let mut back: BTreeMap<(Kind, Endpoint), Back> = BTreeMap::new();
+        for (key, node, at) in self.resubscribed.drain(..) {
+            let entry = back.entry((key.0, node)).or_default();
+            entry.0.push(key.1);
+            entry.1 = entry.1.max(now - at);
+        }
+        for ((kind, node), (mut names, gap)) in back {
+            names.sort();
+            tracing::info!(
+                kind = kind.as_str(),
+                subscriptions = names.len(),
+                node = %node,
+                gap_ms = gap.as_millis() as u64,
+                "subscriptions re-established"
+            );
+            crate::metrics::pubsub_resubscribed(
+                &self.config.client_name,
+                kind.as_str(),
+                names.len(),
+                gap,
+            );
+            self.outbox.event(Event::Resubscribed {
+                kind,
+                names,
+                node,
+                gap,
+            });
+        }
+    }
+
+    fn update_gauge(&self) {
+        crate::metrics::pubsub_subscriptions(&self.config.client_name, self.subs.len());
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // However the task ends, the stream ends with it instead of waiting forever.
+        self.outbox.close();
+    }
+}
+
+/// Subscriptions back on one node: their names and the longest gap.
+type Back = (Vec<Vec<u8>>, Duration);
+
+/// Whether `endpoint` is not to be connected to now.
+fn avoided(avoid: &HashMap<Endpoint, Instant>, endpoint: &Endpoint, now: Instant) -> bool {
+    avoid.get(endpoint).is_some_and(|until| *until > now)
+}
+
+/// Whether a confirmation push of `kind` confirms a subscribe command of `subscription`.
+fn confirms(kind: &PushKind, subscription: Kind) -> bool {
+    matches!(
+        (kind, subscription),
+        (PushKind::Subscribe, Kind::Channel)
+            | (PushKind::PSubscribe, Kind::Pattern)
+            | (PushKind::SSubscribe, Kind::Sharded)
+    )
+}
+
+/// The master owning the slot of sharded `channel`, if it is online.
+fn owner<'a>(topology: &'a TopologySnapshot, channel: &[u8]) -> Option<&'a Endpoint> {
+    let slot = crate::command::key_slot(channel);
+    topology
+        .shard_for_slot(slot)?
+        .master
+        .as_ref()
+        .filter(|m| m.health == NodeHealth::Online)
+        .map(|m| &m.endpoint)
+}
+
+/// A delivered message, or the push back when it is not one.
+fn message(info: PushInfo) -> Result<Message, PushInfo> {
+    let kind = match info.kind {
+        PushKind::Message => Kind::Channel,
+        PushKind::PMessage => Kind::Pattern,
+        PushKind::SMessage => Kind::Sharded,
+        _ => return Err(info),
+    };
+    let bytes = |v: Value| match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    };
+    let mut data = info.data.into_iter().map(bytes);
+    let (pattern, channel, payload) = match kind {
+        Kind::Pattern => (
+            Some(data.next().flatten()),
+            data.next().flatten(),
+            data.next().flatten(),
+        ),
+        _ => (None, data.next().flatten(), data.next().flatten()),
+    };
+    match (pattern, channel, payload) {
+        (None, Some(channel), Some(payload)) => Ok(Message {
+            kind,
+            channel,
+            pattern: None,
+            payload,
+        }),
+        (Some(Some(pattern)), Some(channel), Some(payload)) => Ok(Message {
+            kind,
+            channel,
+            pattern: Some(pattern),
+            payload,
+        }),
+        _ => {
+            tracing::debug!(kind = kind.as_str(), "malformed pub/sub message ignored");
+            Err(PushInfo {
+                kind: PushKind::Other("malformed".into()),
+                data: Vec::new(),
+            })
+        }
+    }
+}
+
+/// Waits for a change of the client's topology; `false` when the client is gone. Never ends
+/// without one.
+async fn changed(shared: &mut Option<watch::Receiver<Option<Arc<TopologySnapshot>>>>) -> bool {
+    match shared {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
