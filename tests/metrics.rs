@@ -133,6 +133,51 @@ async fn calls_errors_rebuilds_and_refreshes_are_counted() {
         .await
         .unwrap();
 
+    // A subscriber of the second client: the server closes its connection (`CLIENT KILL`),
+    // so its subscription is lost and re-established; a consumer that does not read
+    // overflows a buffer of one.
+    let mut subscriber = second
+        .subscriber_with(
+            tower_redis_cluster::pubsub::SubscriberConfig::default()
+                .client_name("second")
+                .buffer(1),
+        )
+        .unwrap();
+    subscriber.subscribe(["m:news"]).await.unwrap();
+    let node = cluster.masters()[0].addr;
+    let mut list = redis::cmd("CLIENT");
+    list.arg("LIST");
+    let clients: String =
+        redis::from_redis_value(cluster.node_command(node, &list).await.unwrap()).unwrap();
+    let subscribed = clients
+        .lines()
+        .find(|l| l.contains(" sub=1 "))
+        .expect("the subscriber's connection");
+    let id = subscribed
+        .split(' ')
+        .next()
+        .unwrap()
+        .trim_start_matches("id=");
+    let mut kill = redis::cmd("CLIENT");
+    kill.arg("KILL").arg("ID").arg(id);
+    cluster.node_command(node, &kill).await.unwrap();
+    use futures_util::StreamExt;
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(10), subscriber.next())
+            .await
+            .unwrap()
+            .unwrap();
+        events.push(format!("{event:?}"));
+    }
+    assert!(events[0].starts_with("Lost"), "{events:?}");
+    assert!(events[1].starts_with("Resubscribed"), "{events:?}");
+    for n in 0..3 {
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg("m:news").arg(n);
+        assert_eq!(second.query::<i64>(&publish).await.unwrap(), 1);
+    }
+
     // One snapshot: taking one drains the recorder's counters.
     let snapshot: Snapshot = snapshotter.snapshot().into_vec();
     let snapshotter = &snapshot;
@@ -152,7 +197,8 @@ async fn calls_errors_rebuilds_and_refreshes_are_counted() {
             "redis_cluster_calls_total",
             &[("client", "second"), ("outcome", "ok")]
         ),
-        3
+        3 + 3,
+        "three PINGs and three PUBLISHes"
     );
     // Each client's generation is its own gauge: 2 (rebuilt once) and 1.
     assert_eq!(
@@ -169,7 +215,7 @@ async fn calls_errors_rebuilds_and_refreshes_are_counted() {
             "redis_cluster_calls_total",
             Some(("outcome", "ok"))
         ),
-        13
+        16
     );
     assert_eq!(
         counter(
@@ -191,4 +237,27 @@ async fn calls_errors_rebuilds_and_refreshes_are_counted() {
         ) >= 1
     );
     assert!(gauge(snapshotter, "redis_cluster_topology_seconds_since_change").is_some());
+    let pubsub = |name| {
+        labelled(
+            snapshotter,
+            name,
+            &[("client", "second"), ("kind", "channel")],
+        )
+    };
+    assert_eq!(pubsub("redis_cluster_pubsub_lost_total"), 1);
+    assert_eq!(pubsub("redis_cluster_pubsub_resubscribed_total"), 1);
+    assert_eq!(
+        labelled_gauge(snapshotter, "redis_cluster_pubsub_subscriptions", "second"),
+        Some(1.0)
+    );
+    // One message waits; the two after it were dropped.
+    assert_eq!(
+        labelled(
+            snapshotter,
+            "redis_cluster_pubsub_dropped_total",
+            &[("client", "second")]
+        ),
+        2
+    );
+    drop(subscriber);
 }

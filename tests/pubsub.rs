@@ -688,3 +688,42 @@ async fn a_slow_consumer_gets_a_bounded_buffer_and_an_overflow_event() {
         "{empty}"
     );
 }
+
+#[tokio::test]
+async fn a_subscribe_no_node_confirms_fails_in_time_with_its_cause_and_is_withdrawn() {
+    init_tracing();
+    // Nothing listens there: every topology read is refused.
+    let seeds = tower_redis_cluster::Seeds::parse(["127.0.0.1:1"]).unwrap();
+    let source = tower_redis_cluster::topology::TopologySource::new(seeds);
+    let subscriber = Subscriber::new(
+        source,
+        SubscriberConfig::default().subscribe_timeout(Duration::from_millis(300)),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let error = subscriber.subscribe(["news"]).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        error.kind(),
+        tower_redis_cluster::ErrorKind::Timeout,
+        "{error}"
+    );
+    assert_eq!(error.sent(), tower_redis_cluster::Sent::No);
+    let text = format!("{error}");
+    assert!(
+        text.contains("withdrawn") && text.contains("refused"),
+        "{text}"
+    );
+    let bad = Subscriber::new(
+        tower_redis_cluster::topology::TopologySource::new(
+            tower_redis_cluster::Seeds::parse(["127.0.0.1:1"]).unwrap(),
+        ),
+        SubscriberConfig::default().buffer(0),
+    )
+    .unwrap_err();
+    assert_eq!(bad.kind(), tower_redis_cluster::ErrorKind::Config, "{bad}");
+}
