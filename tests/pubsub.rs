@@ -668,15 +668,32 @@ async fn a_slow_consumer_gets_a_bounded_buffer_and_an_overflow_event() {
         publish.arg("slow:{1}").arg(n);
         assert_eq!(client.query::<i64>(&publish).await.unwrap(), 1);
     }
+    // Four wait; the rest were dropped as they came, but for those that arrived after the
+    // consumer had made room: they follow the overflow, in order.
     let mut got = Vec::new();
-    while got.len() < 5 {
+    let mut accounted = 0;
+    while accounted < 20 {
         match tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await {
-            Ok(Some(Event::Message(m))) => got.push(m.payload_str().unwrap().to_string()),
-            Ok(Some(Event::Overflow { dropped })) => got.push(format!("dropped {dropped}")),
-            other => panic!("{other:?}"),
+            Ok(Some(Event::Message(m))) => {
+                got.push(m.payload_str().unwrap().to_string());
+                accounted += 1;
+            }
+            Ok(Some(Event::Overflow { dropped })) => {
+                got.push(format!("dropped {dropped}"));
+                accounted += dropped;
+            }
+            other => panic!("{got:?} then {other:?}"),
         }
     }
-    assert_eq!(got, ["1", "2", "3", "4", "dropped 16"]);
+    assert_eq!(got[..4], ["1", "2", "3", "4"], "{got:?}");
+    let dropped: u64 = got[4]
+        .strip_prefix("dropped ")
+        .expect("an overflow")
+        .parse()
+        .unwrap();
+    let after: Vec<u64> = got[5..].iter().map(|m| m.parse().unwrap()).collect();
+    let expected: Vec<u64> = (4 + dropped + 1..=20).collect();
+    assert_eq!(after, expected, "{got:?}");
     // Bad input is refused, typed.
     let empty = subscriber
         .subscribe(Vec::<String>::new())
@@ -726,4 +743,48 @@ async fn a_subscribe_no_node_confirms_fails_in_time_with_its_cause_and_is_withdr
     )
     .unwrap_err();
     assert_eq!(bad.kind(), tower_redis_cluster::ErrorKind::Config, "{bad}");
+}
+
+/// `total_connections_received` of a node.
+async fn connections_received(cluster: &LocalCluster, node: std::net::SocketAddr) -> u64 {
+    let mut info = redis::cmd("INFO");
+    info.arg("stats");
+    let text: String =
+        redis::from_redis_value(cluster.node_command(node, &info).await.unwrap()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A review found the topology re-read every 50 ms, each read a fresh connection to every
+/// node, for as long as a subscription's master stayed down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_whose_master_stays_down_reads_the_topology_at_a_backed_off_pace() {
+    init_tracing();
+    let mut cluster = support::cluster(3, 0).await;
+    // No refresher of the client's: every topology read is the subscriber's own.
+    let client = connected(cluster.client_builder().no_topology_refresh()).await;
+    let subscriber = client.subscriber().unwrap();
+    let channel = "down:{0}";
+    subscriber.ssubscribe([channel]).await.unwrap();
+    let master = owner_of(&cluster, channel).await;
+    let other = cluster
+        .masters()
+        .into_iter()
+        .find(|m| m.addr != master.addr)
+        .unwrap();
+    cluster.kill_node(master.addr).await.unwrap();
+    // The shard has no replica: its slots stay without a master.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = connections_received(&cluster, other.addr).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reads = connections_received(&cluster, other.addr).await - before - 1;
+    println!("topology reads in 3 s with the master down: {reads}");
+    // Delays grow from 50 ms to 300 ms: some 15 reads; the old pace was 60.
+    assert!(reads <= 30, "{reads} reads in 3 s");
+    assert!(reads >= 3, "{reads}: the subscriber stopped looking");
+    drop(subscriber);
 }

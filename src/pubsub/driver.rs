@@ -24,24 +24,47 @@ use crate::{
 };
 
 /// A subscription: its kind and name.
-type Key = (Kind, Vec<u8>);
+pub(super) type Key = (Kind, Vec<u8>);
 
 /// Where a wanted subscription stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Not on any connection; to be (re)established.
     Pending,
-    /// Its subscribe command is on connection `0`.
-    Sending(u64),
+    /// Subscribe command number `attempt` is on connection `conn`, sent at `since`; the
+    /// server's confirmation (a push) makes it active.
+    Sending {
+        conn: u64,
+        attempt: u64,
+        since: Instant,
+    },
     /// Confirmed on connection `0`.
     Active(u64),
+}
+
+impl State {
+    /// The connection it is on or on its way to.
+    fn conn(self) -> Option<u64> {
+        match self {
+            State::Pending => None,
+            State::Sending { conn, .. } | State::Active(conn) => Some(conn),
+        }
+    }
 }
 
 struct Sub {
     state: State,
     /// When it was noticed lost, if it was established before: its resubscription is a gap.
     lost_at: Option<Instant>,
+    /// Not sent again before then (after a refusal).
+    not_before: Option<Instant>,
 }
+
+/// How many subscribe commands one pipeline carries.
+const BATCH: usize = 256;
+
+/// The longest any configured duration may be: beyond it, instants would overflow.
+pub(super) const LONGEST: Duration = Duration::from_secs(24 * 3600);
 
 struct Conn {
     endpoint: Endpoint,
@@ -66,7 +89,7 @@ enum Op {
     },
     Sent {
         conn: u64,
-        keys: Vec<Key>,
+        keys: Vec<(Key, u64)>,
         result: Result<Vec<Value>, Error>,
     },
     Pinged {
@@ -74,8 +97,13 @@ enum Op {
         result: Result<(), Error>,
     },
     Fetched(Result<crate::topology::fetch::Fetched, Error>),
-    /// An unsubscribe command finished; nothing to do but let the connection go if idle.
-    Unsubscribed,
+    /// Unsubscribe commands finished: their confirmations that will never come are not waited
+    /// for.
+    Unsubscribed {
+        conn: u64,
+        keys: Vec<Key>,
+        result: Result<Vec<Value>, Error>,
+    },
 }
 
 pub(super) struct Driver {
@@ -105,8 +133,8 @@ pub(super) struct Driver {
     backoff_maker: JitteredBackoffMaker,
     /// Paces topology reads and resubscriptions while something fails; reset by success.
     backoff: JitteredBackoff,
-    retry_at: Option<Instant>,
     next_refresh: Instant,
+    attempts: u64,
     waiters: Vec<Waiter>,
     /// Unsubscribe confirmations asked for, per connection and subscription.
     unsubscribing: HashMap<(u64, Key), usize>,
@@ -152,7 +180,7 @@ impl Driver {
             fetch_after: now,
             backoff: backoff_maker.make(),
             backoff_maker,
-            retry_at: None,
+            attempts: 0,
             next_refresh: now + config.refresh_every,
             waiters: Vec::new(),
             unsubscribing: HashMap::new(),
@@ -201,6 +229,7 @@ impl Driver {
                     let sub = self.subs.entry(key.clone()).or_insert(Sub {
                         state: State::Pending,
                         lost_at: None,
+                        not_before: None,
                     });
                     if !matches!(sub.state, State::Active(_)) {
                         remaining.insert(key);
@@ -229,7 +258,7 @@ impl Driver {
                         w.remaining.remove(&key);
                     }
                     if let Some(sub) = self.subs.remove(&key) {
-                        if let State::Active(c) | State::Sending(c) = sub.state {
+                        if let Some(c) = sub.state.conn() {
                             by_conn.entry(c).or_default().push(key);
                         }
                     }
@@ -254,12 +283,11 @@ impl Driver {
             *self.unsubscribing.entry((conn, key.clone())).or_default() += 1;
         }
         let mut handle = c.handle.clone();
-        let n = keys.len();
+        let bound = self.config.subscribe_timeout;
         self.ops.push(
             async move {
-                use redis::aio::ConnectionLike;
-                let _ = handle.req_packed_commands(&pipe, 0, n).await;
-                Op::Unsubscribed
+                let result = bounded(bound, &mut handle, &pipe, keys.len()).await;
+                Op::Unsubscribed { conn, keys, result }
             }
             .boxed(),
         );
@@ -283,10 +311,12 @@ impl Driver {
                 );
                 return;
             }
+            PushKind::Subscribe => return self.confirmed(conn, Kind::Channel, push.data),
+            PushKind::PSubscribe => return self.confirmed(conn, Kind::Pattern, push.data),
+            PushKind::SSubscribe => return self.confirmed(conn, Kind::Sharded, push.data),
             PushKind::Unsubscribe => Kind::Channel,
             PushKind::PUnsubscribe => Kind::Pattern,
             PushKind::SUnsubscribe => Kind::Sharded,
-            // Confirmations of subscribe commands are read from their replies.
             _ => return,
         };
         let Some(Value::BulkString(name)) = push.data.into_iter().next() else {
@@ -301,11 +331,7 @@ impl Driver {
             return;
         }
         // Not asked for: the server ended it — its slot moved, or the node is a replica now.
-        let on_conn = self
-            .subs
-            .get(&key)
-            .is_some_and(|s| matches!(s.state, State::Active(c) | State::Sending(c) if c == conn));
-        if on_conn {
+        if self.subs.get(&key).and_then(|s| s.state.conn()) == Some(conn) {
             let endpoint = self.conns[&conn].endpoint.clone();
             let cause = Error::new(
                 ErrorKind::Moved,
@@ -319,6 +345,47 @@ impl Driver {
         }
     }
 
+    /// The server confirmed a subscription on `conn`. Read from the pushes rather than from
+    /// the replies: the redis crate takes a subscription push the server sends unasked (a
+    /// `SUNSUBSCRIBE` after a slot move) as the reply of whatever request is oldest, so replies
+    /// can be shifted; the pushes of one connection come in the server's order.
+    fn confirmed(&mut self, conn: u64, kind: Kind, data: Vec<Value>) {
+        let Some(Value::BulkString(name)) = data.into_iter().next() else {
+            return;
+        };
+        let key = (kind, name);
+        let Some(endpoint) = self.conns.get(&conn).map(|c| c.endpoint.clone()) else {
+            return;
+        };
+        match self.subs.get_mut(&key) {
+            Some(sub) if matches!(sub.state, State::Sending { conn: c, .. } if c == conn) => {
+                sub.state = State::Active(conn);
+                sub.not_before = None;
+                if let Some(at) = sub.lost_at.take() {
+                    self.resubscribed.push((key.clone(), endpoint, at));
+                }
+                for w in &mut self.waiters {
+                    w.remaining.remove(&key);
+                }
+                if self
+                    .subs
+                    .values()
+                    .all(|s| matches!(s.state, State::Active(_)))
+                {
+                    self.backoff = self.backoff_maker.make();
+                }
+            }
+            Some(sub) if sub.state == State::Active(conn) => {}
+            // Withdrawn meanwhile, or wanted elsewhere: undo it here, unless that is on its
+            // way already.
+            _ => {
+                if !self.unsubscribing.contains_key(&(conn, key.clone())) {
+                    self.send_unsubscribe(conn, vec![key]);
+                }
+            }
+        }
+    }
+
     // ----- background work -----
 
     fn op(&mut self, op: Op) {
@@ -329,6 +396,19 @@ impl Driver {
                 result,
             } => {
                 self.connecting.remove(&endpoint);
+                let present = self
+                    .topology
+                    .as_ref()
+                    .is_none_or(|t| t.nodes().any(|n| n.endpoint == endpoint));
+                let result = match result {
+                    // The node left the cluster while the connection was being made (a
+                    // replaced node's old address may still accept): nothing to carry there.
+                    Ok(_) if !present => Err(Error::new(
+                        ErrorKind::Connection,
+                        format!("{endpoint} is no longer a node of the cluster"),
+                    )),
+                    other => other,
+                };
                 match result {
                     Ok(handle) => {
                         tracing::debug!(node = %endpoint, "subscription connection open");
@@ -372,7 +452,15 @@ impl Driver {
                             taken_at: SystemTime::now(),
                             sequence,
                         });
-                        self.fetch_after = Instant::now() + self.config.retry_floor;
+                        // While something still has no place, read again after a growing
+                        // delay; the next loss is read at once.
+                        let unplaced = self.subs.values().any(|s| s.state == State::Pending);
+                        self.fetch_after = Instant::now()
+                            + if unplaced {
+                                self.backoff.next_delay()
+                            } else {
+                                Duration::ZERO
+                            };
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "subscriber topology read failed");
@@ -382,93 +470,109 @@ impl Driver {
                     }
                 }
             }
-            Op::Unsubscribed => {}
+            Op::Unsubscribed { conn, keys, result } => {
+                let failed: Vec<Key> = match result {
+                    Ok(replies) => keys
+                        .into_iter()
+                        .zip(replies)
+                        .filter(|(_, r)| matches!(r, Value::ServerError(_)))
+                        .map(|(k, _)| k)
+                        .collect(),
+                    Err(_) => keys,
+                };
+                for key in failed {
+                    let entry = (conn, key);
+                    if let Some(n) = self.unsubscribing.get_mut(&entry) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.unsubscribing.remove(&entry);
+                        }
+                    }
+                }
+            }
         }
     }
 
-    fn sent(&mut self, conn: u64, keys: Vec<Key>, result: Result<Vec<Value>, Error>) {
+    /// A subscribe pipeline finished: confirmations come as pushes ([`confirmed`]); here,
+    /// only refusals count.
+    ///
+    /// [`confirmed`]: Self::confirmed
+    fn sent(&mut self, conn: u64, keys: Vec<(Key, u64)>, result: Result<Vec<Value>, Error>) {
         let replies = match result {
             Ok(replies) => replies,
             Err(e) if e.kind() == ErrorKind::Connection || e.kind() == ErrorKind::Timeout => {
                 return self.conn_lost(conn, e);
             }
             // A refusal of the whole pipeline: each command refused alike.
-            Err(e) => return self.refused(conn, &keys, e),
-        };
-        let Some(endpoint) = self.conns.get(&conn).map(|c| c.endpoint.clone()) else {
-            return;
-        };
-        let mut stray = Vec::new();
-        let mut refused = Vec::new();
-        for (key, reply) in keys
-            .into_iter()
-            .zip(replies.into_iter().map(Some).chain(std::iter::repeat(None)))
-        {
-            let confirmed = matches!(
-                &reply,
-                Some(Value::Push { kind, data })
-                    if confirms(kind, key.0) && data.first() == Some(&Value::BulkString(key.1.clone()))
-            );
-            let Some(sub) = self.subs.get_mut(&key) else {
-                // Withdrawn meanwhile: whatever the server did, undo it.
-                if confirmed {
-                    stray.push(key);
+            Err(e) => {
+                for (key, attempt) in keys {
+                    self.refused(conn, key, attempt, e.clone());
                 }
-                continue;
-            };
-            if sub.state != State::Sending(conn) {
-                continue;
+                return;
             }
-            if confirmed {
-                sub.state = State::Active(conn);
-                if let Some(at) = sub.lost_at.take() {
-                    self.resubscribed.push((key.clone(), endpoint.clone(), at));
-                }
-                for w in &mut self.waiters {
-                    w.remaining.remove(&key);
-                }
-            } else {
-                let error = match reply {
-                    Some(Value::ServerError(e)) => Error::from_redis(redis::RedisError::from(e)),
-                    other => Error::new(
-                        ErrorKind::Connection,
-                        format!("unexpected reply to {}: {other:?}", key.0.subscribe()),
-                    ),
-                };
-                refused.push((key, error));
+        };
+        for ((key, attempt), reply) in keys.into_iter().zip(replies) {
+            if let Value::ServerError(e) = reply {
+                self.refused(
+                    conn,
+                    key,
+                    attempt,
+                    Error::from_redis(redis::RedisError::from(e)),
+                );
             }
-        }
-        if !stray.is_empty() {
-            self.send_unsubscribe(conn, stray);
-        }
-        for (key, error) in refused {
-            self.refused(conn, std::slice::from_ref(&key), error);
-        }
-        self.finish_waiters();
-        if self
-            .subs
-            .values()
-            .all(|s| matches!(s.state, State::Active(_)))
-        {
-            self.backoff = self.backoff_maker.make();
         }
     }
 
-    /// The server refused to subscribe `keys` on `conn` (`MOVED`, `CLUSTERDOWN`, …): read the
-    /// topology again and try later.
-    fn refused(&mut self, conn: u64, keys: &[Key], error: Error) {
+    /// The server refused subscribe command `attempt` of `key` on `conn`. A routing refusal
+    /// (`MOVED`, `CLUSTERDOWN`, `TRYAGAIN`, …) means the topology changed: read it again and try
+    /// after a growing delay. Any other (`NOPERM`, …) will not pass by itself: a first
+    /// subscription fails its caller with it; one established before is tried again at the
+    /// longest delay.
+    fn refused(&mut self, conn: u64, key: Key, attempt: u64, error: Error) {
+        let Some(sub) = self.subs.get_mut(&key) else {
+            return;
+        };
+        if !matches!(sub.state, State::Sending { conn: c, attempt: a, .. } if c == conn && a == attempt)
+        {
+            return;
+        }
         let endpoint = self.conns.get(&conn).map(|c| c.endpoint.to_string());
-        tracing::debug!(node = ?endpoint, error = %error, "subscribe refused");
-        for key in keys {
-            if let Some(sub) = self.subs.get_mut(key) {
-                if sub.state == State::Sending(conn) {
-                    sub.state = State::Pending;
+        tracing::debug!(node = ?endpoint, kind = key.0.as_str(), error = %error, "subscribe refused");
+        sub.state = State::Pending;
+        let routing = matches!(
+            error.kind(),
+            ErrorKind::Moved
+                | ErrorKind::Ask
+                | ErrorKind::TryAgain
+                | ErrorKind::ClusterDown
+                | ErrorKind::MasterDown
+                | ErrorKind::Loading
+                | ErrorKind::ReadOnly
+                | ErrorKind::Connection
+                | ErrorKind::Timeout
+        );
+        let now = Instant::now();
+        if routing {
+            sub.not_before = Some(now + self.backoff.next_delay());
+            self.fetch_wanted = true;
+        } else if sub.lost_at.is_none() {
+            // Never established: its callers hear why, and it is withdrawn.
+            self.subs.remove(&key);
+            let mut i = 0;
+            while i < self.waiters.len() {
+                if self.waiters[i].remaining.contains(&key) {
+                    let w = self.waiters.swap_remove(i);
+                    self.withdraw(&w.remaining);
+                    let _ = w.done.send(Err(error.clone()));
+                } else {
+                    i += 1;
                 }
             }
+            self.update_gauge();
+        } else {
+            sub.not_before = Some(now + self.config.retry_cap);
         }
         self.last_error = Some(error);
-        self.fetch_wanted = true;
-        self.retry_at = Some(Instant::now() + self.backoff.next_delay());
     }
 
     // ----- losing things -----
@@ -482,10 +586,11 @@ impl Driver {
                 sub.lost_at = Some(Instant::now());
                 self.lost.push((key.clone(), cause));
             }
-            State::Sending(_) => {}
+            State::Sending { .. } => {}
             State::Pending => return,
         }
         sub.state = State::Pending;
+        sub.not_before = None;
     }
 
     fn conn_lost(&mut self, conn: u64, cause: Error) {
@@ -496,7 +601,7 @@ impl Driver {
         let keys: Vec<Key> = self
             .subs
             .iter()
-            .filter(|(_, s)| matches!(s.state, State::Active(x) | State::Sending(x) if x == conn))
+            .filter(|(_, s)| s.state.conn() == Some(conn))
             .map(|(k, _)| k.clone())
             .collect();
         for key in &keys {
@@ -534,13 +639,30 @@ impl Driver {
         // Connections to nodes that left the cluster carry nothing any more (a node replaced
         // and forgotten may still accept connections: it no longer hears the cluster's
         // messages).
-        let present: HashSet<&Endpoint> = snapshot.nodes().map(|n| &n.endpoint).collect();
+        // Nor do connections carrying channels or patterns to a node the cluster marks failed:
+        // cut off from its peers, it may still answer PINGs but hears no PUBLISH.
+        let present: HashMap<&Endpoint, NodeHealth> =
+            snapshot.nodes().map(|n| (&n.endpoint, n.health)).collect();
+        let carries_channels = |id: u64| {
+            self.subs
+                .iter()
+                .any(|(k, s)| k.0 != Kind::Sharded && s.state.conn() == Some(id))
+        };
         let gone: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| !present.contains(&c.endpoint))
+            .filter(|(id, c)| match present.get(&c.endpoint) {
+                None => true,
+                Some(NodeHealth::Failed) => carries_channels(**id),
+                Some(_) => false,
+            })
             .map(|(id, _)| *id)
             .collect();
+        if let Some(g) = &self.global {
+            if present.get(g).is_none_or(|h| *h == NodeHealth::Failed) {
+                self.global = None;
+            }
+        }
         // Sharded subscriptions on a node that no longer owns their slot: the server may not
         // have said so (a demoted master keeps its clients).
         let mut moved: Vec<(u64, Key)> = Vec::new();
@@ -553,15 +675,22 @@ impl Driver {
                 }
             }
         }
+        let failed: HashSet<u64> = gone
+            .iter()
+            .copied()
+            .filter(|id| present.contains_key(&self.conns[id].endpoint))
+            .collect();
         self.topology = Some(snapshot);
         for id in gone {
             let endpoint = self.conns[&id].endpoint.clone();
+            let why = if failed.contains(&id) {
+                "is marked failed by the cluster"
+            } else {
+                "is no longer a node of the cluster"
+            };
             self.conn_lost(
                 id,
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("{endpoint} is no longer a node of the cluster"),
-                ),
+                Error::new(ErrorKind::Connection, format!("{endpoint} {why}")),
             );
         }
         let mut by_conn: HashMap<u64, Vec<Key>> = HashMap::new();
@@ -633,65 +762,58 @@ impl Driver {
         if self.subs.values().any(|s| s.state == State::Pending) && self.topology.is_none() {
             self.fetch_wanted = true;
         }
-        if self.retry_at.is_some_and(|t| now >= t) {
-            self.retry_at = None;
-        }
-        if self.retry_at.is_none() {
-            let mut batches: BTreeMap<Endpoint, Vec<Key>> = BTreeMap::new();
-            let pending: Vec<Key> = self
-                .subs
-                .iter()
-                .filter(|(_, s)| s.state == State::Pending)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for key in pending {
-                let target = match key.0 {
-                    Kind::Sharded => self.topology.as_ref().and_then(|t| {
-                        owner(t, &key.1)
-                            .filter(|e| !avoided(&self.avoid, e, now))
-                            .cloned()
-                    }),
-                    Kind::Channel | Kind::Pattern => self.global_target(),
-                };
-                match target {
-                    Some(t) => batches.entry(t).or_default().push(key),
-                    // Its master is down or unknown: the topology will tell when it serves.
-                    None => self.fetch_wanted = true,
+        let pending: Vec<(Key, bool)> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.state == State::Pending)
+            .map(|(k, s)| (k.clone(), s.not_before.is_none_or(|t| t <= now)))
+            .collect();
+        let mut batches: BTreeMap<Endpoint, Vec<Key>> = BTreeMap::new();
+        // Where pending subscriptions go, due or not: connections there are kept.
+        let mut wanted: HashSet<Endpoint> = HashSet::new();
+        for (key, due) in pending {
+            let target = match key.0 {
+                Kind::Sharded => self.topology.as_ref().and_then(|t| {
+                    owner(t, &key.1)
+                        .filter(|e| !avoided(&self.avoid, e, now))
+                        .cloned()
+                }),
+                Kind::Channel | Kind::Pattern => self.global_target(),
+            };
+            match target {
+                Some(t) => {
+                    wanted.insert(t.clone());
+                    if due {
+                        batches.entry(t).or_default().push(key);
+                    }
                 }
+                // Its master is down or unknown: the topology will tell when it serves.
+                None => self.fetch_wanted = true,
             }
-            for (endpoint, keys) in batches {
-                match self.conn_to(&endpoint) {
-                    Some(conn) => self.send_subscribe(conn, keys),
-                    None => self.connect(endpoint),
+        }
+        for (endpoint, keys) in batches {
+            match self.conn_to(&endpoint) {
+                Some(conn) => {
+                    for chunk in keys.chunks(BATCH) {
+                        self.send_subscribe(conn, chunk.to_vec());
+                    }
                 }
+                None => self.connect(endpoint),
             }
         }
         if self.fetch_wanted && !self.fetching && now >= self.fetch_after {
             self.start_fetch();
         }
-        // Connections that carry nothing are closed.
-        let busy: HashSet<u64> = self
-            .subs
-            .values()
-            .filter_map(|s| match s.state {
-                State::Active(c) | State::Sending(c) => Some(c),
-                State::Pending => None,
-            })
-            .collect();
+        // Connections that carry nothing, and that nothing waits to go to, are closed.
+        let busy: HashSet<u64> = self.subs.values().filter_map(|s| s.state.conn()).collect();
         let idle: Vec<u64> = self
             .conns
-            .keys()
-            .filter(|id| !busy.contains(id))
-            .copied()
+            .iter()
+            .filter(|(id, c)| !busy.contains(id) && !wanted.contains(&c.endpoint))
+            .map(|(id, _)| *id)
             .collect();
-        let pending = self.subs.values().any(|s| s.state == State::Pending);
         for id in idle {
-            // Kept while something waits to go there.
-            let endpoint = &self.conns[&id].endpoint;
-            if pending && (self.global.as_ref() == Some(endpoint) || self.retry_at.is_some()) {
-                continue;
-            }
-            if self.global.as_ref() == Some(endpoint) {
+            if self.global.as_ref() == Some(&self.conns[&id].endpoint) {
                 self.global = None;
             }
             self.conns.remove(&id);
@@ -724,11 +846,12 @@ impl Driver {
             Ok(())
         };
         let nodes = self.nodes.clone();
-        let timeout = self.config.ping_timeout;
         self.ops.push(
             async move {
+                // Each request is bounded here: a health check by the ping timeout, a batch
+                // of subscribe commands by the subscribe timeout.
                 let result = nodes
-                    .connect_with(&endpoint, None, Some(timeout), Some(Arc::new(push)))
+                    .connect_with(&endpoint, None, None, Some(Arc::new(push)))
                     .await;
                 Op::Connected {
                     id,
@@ -746,21 +869,31 @@ impl Driver {
         };
         // One name per command: each command has exactly one confirmation.
         let mut pipe = redis::pipe();
-        for key in &keys {
+        let since = Instant::now();
+        let mut sent = Vec::with_capacity(keys.len());
+        for key in keys {
             pipe.cmd(key.0.subscribe()).arg(&key.1[..]);
-            if let Some(sub) = self.subs.get_mut(key) {
-                sub.state = State::Sending(conn);
+            self.attempts += 1;
+            let attempt = self.attempts;
+            if let Some(sub) = self.subs.get_mut(&key) {
+                sub.state = State::Sending {
+                    conn,
+                    attempt,
+                    since,
+                };
             }
+            sent.push((key, attempt));
         }
         let mut handle = c.handle.clone();
+        let bound = self.config.subscribe_timeout;
         self.ops.push(
             async move {
-                use redis::aio::ConnectionLike;
-                let result = handle
-                    .req_packed_commands(&pipe, 0, keys.len())
-                    .await
-                    .map_err(Error::from_redis);
-                Op::Sent { conn, keys, result }
+                let result = bounded(bound, &mut handle, &pipe, sent.len()).await;
+                Op::Sent {
+                    conn,
+                    keys: sent,
+                    result,
+                }
             }
             .boxed(),
         );
@@ -807,6 +940,16 @@ impl Driver {
                 self.fetch_wanted = true;
             }
         }
+        // A confirmation that never came (its reply was taken by another request, say): send
+        // again.
+        let bound = self.config.subscribe_timeout;
+        for sub in self.subs.values_mut() {
+            if let State::Sending { since, .. } = sub.state {
+                if since + bound <= now {
+                    sub.state = State::Pending;
+                }
+            }
+        }
         self.avoid.retain(|_, until| *until > now);
         self.finish_waiters();
     }
@@ -818,8 +961,18 @@ impl Driver {
                 wake = wake.min(c.next_ping);
             }
         }
-        if let Some(t) = self.retry_at {
-            wake = wake.min(t);
+        for sub in self.subs.values() {
+            match sub.state {
+                State::Pending => {
+                    if let Some(t) = sub.not_before {
+                        wake = wake.min(t);
+                    }
+                }
+                State::Sending { since, .. } => {
+                    wake = wake.min(since + self.config.subscribe_timeout)
+                }
+                State::Active(_) => {}
+            }
         }
         if self.fetch_wanted && !self.fetching {
             wake = wake.min(self.fetch_after);
@@ -845,29 +998,46 @@ impl Driver {
                 let _ = w.done.send(Ok(()));
             } else if w.deadline <= now {
                 let w = self.waiters.swap_remove(i);
-                let mut error = Error::timeout(format!(
-                    "{} subscription(s) not confirmed within {:?}; withdrawn",
+                let withdrawn = self.withdraw(&w.remaining);
+                let kept = w.remaining.len() - withdrawn;
+                let mut message = format!(
+                    "{} subscription(s) not confirmed within {:?}",
                     w.remaining.len(),
                     self.config.subscribe_timeout
-                ))
-                .with_sent(crate::Sent::No);
+                );
+                if withdrawn > 0 {
+                    message += &format!("; {withdrawn} never established, withdrawn");
+                }
+                if kept > 0 {
+                    message += &format!(
+                        "; {kept} established before and lost since, still being re-established"
+                    );
+                }
+                let mut error = Error::timeout(message).with_sent(crate::Sent::No);
                 if let Some(cause) = &self.last_error {
                     error = error.with_source(cause.clone());
                 }
-                for key in &w.remaining {
-                    if let Some(sub) = self.subs.get(key) {
-                        // Established once and lost since: not this caller's to withdraw.
-                        if sub.lost_at.is_none() {
-                            self.subs.remove(key);
-                        }
-                    }
-                }
-                self.update_gauge();
                 let _ = w.done.send(Err(error));
             } else {
                 i += 1;
             }
         }
+    }
+
+    /// Withdraws those of `keys` never established (one established before and lost since is
+    /// not a caller's to withdraw); returns how many.
+    fn withdraw(&mut self, keys: &HashSet<Key>) -> usize {
+        let mut withdrawn = 0;
+        for key in keys {
+            // One on its way to a server is undone there when its confirmation finds it
+            // unwanted.
+            if self.subs.get(key).is_some_and(|s| s.lost_at.is_none()) {
+                self.subs.remove(key);
+                withdrawn += 1;
+            }
+        }
+        self.update_gauge();
+        withdrawn
     }
 
     /// Tells the consumer what was lost and what is back since the last flush.
@@ -934,21 +1104,11 @@ impl Drop for Driver {
 }
 
 /// Subscriptions back on one node: their names and the longest gap.
-type Back = (Vec<Vec<u8>>, Duration);
+pub(super) type Back = (Vec<Vec<u8>>, Duration);
 
 /// Whether `endpoint` is not to be connected to now.
 fn avoided(avoid: &HashMap<Endpoint, Instant>, endpoint: &Endpoint, now: Instant) -> bool {
     avoid.get(endpoint).is_some_and(|until| *until > now)
-}
-
-/// Whether a confirmation push of `kind` confirms a subscribe command of `subscription`.
-fn confirms(kind: &PushKind, subscription: Kind) -> bool {
-    matches!(
-        (kind, subscription),
-        (PushKind::Subscribe, Kind::Channel)
-            | (PushKind::PSubscribe, Kind::Pattern)
-            | (PushKind::SSubscribe, Kind::Sharded)
-    )
 }
 
 /// The master owning the slot of sharded `channel`, if it is online.
@@ -1004,6 +1164,22 @@ fn message(info: PushInfo) -> Result<Message, PushInfo> {
                 data: Vec::new(),
             })
         }
+    }
+}
+
+/// Sends `commands` commands on `handle`, bounded by `bound`.
+async fn bounded(
+    bound: Duration,
+    handle: &mut MultiplexedConnection,
+    pipe: &redis::Pipeline,
+    commands: usize,
+) -> Result<Vec<Value>, Error> {
+    use redis::aio::ConnectionLike;
+    match tokio::time::timeout(bound, handle.req_packed_commands(pipe, 0, commands)).await {
+        Ok(result) => result.map_err(Error::from_redis),
+        Err(_) => Err(Error::timeout(format!(
+            "{commands} subscription command(s) unanswered after {bound:?}"
+        ))),
     }
 }
 

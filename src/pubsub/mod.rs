@@ -195,10 +195,13 @@ pub struct SubscriberConfig {
     /// How often each connection is checked with a `PING`, so a node whose address swallows
     /// packets (a replaced cloud node's) is noticed; default 1 s.
     pub ping_interval: Duration,
-    /// How long a `PING` (and a subscribe command) may take; default 1 s.
+    /// How long a `PING` may take before its connection counts as lost; default 1 s.
     pub ping_timeout: Duration,
     /// How long [`Subscriber::subscribe`] (and its kin) waits for the server's confirmation
-    /// before it fails and withdraws the subscriptions it could not establish; default 5 s.
+    /// before it fails and withdraws the subscriptions it could not establish, and how long
+    /// one batch of subscribe commands may take before its connection counts as lost;
+    /// default 5 s. A refusal that will not pass by itself (`NOPERM`, …) fails the call at
+    /// once.
     pub subscribe_timeout: Duration,
     /// While a subscription cannot be re-established (its master is down, its slot is
     /// moving), the topology is read again after a delay growing from this floor…; default
@@ -295,11 +298,18 @@ impl SubscriberConfig {
             ("subscribe_timeout", self.subscribe_timeout),
             ("refresh_every", self.refresh_every),
         ] {
-            if d.is_zero() {
+            if d.is_zero() || d > driver::LONGEST {
                 return Err(Error::config(format!(
-                    "a subscriber's {what} must be greater than zero"
+                    "a subscriber's {what} must be greater than zero and at most {:?} ({d:?} given)",
+                    driver::LONGEST
                 )));
             }
+        }
+        if self.retry_cap > driver::LONGEST {
+            return Err(Error::config(format!(
+                "a subscriber's retry cap must be at most {:?}",
+                driver::LONGEST
+            )));
         }
         crate::backoff::JitteredBackoffMaker::new(self.retry_floor, self.retry_cap)
             .map(|_| ())

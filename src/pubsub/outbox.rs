@@ -6,12 +6,21 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use super::{Event, Message};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::{
+    driver::{Back, Key},
+    Event, Kind, Message,
+};
+use crate::{connect::Endpoint, Error};
 
 /// Messages and events waiting for the consumer. Messages are bounded: beyond `capacity`, a new
 /// message is dropped and counted in an [`Event::Overflow`] at its place in the sequence.
-/// Events about subscriptions are never dropped (there are as many as subscription changes,
-/// a handful per failover).
+/// Events about subscriptions are never dropped, and never pile up either: the events queued
+/// after the last message are merged into one per kind of news (an overflow, what was lost,
+/// what is back on each node), each subscription keeping its last word — so a consumer that
+/// does not read while a node flaps holds at most a few events per subscription.
 pub(super) struct Outbox {
     state: Mutex<State>,
     client: Arc<str>,
@@ -25,6 +34,83 @@ struct State {
     waker: Option<Waker>,
     /// The task ended: once the queue is empty, the stream ends.
     closed: bool,
+}
+
+/// A subscription's last word in a run of events: lost (`None`), or back on a node after a
+/// gap.
+type LastWord = Option<(Endpoint, Duration)>;
+
+impl State {
+    /// Merges the events after the last message, when there are more than a few: overflow
+    /// counts add up; a subscription lost there is reported lost once (with the first cause of
+    /// its kind), and back (with the longest gap) only if back was its last word.
+    fn compact_tail(&mut self) {
+        let start = self
+            .queue
+            .iter()
+            .rposition(|e| matches!(e, Event::Message(_)))
+            .map_or(0, |i| i + 1);
+        if self.queue.len() - start <= 3 {
+            return;
+        }
+        let mut dropped = 0;
+        let mut lost: BTreeMap<Kind, (BTreeSet<Vec<u8>>, Error)> = BTreeMap::new();
+        // Each subscription's last word: lost (`None`), or back on a node after a gap.
+        let mut last: BTreeMap<Key, LastWord> = BTreeMap::new();
+        for event in self.queue.drain(start..) {
+            match event {
+                Event::Overflow { dropped: n } => dropped += n,
+                Event::Lost { kind, names, cause } => {
+                    let entry = lost.entry(kind).or_insert_with(|| (BTreeSet::new(), cause));
+                    for name in names {
+                        entry.0.insert(name.clone());
+                        last.insert((kind, name), None);
+                    }
+                }
+                Event::Resubscribed {
+                    kind,
+                    names,
+                    node,
+                    gap,
+                } => {
+                    for name in names {
+                        let longest = match last.get(&(kind, name.clone())) {
+                            Some(Some((_, g))) => gap.max(*g),
+                            _ => gap,
+                        };
+                        last.insert((kind, name), Some((node.clone(), longest)));
+                    }
+                }
+                Event::Message(_) => unreachable!("the tail starts after the last message"),
+            }
+        }
+        if dropped > 0 {
+            self.queue.push_back(Event::Overflow { dropped });
+        }
+        for (kind, (names, cause)) in lost {
+            self.queue.push_back(Event::Lost {
+                kind,
+                names: names.into_iter().collect(),
+                cause,
+            });
+        }
+        let mut back: BTreeMap<(Kind, Endpoint), Back> = BTreeMap::new();
+        for ((kind, name), word) in last {
+            if let Some((node, gap)) = word {
+                let entry = back.entry((kind, node)).or_default();
+                entry.0.push(name);
+                entry.1 = entry.1.max(gap);
+            }
+        }
+        for ((kind, node), (names, gap)) in back {
+            self.queue.push_back(Event::Resubscribed {
+                kind,
+                names,
+                node,
+                gap,
+            });
+        }
+    }
 }
 
 impl Outbox {
@@ -75,6 +161,7 @@ impl Outbox {
     pub(super) fn event(&self, event: Event) {
         let mut state = self.lock();
         state.queue.push_back(event);
+        state.compact_tail();
         if let Some(w) = state.waker.take() {
             drop(state);
             w.wake();
@@ -152,6 +239,56 @@ mod tests {
             outbox.message(message(n));
         }
         assert_eq!(drain(&outbox), ["6", "7", "overflow 2"]);
+    }
+
+    #[test]
+    fn a_flapping_node_does_not_pile_events_up_for_a_consumer_that_does_not_read() {
+        let outbox = Outbox::new(4, "t");
+        let node = |n: u16| Endpoint::from(std::net::SocketAddr::from(([127, 0, 0, 1], n)));
+        outbox.message(message(1));
+        for round in 0..1000u64 {
+            outbox.event(Event::Lost {
+                kind: Kind::Channel,
+                names: vec![b"a".to_vec(), b"b".to_vec()],
+                cause: crate::Error::closed("test"),
+            });
+            // `b` stays lost after the last round; `a` comes back each time.
+            if round < 999 {
+                outbox.event(Event::Resubscribed {
+                    kind: Kind::Channel,
+                    names: vec![b"a".to_vec(), b"b".to_vec()],
+                    node: node(7000),
+                    gap: Duration::from_millis(round),
+                });
+            } else {
+                outbox.event(Event::Resubscribed {
+                    kind: Kind::Channel,
+                    names: vec![b"a".to_vec()],
+                    node: node(7001),
+                    gap: Duration::from_millis(5),
+                });
+            }
+        }
+        assert!(outbox.len() <= 4, "{} queued", outbox.len());
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(e)) = outbox.poll_next(&mut cx) {
+            got.push(e);
+        }
+        assert!(matches!(&got[0], Event::Message(_)));
+        match &got[1] {
+            Event::Lost { names, .. } => assert_eq!(names, &[b"a".to_vec(), b"b".to_vec()]),
+            other => panic!("{other:?}"),
+        }
+        // Only `a` is back, on the node of its last word; `b`'s last word was `Lost`.
+        match &got[2] {
+            Event::Resubscribed { names, node: n, .. } => {
+                assert_eq!(names, &[b"a".to_vec()]);
+                assert_eq!(*n, node(7001));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(got.len(), 3);
     }
 
     #[test]
