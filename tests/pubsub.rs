@@ -788,3 +788,48 @@ async fn a_subscription_whose_master_stays_down_reads_the_topology_at_a_backed_o
     assert!(reads >= 3, "{reads}: the subscriber stopped looking");
     drop(subscriber);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_the_acl_forbids_fails_at_once_with_the_servers_reason() {
+    init_tracing();
+    let cluster = support::cluster(1, 0).await;
+    let mut acl = redis::cmd("ACL");
+    acl.arg("SETUSER")
+        .arg("reader")
+        .arg("on")
+        .arg(">reader-secret")
+        .arg("~*")
+        .arg("&allowed:*")
+        .arg("+@all");
+    cluster
+        .node_command(cluster.masters()[0].addr, &acl)
+        .await
+        .unwrap();
+    let client = connected(
+        cluster
+            .client_builder()
+            .credentials("reader", "reader-secret"),
+    )
+    .await;
+    let subscriber = client.subscriber().unwrap();
+    let started = Instant::now();
+    let refused = subscriber.subscribe(["forbidden"]).await.unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        tower_redis_cluster::ErrorKind::Auth,
+        "{refused}"
+    );
+    assert!(
+        format!("{refused}").contains("no permissions to access one of the channels"),
+        "{refused}"
+    );
+    // Not after the subscribe timeout (5 s): the refusal does not pass by waiting.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    subscriber.subscribe(["allowed:1"]).await.unwrap();
+    // The secret is in no error text.
+    assert!(!format!("{refused:?}").contains("reader-secret"));
+}
