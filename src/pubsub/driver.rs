@@ -196,6 +196,7 @@ impl Driver {
         self.adopt_shared();
         loop {
             self.reconcile();
+            self.finish_waiters();
             self.flush();
             let wake = self.next_wake();
             tokio::select! {
@@ -362,10 +363,29 @@ impl Driver {
                 sub.state = State::Active(conn);
                 sub.not_before = None;
                 if let Some(at) = sub.lost_at.take() {
-                    self.resubscribed.push((key.clone(), endpoint, at));
+                    self.resubscribed.push((key.clone(), endpoint.clone(), at));
                 }
                 for w in &mut self.waiters {
                     w.remaining.remove(&key);
+                }
+                // Confirmed by a node the topology read meanwhile no longer names as the
+                // owner of its slot: move it now rather than at the next topology change.
+                let elsewhere = key.0 == Kind::Sharded
+                    && self
+                        .topology
+                        .as_ref()
+                        .and_then(|t| owner(t, &key.1))
+                        .is_some_and(|o| *o != endpoint);
+                if elsewhere {
+                    self.mark_lost(
+                        &key,
+                        Error::new(
+                            ErrorKind::Moved,
+                            format!("{endpoint} no longer owns the slot of the sharded channel"),
+                        ),
+                    );
+                    self.send_unsubscribe(conn, vec![key]);
+                    return;
                 }
                 if self
                     .subs
@@ -478,6 +498,12 @@ impl Driver {
                         .filter(|(_, r)| matches!(r, Value::ServerError(_)))
                         .map(|(k, _)| k)
                         .collect(),
+                    // Unanswered: the connection is not to be trusted with what it carries.
+                    Err(e)
+                        if e.kind() == ErrorKind::Connection || e.kind() == ErrorKind::Timeout =>
+                    {
+                        return self.conn_lost(conn, e);
+                    }
                     Err(_) => keys,
                 };
                 for key in failed {
@@ -505,12 +531,34 @@ impl Driver {
             }
             // A refusal of the whole pipeline: each command refused alike.
             Err(e) => {
+                let delay = self.backoff.next_delay();
                 for (key, attempt) in keys {
-                    self.refused(conn, key, attempt, e.clone());
+                    self.refused(conn, key, attempt, e.clone(), delay);
                 }
                 return;
             }
         };
+        // Replies can be shifted by a push the server sent unasked (see `confirmed`): act on
+        // refusals only when every other reply confirms its own command. Otherwise the
+        // commands not confirmed are sent again when their confirmation is overdue.
+        let aligned = keys.len() == replies.len()
+            && keys
+                .iter()
+                .zip(&replies)
+                .all(|((key, _), reply)| match reply {
+                    Value::ServerError(_) => true,
+                    Value::Push { data, .. } => {
+                        data.first() == Some(&Value::BulkString(key.1.clone()))
+                    }
+                    _ => false,
+                });
+        if !aligned {
+            tracing::debug!(
+                "subscribe replies out of step with their commands; refusals left to time out"
+            );
+            return;
+        }
+        let delay = self.backoff.next_delay();
         for ((key, attempt), reply) in keys.into_iter().zip(replies) {
             if let Value::ServerError(e) = reply {
                 self.refused(
@@ -518,6 +566,7 @@ impl Driver {
                     key,
                     attempt,
                     Error::from_redis(redis::RedisError::from(e)),
+                    delay,
                 );
             }
         }
@@ -528,7 +577,7 @@ impl Driver {
     /// after a growing delay. Any other (`NOPERM`, …) will not pass by itself: a first
     /// subscription fails its caller with it; one established before is tried again at the
     /// longest delay.
-    fn refused(&mut self, conn: u64, key: Key, attempt: u64, error: Error) {
+    fn refused(&mut self, conn: u64, key: Key, attempt: u64, error: Error, delay: Duration) {
         let Some(sub) = self.subs.get_mut(&key) else {
             return;
         };
@@ -553,7 +602,7 @@ impl Driver {
         );
         let now = Instant::now();
         if routing {
-            sub.not_before = Some(now + self.backoff.next_delay());
+            sub.not_before = Some(now + delay);
             self.fetch_wanted = true;
         } else if sub.lost_at.is_none() {
             // Never established: its callers hear why, and it is withdrawn.
@@ -768,6 +817,13 @@ impl Driver {
             .filter(|(_, s)| s.state == State::Pending)
             .map(|(k, s)| (k.clone(), s.not_before.is_none_or(|t| t <= now)))
             .collect();
+        // A delay that has passed is over: a key still without a place waits for the topology
+        // or its connection, which wake the loop themselves.
+        for sub in self.subs.values_mut() {
+            if sub.not_before.is_some_and(|t| t <= now) {
+                sub.not_before = None;
+            }
+        }
         let mut batches: BTreeMap<Endpoint, Vec<Key>> = BTreeMap::new();
         // Where pending subscriptions go, due or not: connections there are kept.
         let mut wanted: HashSet<Endpoint> = HashSet::new();
@@ -1029,9 +1085,10 @@ impl Driver {
     fn withdraw(&mut self, keys: &HashSet<Key>) -> usize {
         let mut withdrawn = 0;
         for key in keys {
-            // One on its way to a server is undone there when its confirmation finds it
-            // unwanted.
-            if self.subs.get(key).is_some_and(|s| s.lost_at.is_none()) {
+            // Another caller still waiting for it keeps it; one on its way to a server is
+            // undone there when its confirmation finds it unwanted.
+            let others = self.waiters.iter().any(|w| w.remaining.contains(key));
+            if !others && self.subs.get(key).is_some_and(|s| s.lost_at.is_none()) {
                 self.subs.remove(key);
                 withdrawn += 1;
             }

@@ -178,7 +178,8 @@ pub enum Event {
         gap: Duration,
     },
     /// The consumer fell behind: `dropped` messages arrived while the buffer was full and were
-    /// discarded, here in the sequence.
+    /// discarded, here in the sequence (subscription events that piled up behind the last
+    /// waiting message are merged, and come after it).
     Overflow {
         /// How many.
         dropped: u64,

@@ -36,14 +36,14 @@ struct State {
     closed: bool,
 }
 
-/// A subscription's last word in a run of events: lost (`None`), or back on a node after a
-/// gap.
-type LastWord = Option<(Endpoint, Duration)>;
+/// A subscription's last word in a run of events: lost (`None`), or back on a node.
+type LastWord = Option<Endpoint>;
 
 impl State {
     /// Merges the events after the last message, when there are more than a few: overflow
-    /// counts add up; a subscription lost there is reported lost once (with the first cause of
-    /// its kind), and back (with the longest gap) only if back was its last word.
+    /// counts add up (one `Overflow`, first); a subscription lost there is reported lost once
+    /// (with the first cause of its kind), and back (with its longest gap there) only if back
+    /// was its last word.
     fn compact_tail(&mut self) {
         let start = self
             .queue
@@ -57,6 +57,8 @@ impl State {
         let mut lost: BTreeMap<Kind, (BTreeSet<Vec<u8>>, Error)> = BTreeMap::new();
         // Each subscription's last word: lost (`None`), or back on a node after a gap.
         let mut last: BTreeMap<Key, LastWord> = BTreeMap::new();
+        // The longest gap of each subscription in the run, whatever its last word.
+        let mut longest: BTreeMap<Key, Duration> = BTreeMap::new();
         for event in self.queue.drain(start..) {
             match event {
                 Event::Overflow { dropped: n } => dropped += n,
@@ -74,11 +76,10 @@ impl State {
                     gap,
                 } => {
                     for name in names {
-                        let longest = match last.get(&(kind, name.clone())) {
-                            Some(Some((_, g))) => gap.max(*g),
-                            _ => gap,
-                        };
-                        last.insert((kind, name), Some((node.clone(), longest)));
+                        let key = (kind, name);
+                        let g = longest.entry(key.clone()).or_default();
+                        *g = (*g).max(gap);
+                        last.insert(key, Some(node.clone()));
                     }
                 }
                 Event::Message(_) => unreachable!("the tail starts after the last message"),
@@ -95,10 +96,11 @@ impl State {
             });
         }
         let mut back: BTreeMap<(Kind, Endpoint), Back> = BTreeMap::new();
-        for ((kind, name), word) in last {
-            if let Some((node, gap)) = word {
-                let entry = back.entry((kind, node)).or_default();
-                entry.0.push(name);
+        for (key, word) in last {
+            if let Some(node) = word {
+                let gap = longest.get(&key).copied().unwrap_or_default();
+                let entry = back.entry((key.0, node)).or_default();
+                entry.0.push(key.1);
                 entry.1 = entry.1.max(gap);
             }
         }
@@ -258,7 +260,7 @@ mod tests {
                     kind: Kind::Channel,
                     names: vec![b"a".to_vec(), b"b".to_vec()],
                     node: node(7000),
-                    gap: Duration::from_millis(round),
+                    gap: Duration::from_millis(round % 500),
                 });
             } else {
                 outbox.event(Event::Resubscribed {
@@ -282,9 +284,16 @@ mod tests {
         }
         // Only `a` is back, on the node of its last word; `b`'s last word was `Lost`.
         match &got[2] {
-            Event::Resubscribed { names, node: n, .. } => {
+            Event::Resubscribed {
+                names,
+                node: n,
+                gap,
+                ..
+            } => {
                 assert_eq!(names, &[b"a".to_vec()]);
                 assert_eq!(*n, node(7001));
+                // The longest gap of the run, not the last one.
+                assert_eq!(*gap, Duration::from_millis(499));
             }
             other => panic!("{other:?}"),
         }
