@@ -630,6 +630,7 @@ pub struct ClientBuilder {
     refresh: Option<Option<RefreshConfig>>,
     rebuild: Option<RebuildConfig>,
     read_from_replicas: bool,
+    read_policy: crate::read::ReadPolicy,
     concurrency_limit: Option<usize>,
     inner_retries: Option<u32>,
     name: Option<String>,
@@ -773,6 +774,15 @@ impl ClientBuilder {
     /// Route read-only commands to replicas (passed to the inner cluster client).
     pub fn read_from_replicas(mut self, enabled: bool) -> Self {
         self.read_from_replicas = enabled;
+        self
+    }
+
+    /// Where reads go: [`ReadPolicy::PrimaryThenReplica`](crate::read::ReadPolicy) serves a
+    /// read from a replica of its slot — possibly stale — when the primary is down or known
+    /// down, within the same call; see the [`read`](crate::read) module. Needs topology
+    /// refresh (on by default), which says where the replicas are.
+    pub fn read_policy(mut self, policy: crate::read::ReadPolicy) -> Self {
+        self.read_policy = policy;
         self
     }
 
@@ -1000,13 +1010,29 @@ impl ClientBuilder {
             retry,
             limit: self.concurrency_limit,
         };
+        if self.read_policy != crate::read::ReadPolicy::Primary && refresh.is_none() {
+            return Err(Error::config(
+                "a read policy other than Primary finds replicas in the topology: it needs \
+                 topology refresh on (and, for build_with, a topology_source)",
+            ));
+        }
         let (core, topology) = match refresh {
             Some((source, config)) => {
+                let nodes = source.nodes();
+                let response_timeout = source.response_timeout();
                 let layer = TopologyRefreshLayer::new(source, config)
                     .rebuild_handle(rebuild_handle.clone());
                 let refreshed = tower::Layer::layer(&layer, rebuild);
                 let topology = refreshed.handle();
-                (layers.stack(Either::Left(refreshed)), Some(topology))
+                let routed = crate::read::ReadRouting::new(
+                    refreshed,
+                    self.read_policy,
+                    topology.clone(),
+                    nodes,
+                    response_timeout,
+                    name.clone(),
+                );
+                (layers.stack(Either::Left(routed)), Some(topology))
             }
             None => (layers.stack(Either::Right(rebuild)), None),
         };
@@ -1055,7 +1081,7 @@ impl fmt::Debug for ClientBuilder {
     }
 }
 
-type Refreshed<C> = Either<TopologyRefresh<Rebuild<C>>, Rebuild<C>>;
+type Refreshed<C> = Either<crate::read::ReadRouting<TopologyRefresh<Rebuild<C>>>, Rebuild<C>>;
 type Limited<C> = Either<tower::limit::ConcurrencyLimit<Refreshed<C>>, Refreshed<C>>;
 /// The helpers' stack: Retry (when on) → ConcurrencyLimit (when set) → TopologyRefresh (when
 /// on) → Rebuild. Named, so that a helper's call is one future, not a boxed one.

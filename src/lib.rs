@@ -75,6 +75,7 @@ pub mod harness;
 pub mod metrics;
 pub mod observability;
 pub mod pubsub;
+pub mod read;
 pub mod rebuild;
 pub mod retry;
 pub mod service;

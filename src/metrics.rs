@@ -12,6 +12,7 @@
 //! | `redis_cluster_topology_refreshes_total` | counter | `client`, `outcome` = `ok` / `error` | topology refreshes |
 //! | `redis_cluster_topology_changes_total` | counter | `client` | refreshes that found a change |
 //! | `redis_cluster_topology_seconds_since_change` | gauge | `client` | at the last refresh, seconds since the topology last changed |
+//! | `redis_cluster_replica_reads_total` | counter | `client`, `reason` = `primary failed` / `primary slow` / `primary known down` | reads a replica served for a primary that could not ([`ReadPolicy::PrimaryThenReplica`](crate::read::ReadPolicy)) |
 //! | `redis_cluster_pubsub_subscriptions` | gauge | `client` | subscriptions a [`Subscriber`](crate::pubsub::Subscriber) holds (wanted, established or not) |
 //! | `redis_cluster_pubsub_lost_total` | counter | `client`, `kind` = `channel` / `pattern` / `sharded` | subscriptions lost (each a gap) |
 //! | `redis_cluster_pubsub_resubscribed_total` | counter | `client`, `kind` | subscriptions re-established |
@@ -100,6 +101,11 @@ mod enabled {
                 .set(at.elapsed().as_secs_f64());
         }
     }
+    pub(crate) fn replica_read(client: &ClientName, reason: &'static str) {
+        metrics::counter!("redis_cluster_replica_reads_total", "client" => client.0.clone(), "reason" => reason)
+            .increment(1);
+    }
+
     pub(crate) fn pubsub_subscriptions(client: &str, n: usize) {
         metrics::gauge!("redis_cluster_pubsub_subscriptions", "client" => client.to_string())
             .set(n as f64);
@@ -147,6 +153,8 @@ mod enabled {
     pub(crate) fn connect_failed(_: &ClientName, _: ErrorKind) {}
     #[inline(always)]
     pub(crate) fn refreshed(_: &ClientName, _: bool, _: bool, _: Option<Instant>) {}
+    #[inline(always)]
+    pub(crate) fn replica_read(_: &ClientName, _: &'static str) {}
     #[inline(always)]
     pub(crate) fn pubsub_subscriptions(_: &str, _: usize) {}
     #[inline(always)]

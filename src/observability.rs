@@ -21,6 +21,8 @@
 //! | `topology` | WARN | topology refresh failed | `error` |
 //! | `topology` | DEBUG | publishing topology snapshot | `sequence`, `shards`, `agreed_by`, `answered` |
 //! | `connect` | DEBUG | resolved seed name | `host`, `port`, `addrs` |
+//! | `read` | DEBUG | read served by a replica | `node`, `reason` (`primary failed` / `primary known down`) |
+//! | `read` | DEBUG | replica read failed / no replica served the read either | `node`, `error` |
 //! | `pubsub` | WARN | subscriptions lost; re-establishing them | `kind`, `subscriptions` (a count; channel names are not logged), `cause` |
 //! | `pubsub` | INFO | subscriptions re-established | `kind`, `subscriptions`, `node`, `gap_ms` |
 //! | `pubsub` | WARN | subscriber buffer full: dropping messages until the consumer catches up | `capacity` |

@@ -953,7 +953,7 @@ async fn accessors_clone_and_debug() {
     let _: &mut Fake = retry.get_mut();
     let debug = format!("{retry:?}");
     assert!(debug.contains("StandardRetryPolicy"), "{debug}");
-    assert!(debug.contains("max_retries: 8"), "{debug}");
+    assert!(debug.contains("max_retries: 16"), "{debug}");
     assert!(debug.contains("deadline: Some(5s)"), "{debug}");
     let mut copy = retry.clone();
     send(&mut copy, cmd("GET k")).await.unwrap();

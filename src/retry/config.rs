@@ -43,14 +43,17 @@ pub struct RetryConfig {
 }
 
 impl RetryConfig {
-    /// At most 8 retries per call, backing off from 20 ms to 1 s with full jitter (about 2.2 s
-    /// of backoff in all on average, 4.24 s at most: enough to ride out a 1–3 s automatic
-    /// failover within the deadline); at most 5 redirections followed per call; the built-in
-    /// idempotency table; the default [`RetryBudget`] (retries may add 20 % to the calls of the
-    /// last 10 s, plus 10 per second); and a deadline of 5 s per call.
+    /// At most 16 retries per call, backing off from 20 ms to 1 s with full jitter (the 8
+    /// first take about 2.2 s on average; all 16, about 10 s) — so with the deadline of 5 s
+    /// per call it is the deadline that ends the retries of a call through an outage, and a
+    /// call with time left keeps trying until the failover is over (a failover that moves
+    /// masters can take 8 retries in 2 s: repeated redirects to the dead node and
+    /// `CLUSTERDOWN` while the promoted master rejoins); at most 5 redirections followed per
+    /// call; the built-in idempotency table; the default [`RetryBudget`] (retries may add 20 %
+    /// to the calls of the last 10 s, plus 10 per second).
     pub fn new() -> Self {
         RetryConfig {
-            max_retries: 8,
+            max_retries: 16,
             max_redirects: 5,
             backoff: JitteredBackoffMaker::new(Duration::from_millis(20), Duration::from_secs(1))
                 .expect("valid default backoff"),

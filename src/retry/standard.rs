@@ -340,7 +340,7 @@ mod tests {
     fn debug_shows_every_knob() {
         let text = format!("{:?}", StandardRetryPolicy::new(RetryConfig::default()));
         for knob in [
-            "max_retries: 8",
+            "max_retries: 16",
             "max_redirects: 5",
             "floor: 20ms",
             "cap: 1s",

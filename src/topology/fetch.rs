@@ -150,6 +150,11 @@ impl TopologySource {
     }
 
     /// How probes connect: as the inner client does.
+    /// How long a node's reply may take.
+    pub(crate) fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     pub(crate) fn nodes(&self) -> NodeConnector {
         NodeConnector {
             book: self.book.clone(),

@@ -1,0 +1,575 @@
+//! Reads through a master's outage: [`ReadPolicy`] and the [`ReadRouting`] layer.
+//!
+//! While a master is down — crashed, its address swallowing packets, or already known failed
+//! by its peers — every client we compared fails each call to its slots until a replica is
+//! promoted: `cluster-node-timeout` and the election, 1–2 s at the least and 15 s with Redis's
+//! default. Its replicas still hold the data. With [`ReadPolicy::PrimaryThenReplica`] a read
+//! goes to the primary as always, and when that fails in a way an outage explains
+//! (connection refused or reset, no reply in time, `CLUSTERDOWN`, `MASTERDOWN`, `TRYAGAIN`, a
+//! `MOVED` — the inner client's detour when the master does not answer) —
+//! or when the topology already says the primary is failed or missing — the same read is sent
+//! to a replica of the same slot, over a `READONLY` connection of the layer's own, within the
+//! same call (and so within its deadline). A primary that has not answered within the
+//! response timeout (an address that swallows packets answers never) gets a replica asked
+//! alongside it; the first answer wins.
+//!
+//! **Set `cluster-allow-reads-when-down yes` on the cluster** (a parameter of ElastiCache and
+//! MemoryDB parameter groups too) for reads to survive the whole outage: by default a replica
+//! refuses reads with `CLUSTERDOWN` once it considers the cluster down — about
+//! `cluster-node-timeout` after its master stopped answering, long before a replica of a
+//! one-shard cluster is promoted.
+//!
+//! **A replica may be behind its master**: a read it serves can miss the last writes. That is
+//! why the policy is opt-in. Writes never go to a replica: only commands the idempotency table
+//! calls read-only, on one key (or keys of one slot) named right after the command, take that
+//! path; anything else fails or is retried as without this layer.
+//!
+//! ```no_run
+//! use tower_redis_cluster::{read::ReadPolicy, Client, Error};
+//!
+//! # async fn run() -> Result<(), Error> {
+//! let client = Client::builder()
+//!     .seed("clustercfg.my-cluster.example.com:6379")
+//!     .read_policy(ReadPolicy::PrimaryThenReplica)
+//!     .build()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures_util::future::BoxFuture;
+use redis::{aio::MultiplexedConnection, Cmd, Pipeline, Value};
+use tower::Service;
+
+use crate::{
+    connect::{Endpoint, NodeConnector},
+    topology::{NodeHealth, NodeRole, TopologyHandle, TopologyNode, TopologySnapshot},
+    Error, ErrorKind, Idempotency,
+};
+
+/// Where reads go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReadPolicy {
+    /// Every command to its slot's primary (the default).
+    #[default]
+    Primary,
+    /// Reads to the primary; a read the primary cannot serve because it is down — or known
+    /// down — is served by a replica of the same slot, possibly stale. See the
+    /// [module docs](self).
+    PrimaryThenReplica,
+}
+
+/// Read commands whose key comes right after the command's name (all their keys, for the
+/// multi-key ones, which must share a slot): the ones a replica may serve.
+const KEY_FIRST_READS: &[&str] = &[
+    "BITCOUNT",
+    "BITFIELD_RO",
+    "BITPOS",
+    "DUMP",
+    "EXISTS",
+    "EXPIRETIME",
+    "GEODIST",
+    "GEOHASH",
+    "GEOPOS",
+    "GEORADIUSBYMEMBER_RO",
+    "GEORADIUS_RO",
+    "GEOSEARCH",
+    "GET",
+    "GETBIT",
+    "GETRANGE",
+    "HEXISTS",
+    "HGET",
+    "HGETALL",
+    "HKEYS",
+    "HLEN",
+    "HMGET",
+    "HRANDFIELD",
+    "HSCAN",
+    "HSTRLEN",
+    "HVALS",
+    "LCS",
+    "LINDEX",
+    "LLEN",
+    "LPOS",
+    "LRANGE",
+    "MGET",
+    "PEXPIRETIME",
+    "PFCOUNT",
+    "PTTL",
+    "SCARD",
+    "SDIFF",
+    "SINTER",
+    "SISMEMBER",
+    "SMEMBERS",
+    "SMISMEMBER",
+    "SORT_RO",
+    "SRANDMEMBER",
+    "SSCAN",
+    "STRLEN",
+    "SUBSTR",
+    "SUNION",
+    "TTL",
+    "TYPE",
+    "XLEN",
+    "XRANGE",
+    "XREVRANGE",
+    "ZCARD",
+    "ZCOUNT",
+    "ZLEXCOUNT",
+    "ZMSCORE",
+    "ZRANDMEMBER",
+    "ZRANGE",
+    "ZRANGEBYLEX",
+    "ZRANGEBYSCORE",
+    "ZRANK",
+    "ZREVRANGE",
+    "ZREVRANGEBYLEX",
+    "ZREVRANGEBYSCORE",
+    "ZREVRANK",
+    "ZSCAN",
+    "ZSCORE",
+];
+
+/// The slot a replica may serve `cmd` from: a read-only command whose key comes first.
+fn replica_slot(cmd: &Cmd) -> Option<u16> {
+    if crate::classify(cmd) != Idempotency::ReadOnly {
+        return None;
+    }
+    let mut args = cmd.args_iter();
+    let redis::Arg::Simple(name) = args.next()? else {
+        return None;
+    };
+    let name = std::str::from_utf8(name).ok()?.to_ascii_uppercase();
+    KEY_FIRST_READS.binary_search(&name.as_str()).ok()?;
+    match args.next()? {
+        redis::Arg::Simple(key) => Some(crate::command::key_slot(key)),
+        _ => None,
+    }
+}
+
+/// Whether a failure of the primary is one a replica can stand in for. `MOVED` is among them:
+/// when the inner client cannot reach a dead master it asks another node, and a replica
+/// answers with a redirect back to the dead master; a replica the topology names for the slot
+/// can serve the read (during a resharding it redirects in turn, and the retry layer follows
+/// the first redirect as before).
+fn outage(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::Moved
+            | ErrorKind::Connection
+            | ErrorKind::Timeout
+            | ErrorKind::ClusterDown
+            | ErrorKind::MasterDown
+            | ErrorKind::TryAgain
+            | ErrorKind::Unreachable
+    )
+}
+
+/// What the layer shares between its clones: the policy, the topology it reads replicas
+/// from, and its `READONLY` connections to them.
+struct Shared {
+    policy: ReadPolicy,
+    topology: TopologyHandle,
+    nodes: NodeConnector,
+    response_timeout: Duration,
+    replicas: Mutex<HashMap<Endpoint, MultiplexedConnection>>,
+    client: crate::metrics::ClientName,
+}
+
+impl Shared {
+    /// Where `slot` can be read besides the route the inner client takes — its shard's
+    /// online replicas, then its master as the topology names it (the inner client may still
+    /// be on its way there after a failover) — and whether the primary is known down.
+    fn replicas(&self, snapshot: &TopologySnapshot, slot: u16) -> (Vec<Endpoint>, bool) {
+        let Some(shard) = snapshot.shard_for_slot(slot) else {
+            return (Vec::new(), false);
+        };
+        let down = shard
+            .master
+            .as_ref()
+            .is_none_or(|m| m.health == NodeHealth::Failed);
+        // A replica reported loading is asked too, after the online ones: Redis 7.0 reports
+        // a replica that has not seen a write since it synced as `loading` — and a replica
+        // that really is loading answers `LOADING`, and the next is asked.
+        let mut candidates: Vec<&TopologyNode> = shard
+            .replicas
+            .iter()
+            .chain(shard.master.as_ref())
+            .filter(|r| r.health != NodeHealth::Failed)
+            .collect();
+        candidates.sort_by_key(|n| (n.role == NodeRole::Master, n.health != NodeHealth::Online));
+        let replicas = candidates.into_iter().map(|n| n.endpoint.clone()).collect();
+        (replicas, down)
+    }
+
+    /// Where to read `slot` now: the topology may know more than when the call began.
+    fn candidates(&self, slot: u16, earlier: Vec<Endpoint>) -> Vec<Endpoint> {
+        match self.topology.current() {
+            Some(s) => self.replicas(&s, slot).0,
+            None => earlier,
+        }
+    }
+
+    async fn connection(&self, endpoint: &Endpoint) -> Result<MultiplexedConnection, Error> {
+        if let Some(c) = self.lock().get(endpoint) {
+            return Ok(c.clone());
+        }
+        let mut connection = self
+            .nodes
+            .connect(endpoint, None, Some(self.response_timeout))
+            .await?;
+        redis::cmd("READONLY")
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|e| Error::from_redis(e).context(format_args!("READONLY on {endpoint}")))?;
+        // Connections to nodes that left the cluster go (a replaced node's never errs again).
+        let present: Option<Vec<Endpoint>> = self
+            .topology
+            .current()
+            .map(|t| t.nodes().map(|n| n.endpoint.clone()).collect());
+        let mut replicas = self.lock();
+        if let Some(present) = present {
+            replicas.retain(|e, _| present.contains(e));
+        }
+        replicas.insert(endpoint.clone(), connection.clone());
+        Ok(connection)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Endpoint, MultiplexedConnection>> {
+        self.replicas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `cmd` on the first of `replicas` that answers; the primary's failure (if any) stays the
+    /// cause when none does.
+    async fn read_elsewhere(
+        &self,
+        cmd: &Cmd,
+        replicas: Vec<Endpoint>,
+        reason: &'static str,
+    ) -> Result<Value, Error> {
+        let mut last = None;
+        for endpoint in replicas {
+            let result = async {
+                let mut connection = self.connection(&endpoint).await?;
+                cmd.query_async::<Value>(&mut connection)
+                    .await
+                    .map_err(Error::from_redis)
+            }
+            .await;
+            match result {
+                Ok(value) => {
+                    tracing::debug!(node = %endpoint, reason, "read served by a replica");
+                    crate::metrics::replica_read(&self.client, reason);
+                    return Ok(value);
+                }
+                Err(e) => {
+                    if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) {
+                        self.lock().remove(&endpoint);
+                    }
+                    tracing::debug!(node = %endpoint, error = %e, "replica read failed");
+                    last = Some(e.context(format_args!("read from replica {endpoint}")));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::unreachable("no replica of the slot serves")))
+    }
+}
+
+/// Routes reads as its [`ReadPolicy`] says; see the [module docs](self). Made by
+/// [`ClientBuilder::read_policy`](crate::ClientBuilder::read_policy); with
+/// [`ReadPolicy::Primary`] it passes every call through.
+pub struct ReadRouting<S> {
+    inner: S,
+    shared: Option<Arc<Shared>>,
+}
+
+impl<S> ReadRouting<S> {
+    pub(crate) fn new(
+        inner: S,
+        policy: ReadPolicy,
+        topology: TopologyHandle,
+        nodes: NodeConnector,
+        response_timeout: Duration,
+        client: crate::metrics::ClientName,
+    ) -> Self {
+        let shared = (policy != ReadPolicy::Primary).then(|| {
+            Arc::new(Shared {
+                policy,
+                topology,
+                nodes,
+                response_timeout,
+                replicas: Mutex::new(HashMap::new()),
+                client,
+            })
+        });
+        ReadRouting { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone> Clone for ReadRouting<S> {
+    fn clone(&self) -> Self {
+        ReadRouting {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for ReadRouting<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadRouting")
+            .field("policy", &self.shared.as_ref().map(|s| s.policy))
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a [`ReadRouting`] call: the inner one, or a read that may end on a
+    /// replica.
+    pub struct ReadFuture<F> {
+        #[pin]
+        direct: Option<F>,
+        routed: Option<BoxFuture<'static, Result<Value, Error>>>,
+    }
+}
+
+impl<F> ReadFuture<F> {
+    fn direct(inner: F) -> Self {
+        ReadFuture {
+            direct: Some(inner),
+            routed: None,
+        }
+    }
+
+    fn routed(routed: BoxFuture<'static, Result<Value, Error>>) -> Self {
+        ReadFuture {
+            direct: None,
+            routed: Some(routed),
+        }
+    }
+}
+
+impl<F> fmt::Debug for ReadFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.routed.is_some() {
+            "ReadFuture::Routed"
+        } else {
+            "ReadFuture::Direct"
+        })
+    }
+}
+
+impl<F> Future for ReadFuture<F>
+where
+    F: Future<Output = Result<Value, Error>>,
+{
+    type Output = Result<Value, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Some(inner) = this.direct.as_pin_mut() {
+            return inner.poll(cx);
+        }
+        match this.routed {
+            Some(routed) => routed.as_mut().poll(cx),
+            None => Poll::Ready(Err(Error::closed("a read future polled after it ended"))),
+        }
+    }
+}
+
+/// A command, owned or shared, that the layer can read and keep for a second try.
+pub trait ReadRequest: Send + 'static {
+    /// The command.
+    fn command(&self) -> &Cmd;
+}
+
+impl ReadRequest for Cmd {
+    fn command(&self) -> &Cmd {
+        self
+    }
+}
+
+impl ReadRequest for Arc<Cmd> {
+    fn command(&self) -> &Cmd {
+        self
+    }
+}
+
+impl<S, R> Service<R> for ReadRouting<S>
+where
+    S: Service<R, Response = Value, Error = Error>
+        + Service<Arc<Cmd>, Response = Value, Error = Error>,
+    <S as Service<Arc<Cmd>>>::Future: Send + 'static,
+    R: ReadRequest + Into<Arc<Cmd>>,
+{
+    type Response = Value;
+    type Error = Error;
+    type Future = ReadFuture<<S as Service<R>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        <S as Service<R>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let slot = match &self.shared {
+            Some(_) => replica_slot(request.command()),
+            None => None,
+        };
+        let (Some(shared), Some(slot)) = (&self.shared, slot) else {
+            return ReadFuture::direct(self.inner.call(request));
+        };
+        let cmd: Arc<Cmd> = request.into();
+        let shared = shared.clone();
+        let snapshot = shared.topology.current();
+        let (replicas, down) = snapshot
+            .as_deref()
+            .map(|s| shared.replicas(s, slot))
+            .unwrap_or_default();
+        if down && !replicas.is_empty() {
+            // Known down: the primary is not asked.
+            return ReadFuture::routed(Box::pin(async move {
+                shared
+                    .read_elsewhere(&cmd, replicas, "primary known down")
+                    .await
+            }));
+        }
+        let primary = <S as Service<Arc<Cmd>>>::call(&mut self.inner, cmd.clone());
+        ReadFuture::routed(Box::pin(async move {
+            let mut primary = std::pin::pin!(primary);
+            let hedge = tokio::time::sleep(shared.response_timeout);
+            let error = tokio::select! {
+                result = &mut primary => match result {
+                    Ok(value) => return Ok(value),
+                    Err(e) if outage(e.kind()) => e,
+                    Err(e) => return Err(e),
+                },
+                () = hedge => {
+                    // No answer in a response timeout: a primary whose address swallows
+                    // packets may hold the call until its deadline. Ask a replica as well, and
+                    // take the first answer.
+                    let replicas = shared.candidates(slot, replicas);
+                    if replicas.is_empty() {
+                        return primary.await;
+                    }
+                    let replica = shared.read_elsewhere(&cmd, replicas, "primary slow");
+                    let mut replica = std::pin::pin!(replica);
+                    return tokio::select! {
+                        result = &mut primary => match result {
+                            Ok(value) => Ok(value),
+                            Err(e) if outage(e.kind()) => replica.await.map_err(|_| e),
+                            Err(e) => Err(e),
+                        },
+                        result = &mut replica => match result {
+                            Ok(value) => Ok(value),
+                            Err(_) => primary.await,
+                        },
+                    };
+                }
+            };
+            let replicas = shared.candidates(slot, replicas);
+            if replicas.is_empty() {
+                return Err(error);
+            }
+            shared
+                .read_elsewhere(&cmd, replicas, "primary failed")
+                .await
+                .map_err(|replica| {
+                    tracing::debug!(error = %replica, "no replica served the read either");
+                    error
+                })
+        }))
+    }
+}
+
+/// Pipelines pass through: their commands may span slots and include writes.
+impl<S> Service<Arc<Pipeline>> for ReadRouting<S>
+where
+    S: Service<Arc<Pipeline>, Response = Vec<Value>, Error = Error>,
+{
+    type Response = Vec<Value>;
+    type Error = Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Arc<Pipeline>) -> S::Future {
+        self.inner.call(request)
+    }
+}
+
+/// Pipelines pass through: their commands may span slots and include writes.
+impl<S> Service<Pipeline> for ReadRouting<S>
+where
+    S: Service<Pipeline, Response = Vec<Value>, Error = Error>,
+{
+    type Response = Vec<Value>;
+    type Error = Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        <S as Service<Pipeline>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: Pipeline) -> S::Future {
+        self.inner.call(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_table_is_sorted_for_its_search() {
+        let mut sorted = KEY_FIRST_READS.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, KEY_FIRST_READS);
+    }
+
+    #[test]
+    fn only_reads_whose_key_comes_first_may_go_to_a_replica() {
+        let slot_of = |args: &[&str]| {
+            let mut cmd = redis::cmd(args[0]);
+            for a in &args[1..] {
+                cmd.arg(*a);
+            }
+            replica_slot(&cmd)
+        };
+        assert_eq!(
+            slot_of(&["GET", "{u}k"]),
+            Some(crate::command::key_slot(b"{u}k"))
+        );
+        assert_eq!(
+            slot_of(&["get", "{u}k"]),
+            Some(crate::command::key_slot(b"{u}k"))
+        );
+        assert!(slot_of(&["HGETALL", "h"]).is_some());
+        // Writes, keyless reads, reads whose key is elsewhere: never.
+        assert_eq!(slot_of(&["SET", "k", "v"]), None);
+        assert_eq!(slot_of(&["INCR", "k"]), None);
+        assert_eq!(slot_of(&["GETDEL", "k"]), None);
+        assert_eq!(slot_of(&["DBSIZE"]), None);
+        assert_eq!(slot_of(&["EVAL_RO", "return 1", "1", "k"]), None);
+        assert_eq!(slot_of(&["OBJECT", "ENCODING", "k"]), None);
+        assert_eq!(slot_of(&["GET"]), None);
+        assert!(slot_of(&["SORT_RO", "k"]).is_some());
+    }
+}
