@@ -631,6 +631,7 @@ pub struct ClientBuilder {
     rebuild: Option<RebuildConfig>,
     read_from_replicas: bool,
     read_policy: crate::read::ReadPolicy,
+    fail_fast: Option<crate::read::FailFastConfig>,
     concurrency_limit: Option<usize>,
     inner_retries: Option<u32>,
     name: Option<String>,
@@ -783,6 +784,16 @@ impl ClientBuilder {
     /// refresh (on by default), which says where the replicas are.
     pub fn read_policy(mut self, policy: crate::read::ReadPolicy) -> Self {
         self.read_policy = policy;
+        self
+    }
+
+    /// Per-shard fail-fast: while a shard has no serving primary, its calls fail at once with
+    /// [`ErrorKind::ShardDown`] (reads under
+    /// `PrimaryThenReplica` go to a replica), so they do not hold the concurrency limit or the
+    /// application's workers while the healthy shards serve. Off by default; see
+    /// [`FailFastConfig`](crate::read::FailFastConfig). Needs topology refresh.
+    pub fn fail_fast(mut self, config: crate::read::FailFastConfig) -> Self {
+        self.fail_fast = Some(config);
         self
     }
 
@@ -1010,10 +1021,13 @@ impl ClientBuilder {
             retry,
             limit: self.concurrency_limit,
         };
-        if self.read_policy != crate::read::ReadPolicy::Primary && refresh.is_none() {
+        if (self.read_policy != crate::read::ReadPolicy::Primary || self.fail_fast.is_some())
+            && refresh.is_none()
+        {
             return Err(Error::config(
-                "a read policy other than Primary finds replicas in the topology: it needs \
-                 topology refresh on (and, for build_with, a topology_source)",
+                "a read policy other than Primary and fail-fast find shards and replicas in the \
+                 topology: they need topology refresh on (and, for build_with, a \
+                 topology_source)",
             ));
         }
         let (core, topology) = match refresh {
@@ -1031,6 +1045,7 @@ impl ClientBuilder {
                     nodes,
                     response_timeout,
                     name.clone(),
+                    self.fail_fast.clone(),
                 );
                 (layers.stack(Either::Left(routed)), Some(topology))
             }

@@ -51,6 +51,11 @@ pub enum ErrorKind {
     Timeout,
     /// No node of the cluster can be reached: the failure a rebuild from the seed names repairs.
     Unreachable,
+    /// Failed fast, unsent: the shard of the command's slot has no serving primary just now
+    /// (its calls kept failing, or the topology says its master failed), and this call was not
+    /// one of the probes that let it back in. Transient, but not retried within the call —
+    /// that is the point: see [`FailFastConfig`](crate::read::FailFastConfig).
+    ShardDown,
     /// Authentication or authorisation failed (`NOAUTH`, `WRONGPASS`, `NOPERM`).
     Auth,
     /// The TLS handshake failed: an untrusted or mismatched certificate, or a protocol error.
@@ -84,6 +89,7 @@ impl ErrorKind {
             ErrorKind::Connection => "connection",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Unreachable => "unreachable",
+            ErrorKind::ShardDown => "shard_down",
             ErrorKind::Auth => "auth",
             ErrorKind::Tls => "tls",
             ErrorKind::Command => "command",
@@ -127,6 +133,7 @@ impl ErrorKind {
             ErrorKind::Connection => "connection failed",
             ErrorKind::Timeout => "timed out",
             ErrorKind::Unreachable => "no node of the cluster is reachable",
+            ErrorKind::ShardDown => "the shard of the slot has no serving primary (failed fast)",
             ErrorKind::Auth => "authentication failed",
             ErrorKind::Tls => "TLS handshake failed (check the CA and the server name)",
             ErrorKind::Command => "command rejected by the server",
@@ -189,6 +196,7 @@ impl Error {
             ErrorKind::Config
             | ErrorKind::Closed
             | ErrorKind::Unreachable
+            | ErrorKind::ShardDown
             | ErrorKind::Unsupported => Sent::No,
             _ => Sent::Maybe,
         };
@@ -515,7 +523,9 @@ impl Error {
         let io_kind = match self.kind() {
             ErrorKind::Timeout => std::io::ErrorKind::TimedOut,
             ErrorKind::Connection => std::io::ErrorKind::ConnectionReset,
-            ErrorKind::Unreachable | ErrorKind::Closed => std::io::ErrorKind::NotConnected,
+            ErrorKind::Unreachable | ErrorKind::ShardDown | ErrorKind::Closed => {
+                std::io::ErrorKind::NotConnected
+            }
             ErrorKind::Unsupported => std::io::ErrorKind::Unsupported,
             ErrorKind::Config => std::io::ErrorKind::InvalidInput,
             _ => std::io::ErrorKind::Other,

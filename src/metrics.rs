@@ -13,6 +13,8 @@
 //! | `redis_cluster_topology_changes_total` | counter | `client` | refreshes that found a change |
 //! | `redis_cluster_topology_seconds_since_change` | gauge | `client` | at the last refresh, seconds since the topology last changed |
 //! | `redis_cluster_replica_reads_total` | counter | `client`, `reason` = `primary failed` / `primary slow` / `primary known down` | reads a replica served for a primary that could not ([`ReadPolicy::PrimaryThenReplica`](crate::read::ReadPolicy)) |
+//! | `redis_cluster_shard_fail_fast_total` | counter | `client` | calls failed fast because their shard had no serving primary ([`FailFastConfig`](crate::read::FailFastConfig)) |
+//! | `redis_cluster_shard_down_total` | counter | `client` | times a shard was marked down (its calls start failing fast) |
 //! | `redis_cluster_pubsub_subscriptions` | gauge | `client` | subscriptions a [`Subscriber`](crate::pubsub::Subscriber) holds (wanted, established or not) |
 //! | `redis_cluster_pubsub_lost_total` | counter | `client`, `kind` = `channel` / `pattern` / `sharded` | subscriptions lost (each a gap) |
 //! | `redis_cluster_pubsub_resubscribed_total` | counter | `client`, `kind` | subscriptions re-established |
@@ -106,6 +108,16 @@ mod enabled {
             .increment(1);
     }
 
+    pub(crate) fn fail_fast(client: &ClientName) {
+        metrics::counter!("redis_cluster_shard_fail_fast_total", "client" => client.0.clone())
+            .increment(1);
+    }
+
+    pub(crate) fn fail_fast_tripped(client: &ClientName) {
+        metrics::counter!("redis_cluster_shard_down_total", "client" => client.0.clone())
+            .increment(1);
+    }
+
     pub(crate) fn pubsub_subscriptions(client: &str, n: usize) {
         metrics::gauge!("redis_cluster_pubsub_subscriptions", "client" => client.to_string())
             .set(n as f64);
@@ -155,6 +167,10 @@ mod enabled {
     pub(crate) fn refreshed(_: &ClientName, _: bool, _: bool, _: Option<Instant>) {}
     #[inline(always)]
     pub(crate) fn replica_read(_: &ClientName, _: &'static str) {}
+    #[inline(always)]
+    pub(crate) fn fail_fast(_: &ClientName) {}
+    #[inline(always)]
+    pub(crate) fn fail_fast_tripped(_: &ClientName) {}
     #[inline(always)]
     pub(crate) fn pubsub_subscriptions(_: &str, _: usize) {}
     #[inline(always)]

@@ -21,6 +21,8 @@
 //! | `topology` | WARN | topology refresh failed | `error` |
 //! | `topology` | DEBUG | publishing topology snapshot | `sequence`, `shards`, `agreed_by`, `answered` |
 //! | `connect` | DEBUG | resolved seed name | `host`, `port`, `addrs` |
+//! | `read` | WARN | shard down: its calls fail fast until a probe succeeds | `slot`, `why` |
+//! | `read` | INFO | shard serves again: fail-fast ended | `slot`, `down_ms` |
 //! | `read` | DEBUG | read served by a replica | `node`, `reason` (`primary failed` / `primary known down`) |
 //! | `read` | DEBUG | replica read failed / no replica served the read either | `node`, `error` |
 //! | `pubsub` | WARN | subscriptions lost; re-establishing them | `kind`, `subscriptions` (a count; channel names are not logged), `cause` |

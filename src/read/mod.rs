@@ -46,6 +46,8 @@ use std::{
     time::Duration,
 };
 
+use tokio::time::Instant;
+
 use futures_util::future::BoxFuture;
 use redis::{aio::MultiplexedConnection, Cmd, Pipeline, Value};
 use tower::Service;
@@ -67,6 +69,157 @@ pub enum ReadPolicy {
     /// down — is served by a replica of the same slot, possibly stale. See the
     /// [module docs](self).
     PrimaryThenReplica,
+}
+
+/// Per-shard fail-fast (a bulkhead): while a shard has no serving primary, its calls fail at
+/// once with [`ErrorKind::ShardDown`] (unsent, not retried within the call) instead of each
+/// waiting out its deadline — so they do not fill the application's concurrency, and calls for
+/// the healthy shards go on at full speed. Reads under
+/// [`ReadPolicy::PrimaryThenReplica`] go to a replica instead of failing.
+///
+/// A shard fails fast after [`after_failures`](Self::after_failures) calls in a row failed as
+/// an outage fails them (refused, reset, timed out, `CLUSTERDOWN`, `MASTERDOWN`), or as soon as
+/// the topology says its master failed or it has none. Then one call per
+/// [`probe_every`](Self::probe_every) goes through to the primary; the first that succeeds
+/// lets the shard back in. Off by default: with it, a call whose deadline would have outlasted
+/// a failover fails instead of waiting for it. Needs topology refresh.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct FailFastConfig {
+    /// Failed calls in a row that mark a shard down; default 3.
+    pub after_failures: u32,
+    /// How often a call is let through to a down shard's primary as a probe; default 100 ms.
+    pub probe_every: Duration,
+}
+
+impl Default for FailFastConfig {
+    fn default() -> Self {
+        FailFastConfig {
+            after_failures: 3,
+            probe_every: Duration::from_millis(100),
+        }
+    }
+}
+
+impl FailFastConfig {
+    /// Sets [`after_failures`](Self::after_failures) (at least 1).
+    pub fn after_failures(mut self, failures: u32) -> Self {
+        self.after_failures = failures.max(1);
+        self
+    }
+
+    /// Sets [`probe_every`](Self::probe_every).
+    pub fn probe_every(mut self, every: Duration) -> Self {
+        self.probe_every = every;
+        self
+    }
+}
+
+/// Commands whose first argument is not a key (or that have none): fail-fast leaves them be.
+const KEYLESS: &[&str] = &[
+    "ACL",
+    "BGREWRITEAOF",
+    "BGSAVE",
+    "CLIENT",
+    "CLUSTER",
+    "COMMAND",
+    "CONFIG",
+    "DBSIZE",
+    "DEBUG",
+    "ECHO",
+    "EVAL",
+    "EVALSHA",
+    "EVALSHA_RO",
+    "EVAL_RO",
+    "FCALL",
+    "FCALL_RO",
+    "FLUSHALL",
+    "FLUSHDB",
+    "FUNCTION",
+    "INFO",
+    "KEYS",
+    "LASTSAVE",
+    "LATENCY",
+    "LMPOP",
+    "MEMORY",
+    "MODULE",
+    "OBJECT",
+    "PFDEBUG",
+    "PING",
+    "PUBLISH",
+    "PUBSUB",
+    "RANDOMKEY",
+    "READONLY",
+    "READWRITE",
+    "ROLE",
+    "SAVE",
+    "SCAN",
+    "SCRIPT",
+    "SINTERCARD",
+    "SLOWLOG",
+    "TIME",
+    "WAIT",
+    "WAITAOF",
+    "XINFO",
+    "XREAD",
+    "XREADGROUP",
+    "ZDIFF",
+    "ZINTER",
+    "ZINTERCARD",
+    "ZMPOP",
+    "ZUNION",
+];
+
+/// The slot of `cmd`'s first key, for fail-fast: any command whose first argument is a key.
+fn key_first_slot(cmd: &Cmd) -> Option<u16> {
+    if crate::command::fans_out(cmd) {
+        return None;
+    }
+    let mut args = cmd.args_iter();
+    let redis::Arg::Simple(name) = args.next()? else {
+        return None;
+    };
+    let name = std::str::from_utf8(name).ok()?.to_ascii_uppercase();
+    if KEYLESS.binary_search(&name.as_str()).is_ok() {
+        return None;
+    }
+    match args.next()? {
+        redis::Arg::Simple(key) => Some(crate::command::key_slot(key)),
+        _ => None,
+    }
+}
+
+/// Where a shard stands for fail-fast.
+#[derive(Default)]
+struct ShardState {
+    /// Calls in a row that failed as an outage fails them.
+    failures: u32,
+    down: Option<Down>,
+    /// The topology snapshot that last marked it down: one snapshot marks it once.
+    marked_by: Option<u64>,
+}
+
+struct Down {
+    since: Instant,
+    next_probe: Instant,
+    probing: bool,
+    cause: Option<Error>,
+}
+
+/// A call to a shard's primary, as fail-fast records it.
+struct Recorded {
+    shard: u16,
+    slot: u16,
+    probe: bool,
+    started: Instant,
+    master: Option<Endpoint>,
+}
+
+/// What fail-fast lets a call do.
+enum Gate {
+    Pass,
+    Probe,
+    Refuse(Error),
 }
 
 /// Read commands whose key comes right after the command's name (all their keys, for the
@@ -184,9 +337,135 @@ struct Shared {
     response_timeout: Duration,
     replicas: Mutex<HashMap<Endpoint, MultiplexedConnection>>,
     client: crate::metrics::ClientName,
+    fail_fast: Option<FailFastConfig>,
+    /// Per shard, by the first slot of its first range.
+    shards: Mutex<HashMap<u16, ShardState>>,
 }
 
 impl Shared {
+    /// Whether a call for the shard `shard` (whose master the topology says is `known_down`)
+    /// may go to its primary.
+    fn gate(&self, shard: u16, slot: u16, known_down: Option<u64>) -> Gate {
+        if self.fail_fast.is_none() {
+            return Gate::Pass;
+        }
+        let now = Instant::now();
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let state = shards.entry(shard).or_default();
+        if let Some(sequence) = known_down {
+            if state.down.is_none() && state.marked_by != Some(sequence) {
+                state.marked_by = Some(sequence);
+                self.trip(
+                    state,
+                    slot,
+                    now,
+                    None,
+                    "the topology says its master failed",
+                );
+            }
+        }
+        let Some(down) = &mut state.down else {
+            return Gate::Pass;
+        };
+        if !down.probing && now >= down.next_probe {
+            down.probing = true;
+            return Gate::Probe;
+        }
+        crate::metrics::fail_fast(&self.client);
+        let mut error = Error::new(
+            ErrorKind::ShardDown,
+            format!(
+                "the shard of slot {slot} has had no serving primary for {:?}: failing fast",
+                now.saturating_duration_since(down.since)
+            ),
+        );
+        if let Some(cause) = &down.cause {
+            error = error.with_source(cause.clone());
+        }
+        Gate::Refuse(error)
+    }
+
+    fn trip(
+        &self,
+        state: &mut ShardState,
+        slot: u16,
+        now: Instant,
+        cause: Option<Error>,
+        why: &'static str,
+    ) {
+        let probe_every = self
+            .fail_fast
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.probe_every);
+        tracing::warn!(
+            slot,
+            why,
+            "shard down: its calls fail fast until a probe succeeds"
+        );
+        crate::metrics::fail_fast_tripped(&self.client);
+        state.down = Some(Down {
+            since: now,
+            next_probe: now + probe_every,
+            probing: false,
+            cause,
+        });
+    }
+
+    /// What a call to the shard's primary, begun at `started`, came to. `master` is the
+    /// shard's master as the topology named it then: a `MOVED` back to it — what the other
+    /// nodes answer for the slots of a master that does not answer — counts as a failure.
+    fn record(&self, call: &Recorded, outcome: Result<(), &Error>) {
+        let Some(config) = &self.fail_fast else {
+            return;
+        };
+        let now = Instant::now();
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let state = shards.entry(call.shard).or_default();
+        let failed = |e: &Error| match e.kind() {
+            ErrorKind::Moved => match (e.redirect(), &call.master) {
+                (Some((_, to)), Some(master)) => to == master.to_string(),
+                _ => false,
+            },
+            kind => outage(kind),
+        };
+        match outcome {
+            Ok(()) => {
+                state.failures = 0;
+                // A call begun before the shard was marked down proves nothing about now.
+                let current = state
+                    .down
+                    .as_ref()
+                    .is_some_and(|d| call.probe || call.started >= d.since);
+                if current {
+                    let down = state.down.take().expect("checked");
+                    tracing::info!(
+                        slot = call.slot,
+                        down_ms = now.saturating_duration_since(down.since).as_millis() as u64,
+                        "shard serves again: fail-fast ended"
+                    );
+                }
+            }
+            Err(e) if failed(e) => {
+                state.failures += 1;
+                if state.down.is_none() && state.failures >= config.after_failures {
+                    self.trip(
+                        state,
+                        call.slot,
+                        now,
+                        Some(e.clone()),
+                        "its calls kept failing",
+                    );
+                }
+            }
+            // Neither proof of health nor of an outage.
+            Err(_) => {}
+        }
+        if let (true, Some(down)) = (call.probe, &mut state.down) {
+            down.probing = false;
+            down.next_probe = now + config.probe_every;
+        }
+    }
+
     /// Where `slot` can be read besides the route the inner client takes — its shard's
     /// online replicas, then its master as the topology names it (the inner client may still
     /// be on its way there after a failover) — and whether the primary is known down.
@@ -301,8 +580,9 @@ impl<S> ReadRouting<S> {
         nodes: NodeConnector,
         response_timeout: Duration,
         client: crate::metrics::ClientName,
+        fail_fast: Option<FailFastConfig>,
     ) -> Self {
-        let shared = (policy != ReadPolicy::Primary).then(|| {
+        let shared = (policy != ReadPolicy::Primary || fail_fast.is_some()).then(|| {
             Arc::new(Shared {
                 policy,
                 topology,
@@ -310,6 +590,8 @@ impl<S> ReadRouting<S> {
                 response_timeout,
                 replicas: Mutex::new(HashMap::new()),
                 client,
+                fail_fast,
+                shards: Mutex::new(HashMap::new()),
             })
         });
         ReadRouting { inner, shared }
@@ -427,37 +709,101 @@ where
     }
 
     fn call(&mut self, request: R) -> Self::Future {
-        let slot = match &self.shared {
-            Some(_) => replica_slot(request.command()),
-            None => None,
-        };
-        let (Some(shared), Some(slot)) = (&self.shared, slot) else {
+        let Some(shared) = &self.shared else {
             return ReadFuture::direct(self.inner.call(request));
         };
-        let cmd: Arc<Cmd> = request.into();
-        let shared = shared.clone();
+        let cmd = request.command();
+        let read_slot = match shared.policy {
+            ReadPolicy::PrimaryThenReplica => replica_slot(cmd),
+            ReadPolicy::Primary => None,
+        };
+        let slot = match (read_slot, &shared.fail_fast) {
+            (Some(slot), _) => slot,
+            (None, Some(_)) => match key_first_slot(cmd) {
+                Some(slot) => slot,
+                None => return ReadFuture::direct(self.inner.call(request)),
+            },
+            (None, None) => return ReadFuture::direct(self.inner.call(request)),
+        };
         let snapshot = shared.topology.current();
-        let (replicas, down) = snapshot
-            .as_deref()
-            .map(|s| shared.replicas(s, slot))
-            .unwrap_or_default();
+        let (replicas, down, shard, master) = match snapshot.as_deref() {
+            Some(s) => {
+                let (replicas, down) = shared.replicas(s, slot);
+                let of_slot = s.shard_for_slot(slot);
+                let shard = of_slot
+                    .and_then(|sh| sh.slots.first())
+                    .map_or(slot, |r| *r.start());
+                let master = of_slot
+                    .and_then(|sh| sh.master.as_ref())
+                    .map(|m| m.endpoint.clone());
+                (replicas, down, shard, master)
+            }
+            None => (Vec::new(), false, slot, None),
+        };
+        let replicas = if read_slot.is_some() {
+            replicas
+        } else {
+            Vec::new()
+        };
+        let shared = shared.clone();
         if down && !replicas.is_empty() {
-            // Known down: the primary is not asked.
+            // The primary is known down: a read is not sent there.
+            let cmd: Arc<Cmd> = request.into();
             return ReadFuture::routed(Box::pin(async move {
                 shared
                     .read_elsewhere(&cmd, replicas, "primary known down")
                     .await
             }));
         }
+        let known_down = down.then(|| snapshot.as_ref().map_or(0, |s| s.sequence));
+        let gate = shared.gate(shard, slot, known_down);
+        let cmd: Arc<Cmd> = request.into();
+        if matches!(gate, Gate::Refuse(_)) && !replicas.is_empty() {
+            return ReadFuture::routed(Box::pin(async move {
+                shared
+                    .read_elsewhere(&cmd, replicas, "shard failing fast")
+                    .await
+            }));
+        }
+        let probe = match gate {
+            Gate::Refuse(error) => {
+                return ReadFuture::routed(Box::pin(async move {
+                    // An answer with no I/O at all: a caller that loops on it must still yield
+                    // to the runtime now and then, or it starves every other task.
+                    tokio::task::coop::consume_budget().await;
+                    Err(error)
+                }));
+            }
+            Gate::Probe => true,
+            Gate::Pass => false,
+        };
+        let call = Recorded {
+            shard,
+            slot,
+            probe,
+            started: Instant::now(),
+            master,
+        };
         let primary = <S as Service<Arc<Cmd>>>::call(&mut self.inner, cmd.clone());
+        if read_slot.is_none() {
+            // A write (or a read with no replica to turn to): the primary's answer, recorded.
+            return ReadFuture::routed(Box::pin(async move {
+                let result = primary.await;
+                shared.record(&call, result.as_ref().map(|_| ()));
+                result
+            }));
+        }
         ReadFuture::routed(Box::pin(async move {
             let mut primary = std::pin::pin!(primary);
             let hedge = tokio::time::sleep(shared.response_timeout);
             let error = tokio::select! {
-                result = &mut primary => match result {
-                    Ok(value) => return Ok(value),
-                    Err(e) if outage(e.kind()) => e,
-                    Err(e) => return Err(e),
+                result = &mut primary => {
+                    shared.record(&call, result.as_ref().map(|_| ()));
+                    match result {
+                        Ok(value) => return Ok(value),
+                        Err(e) if outage(e.kind()) => e,
+                        Err(e) => return Err(e),
+                    }
                 },
                 () = hedge => {
                     // No answer in a response timeout: a primary whose address swallows
@@ -465,19 +811,32 @@ where
                     // take the first answer.
                     let replicas = shared.candidates(slot, replicas);
                     if replicas.is_empty() {
-                        return primary.await;
+                        let result = primary.await;
+                        shared.record(&call, result.as_ref().map(|_| ()));
+                        return result;
                     }
                     let replica = shared.read_elsewhere(&cmd, replicas, "primary slow");
                     let mut replica = std::pin::pin!(replica);
                     return tokio::select! {
-                        result = &mut primary => match result {
-                            Ok(value) => Ok(value),
-                            Err(e) if outage(e.kind()) => replica.await.map_err(|_| e),
-                            Err(e) => Err(e),
+                        result = &mut primary => {
+                            shared.record(&call, result.as_ref().map(|_| ()));
+                            match result {
+                                Ok(value) => Ok(value),
+                                Err(e) if outage(e.kind()) => replica.await.map_err(|_| e),
+                                Err(e) => Err(e),
+                            }
                         },
                         result = &mut replica => match result {
-                            Ok(value) => Ok(value),
-                            Err(_) => primary.await,
+                            Ok(value) => {
+                                // The primary's fate is unknown: a probe ends without a word.
+                                shared.record(&call, Err(&Error::closed("abandoned")));
+                                Ok(value)
+                            }
+                            Err(_) => {
+                                let result = primary.await;
+                                shared.record(&call, result.as_ref().map(|_| ()));
+                                result
+                            }
                         },
                     };
                 }
@@ -538,10 +897,114 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_read_table_is_sorted_for_its_search() {
-        let mut sorted = KEY_FIRST_READS.to_vec();
-        sorted.sort_unstable();
-        assert_eq!(sorted, KEY_FIRST_READS);
+    fn the_tables_are_sorted_for_their_search() {
+        for table in [KEY_FIRST_READS, KEYLESS] {
+            let mut sorted = table.to_vec();
+            sorted.sort_unstable();
+            assert_eq!(sorted, table);
+        }
+    }
+
+    #[test]
+    fn fail_fast_knows_the_first_key_of_most_commands_and_leaves_the_others_be() {
+        let slot_of = |args: &[&str]| {
+            let mut cmd = redis::cmd(args[0]);
+            for a in &args[1..] {
+                cmd.arg(*a);
+            }
+            key_first_slot(&cmd)
+        };
+        let k = Some(crate::command::key_slot(b"{u}k"));
+        assert_eq!(slot_of(&["SET", "{u}k", "v"]), k);
+        assert_eq!(slot_of(&["incr", "{u}k"]), k);
+        assert_eq!(slot_of(&["HSET", "{u}k", "f", "v"]), k);
+        assert_eq!(slot_of(&["PING"]), None);
+        assert_eq!(slot_of(&["PUBLISH", "news", "x"]), None);
+        assert_eq!(slot_of(&["EVAL", "return 1", "1", "{u}k"]), None);
+        assert_eq!(slot_of(&["CLUSTER", "INFO"]), None);
+        // Keys in several slots: the cluster client splits it.
+        assert_eq!(slot_of(&["MGET", "a", "b", "c"]), None);
+    }
+
+    /// A tracker with fail-fast on, no topology needed for the gate and the record.
+    fn tracker() -> Shared {
+        let source =
+            crate::topology::TopologySource::new(crate::Seeds::parse(["127.0.0.1:1"]).unwrap());
+        let layer = crate::topology::TopologyRefresh::new(
+            (),
+            source.clone(),
+            crate::topology::RefreshConfig::default(),
+            None,
+        );
+        Shared {
+            policy: ReadPolicy::Primary,
+            topology: layer.handle(),
+            nodes: source.nodes(),
+            response_timeout: Duration::from_secs(1),
+            replicas: Mutex::new(HashMap::new()),
+            client: crate::metrics::ClientName::default(),
+            fail_fast: Some(FailFastConfig::default()),
+            shards: Mutex::new(HashMap::new()),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_fails_fast_after_failures_in_a_row_and_one_probe_lets_it_back_in() {
+        let shared = tracker();
+        let refused = Error::new(ErrorKind::Connection, "refused");
+        let pass = |g: Gate| matches!(g, Gate::Pass);
+        let call = |probe: bool| Recorded {
+            shard: 0,
+            slot: 5,
+            probe,
+            started: Instant::now(),
+            master: None,
+        };
+        for _ in 0..2 {
+            assert!(pass(shared.gate(0, 5, None)));
+            shared.record(&call(false), Err(&refused));
+        }
+        // A success in between starts the count again.
+        shared.record(&call(false), Ok(()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        for _ in 0..3 {
+            assert!(pass(shared.gate(0, 5, None)));
+            shared.record(&call(false), Err(&refused));
+        }
+        // Down: refused at once, unsent, with the cause; another shard is not affected.
+        match shared.gate(0, 5, None) {
+            Gate::Refuse(e) => {
+                assert_eq!(e.kind(), ErrorKind::ShardDown);
+                assert_eq!(e.sent(), crate::Sent::No);
+                assert!(format!("{e}").contains("refused"), "{e}");
+            }
+            _ => panic!("not refused"),
+        }
+        assert!(pass(shared.gate(9000, 9001, None)));
+        // A call begun before the shard went down that succeeds late proves nothing.
+        let mut early = call(false);
+        early.started -= Duration::from_millis(1);
+        shared.record(&early, Ok(()));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
+        // One probe per interval; while it runs, the others are refused.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
+        shared.record(&call(true), Err(&refused));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe));
+        shared.record(&call(true), Ok(()));
+        assert!(pass(shared.gate(0, 5, None)));
+        // The topology marks it down at once — once per snapshot.
+        assert!(matches!(shared.gate(0, 5, Some(7)), Gate::Refuse(_)));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(matches!(shared.gate(0, 5, Some(7)), Gate::Probe));
+        shared.record(&call(true), Ok(()));
+        assert!(
+            pass(shared.gate(0, 5, Some(7))),
+            "the same snapshot marks it down again"
+        );
     }
 
     #[test]

@@ -97,7 +97,9 @@ impl StandardRetryPolicy {
     /// failed (`Connection`, `Timeout`, `Unreachable`). Redirections are handled apart.
     pub fn is_retryable(kind: ErrorKind) -> bool {
         // Redirections are followed without counting (or retried when repeated); see `retry`.
-        kind.is_transient() && !kind.is_redirect()
+        // A call failed fast for a dead shard ends fast: retrying it within the call would
+        // wait out the deadline again, which is what failing fast avoids.
+        kind.is_transient() && !kind.is_redirect() && kind != ErrorKind::ShardDown
     }
 
     fn next_delay(&mut self) -> Duration {

@@ -1,0 +1,189 @@
+//! Per-shard fail-fast against a real cluster: while one master is down, its calls fail at
+//! once and the healthy shards keep their pace under one client-wide concurrency limit.
+//! Requires the `test-util` feature.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use support::{connected, init_tracing};
+use tower_redis_cluster::{
+    command::key_slot, harness::LocalCluster, read::FailFastConfig, redis, ErrorKind,
+};
+
+/// One call: its shard, when it started, how long it took, and how it ended.
+struct Call {
+    shard: usize,
+    started: Instant,
+    took: Duration,
+    error: Option<ErrorKind>,
+}
+
+/// Keys per shard (by the index of the master in `CLUSTER SLOTS` order of the masters).
+async fn keys_by_shard(cluster: &LocalCluster, per_shard: usize) -> Vec<(String, Vec<String>)> {
+    let mut slots = redis::cmd("CLUSTER");
+    slots.arg("SLOTS");
+    let reply = cluster
+        .node_command(cluster.masters()[0].addr, &slots)
+        .await
+        .unwrap();
+    let ranges: Vec<Vec<redis::Value>> = redis::from_redis_value(reply).unwrap();
+    let owners: Vec<(u16, u16, String)> = ranges
+        .into_iter()
+        .map(|r| {
+            let start: u16 = redis::from_redis_value(r[0].clone()).unwrap();
+            let end: u16 = redis::from_redis_value(r[1].clone()).unwrap();
+            let master: Vec<redis::Value> = redis::from_redis_value(r[2].clone()).unwrap();
+            let id: String = redis::from_redis_value(master[2].clone()).unwrap();
+            (start, end, id)
+        })
+        .collect();
+    let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for i in 0.. {
+        let key = format!("ff:{i}");
+        let slot = key_slot(key.as_bytes());
+        let id = &owners
+            .iter()
+            .find(|(s, e, _)| (*s..=*e).contains(&slot))
+            .unwrap()
+            .2;
+        let keys = by_id.entry(id.clone()).or_default();
+        if keys.len() < per_shard {
+            keys.push(key);
+        }
+        if by_id.len() == cluster.shards() && by_id.values().all(|k| k.len() == per_shard) {
+            break;
+        }
+    }
+    by_id.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace() {
+    init_tracing();
+    // No replicas: the dead master's slots stay without one; the others serve on.
+    let cluster = LocalCluster::builder()
+        .shards(3)
+        .replicas(0)
+        .config("cluster-require-full-coverage", "no")
+        .start()
+        .await
+        .expect("the cluster starts");
+    let client = connected(
+        cluster
+            .client_builder()
+            .concurrency_limit(64)
+            .timeout(Duration::from_secs(1))
+            .fail_fast(FailFastConfig::default()),
+    )
+    .await;
+    let shards = keys_by_shard(&cluster, 20).await;
+    let keys: Arc<Vec<Vec<String>>> = Arc::new(shards.iter().map(|(_, k)| k.clone()).collect());
+    let dead = 1;
+    let dead_id = shards[dead].0.clone();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let client = client.clone();
+            let keys = keys.clone();
+            let stop = stop.clone();
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let mut n = t;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    // Keys spread evenly: every task goes round the shards.
+                    let shard = n % keys.len();
+                    let key = &keys[shard][n % keys[shard].len()];
+                    let mut cmd = redis::cmd(if n % 2 == 0 { "GET" } else { "SET" });
+                    cmd.arg(key);
+                    if n % 2 == 1 {
+                        cmd.arg(n);
+                    }
+                    let started = Instant::now();
+                    let error = client.send(cmd).await.err().map(|e| e.kind());
+                    calls.lock().unwrap().push(Call {
+                        shard,
+                        started,
+                        took: started.elapsed(),
+                        error,
+                    });
+                    // An application's pace: each worker serves a request every 10 ms or so.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+
+    let window = Duration::from_secs(3);
+    let steady_from = Instant::now() + Duration::from_millis(500);
+    tokio::time::sleep(Duration::from_millis(500) + window).await;
+    let master = cluster
+        .masters()
+        .into_iter()
+        .find(|m| m.id == dead_id)
+        .unwrap();
+    let mut cluster = cluster;
+    cluster.kill_node(master.addr).await.unwrap();
+    let killed = Instant::now();
+    // The calls in flight at the crash end within their deadline; then measure.
+    let outage_from = killed + Duration::from_secs(1);
+    tokio::time::sleep(Duration::from_secs(1) + window).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let calls = calls.lock().unwrap();
+    let in_window = |from: Instant, c: &&Call| c.started >= from && c.started < from + window;
+    let healthy_ok = |from: Instant| {
+        calls
+            .iter()
+            .filter(|c| in_window(from, c) && c.shard != dead && c.error.is_none())
+            .count() as f64
+    };
+    let (steady, outage) = (healthy_ok(steady_from), healthy_ok(outage_from));
+    let mut dead_calls: Vec<Duration> = calls
+        .iter()
+        .filter(|c| in_window(outage_from, c) && c.shard == dead)
+        .map(|c| c.took)
+        .collect();
+    dead_calls.sort();
+    let p99 = dead_calls[(dead_calls.len() * 99 / 100).min(dead_calls.len() - 1)];
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for c in calls.iter().filter(|c| in_window(outage_from, c)) {
+        let label = format!(
+            "shard {}: {}",
+            if c.shard == dead { "dead" } else { "healthy" },
+            c.error.map_or("ok", |k| k.as_str())
+        );
+        *kinds.entry(label).or_default() += 1;
+    }
+    println!(
+        "healthy shards: {steady} ok calls in {window:?} steady, {outage} with a master down \
+         (×{:.2}); dead shard: {} calls, p99 {p99:?}; outcomes {kinds:?}",
+        outage / steady,
+        dead_calls.len()
+    );
+    assert!(
+        outage >= 0.9 * steady,
+        "healthy shards slowed: {outage} vs {steady}"
+    );
+    assert!(p99 <= Duration::from_millis(50), "dead shard p99 {p99:?}");
+    assert!(
+        calls
+            .iter()
+            .filter(|c| in_window(outage_from, c) && c.shard != dead)
+            .all(|c| c.error.is_none()),
+        "a healthy shard's call failed: {kinds:?}"
+    );
+}
