@@ -632,6 +632,9 @@ pub struct ClientBuilder {
     read_from_replicas: bool,
     read_policy: crate::read::ReadPolicy,
     fail_fast: Option<crate::read::FailFastConfig>,
+    /// The inner client's reply timeout, when this builder made the connector: when a slow
+    /// primary's read gets a replica asked too.
+    hedge_after: Option<Duration>,
     concurrency_limit: Option<usize>,
     inner_retries: Option<u32>,
     name: Option<String>,
@@ -855,6 +858,7 @@ impl ClientBuilder {
             connector.inner_retries(self.inner_retries.unwrap_or(if retry_on { 0 } else { 2 }));
         connector = connector.read_from_replicas(self.read_from_replicas);
         connector.validate()?;
+        self.hedge_after = Some(connector.reply_timeout());
         let source = connector.topology_source();
         let described = format!("{connector:?}");
         self.assemble(connector, described, Some(source), name)
@@ -1033,7 +1037,7 @@ impl ClientBuilder {
         let (core, topology) = match refresh {
             Some((source, config)) => {
                 let nodes = source.nodes();
-                let response_timeout = source.response_timeout();
+                let response_timeout = self.hedge_after.unwrap_or(source.response_timeout());
                 let layer = TopologyRefreshLayer::new(source, config)
                     .rebuild_handle(rebuild_handle.clone());
                 let refreshed = tower::Layer::layer(&layer, rebuild);

@@ -134,6 +134,11 @@ impl ClusterConnector {
         self
     }
 
+    /// How long a reply may take on the inner client's connections.
+    pub(crate) fn reply_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     /// How long the inner client waits for one reply.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;

@@ -118,8 +118,12 @@ impl FailFastConfig {
 /// Commands whose first argument is not a key (or that have none): fail-fast leaves them be.
 const KEYLESS: &[&str] = &[
     "ACL",
+    "AUTH",
     "BGREWRITEAOF",
     "BGSAVE",
+    "BITOP",
+    "BLMPOP",
+    "BZMPOP",
     "CLIENT",
     "CLUSTER",
     "COMMAND",
@@ -131,17 +135,20 @@ const KEYLESS: &[&str] = &[
     "EVALSHA",
     "EVALSHA_RO",
     "EVAL_RO",
+    "FAILOVER",
     "FCALL",
     "FCALL_RO",
     "FLUSHALL",
     "FLUSHDB",
     "FUNCTION",
+    "HELLO",
     "INFO",
     "KEYS",
     "LASTSAVE",
     "LATENCY",
     "LMPOP",
     "MEMORY",
+    "MIGRATE",
     "MODULE",
     "OBJECT",
     "PFDEBUG",
@@ -151,15 +158,22 @@ const KEYLESS: &[&str] = &[
     "RANDOMKEY",
     "READONLY",
     "READWRITE",
+    "REPLICAOF",
     "ROLE",
     "SAVE",
     "SCAN",
     "SCRIPT",
+    "SELECT",
+    "SHUTDOWN",
     "SINTERCARD",
+    "SLAVEOF",
     "SLOWLOG",
+    "STRALGO",
+    "SWAPDB",
     "TIME",
     "WAIT",
     "WAITAOF",
+    "XGROUP",
     "XINFO",
     "XREAD",
     "XREADGROUP",
@@ -170,17 +184,28 @@ const KEYLESS: &[&str] = &[
     "ZUNION",
 ];
 
+/// Whether `table` (sorted, upper case) holds `name`, in any case.
+fn listed(table: &[&str], name: &[u8]) -> bool {
+    table
+        .binary_search_by(|entry| {
+            let upper = name.iter().map(u8::to_ascii_uppercase);
+            entry.bytes().cmp(upper)
+        })
+        .is_ok()
+}
+
 /// The slot of `cmd`'s first key, for fail-fast: any command whose first argument is a key.
+/// Blocking commands are left be too: one waiting for data must not be a down shard's probe.
 fn key_first_slot(cmd: &Cmd) -> Option<u16> {
-    if crate::command::fans_out(cmd) {
+    if crate::command::fans_out(cmd) || crate::command::blocking(cmd).is_some() {
         return None;
     }
     let mut args = cmd.args_iter();
     let redis::Arg::Simple(name) = args.next()? else {
         return None;
     };
-    let name = std::str::from_utf8(name).ok()?.to_ascii_uppercase();
-    if KEYLESS.binary_search(&name.as_str()).is_ok() {
+    // Module commands (`FT.SEARCH index …`) name no key first.
+    if listed(KEYLESS, name) || name.contains(&b'.') {
         return None;
     }
     match args.next()? {
@@ -195,6 +220,8 @@ struct ShardState {
     /// Calls in a row that failed as an outage fails them.
     failures: u32,
     down: Option<Down>,
+    /// When a failure was last counted.
+    last_counted: Option<Instant>,
     /// The topology snapshot that last marked it down: one snapshot marks it once.
     marked_by: Option<u64>,
 }
@@ -202,9 +229,14 @@ struct ShardState {
 struct Down {
     since: Instant,
     next_probe: Instant,
-    probing: bool,
+    /// While a probe is out: until when it may take. A probe whose caller gave up (its
+    /// deadline dropped the call) never reports; its lease running out lets the next one go.
+    probing_until: Option<Instant>,
     cause: Option<Error>,
 }
+
+/// The least time a probe is given before another may go.
+const PROBE_LEASE: Duration = Duration::from_secs(1);
 
 /// A call to a shard's primary, as fail-fast records it.
 struct Recorded {
@@ -295,37 +327,43 @@ const KEY_FIRST_READS: &[&str] = &[
 
 /// The slot a replica may serve `cmd` from: a read-only command whose key comes first.
 fn replica_slot(cmd: &Cmd) -> Option<u16> {
-    if crate::classify(cmd) != Idempotency::ReadOnly {
+    // Keys in several slots: the cluster client splits the command; no one replica has them.
+    if crate::classify(cmd) != Idempotency::ReadOnly || crate::command::fans_out(cmd) {
         return None;
     }
     let mut args = cmd.args_iter();
     let redis::Arg::Simple(name) = args.next()? else {
         return None;
     };
-    let name = std::str::from_utf8(name).ok()?.to_ascii_uppercase();
-    KEY_FIRST_READS.binary_search(&name.as_str()).ok()?;
+    if !listed(KEY_FIRST_READS, name) {
+        return None;
+    }
     match args.next()? {
         redis::Arg::Simple(key) => Some(crate::command::key_slot(key)),
         _ => None,
     }
 }
 
-/// Whether a failure of the primary is one a replica can stand in for. `MOVED` is among them:
-/// when the inner client cannot reach a dead master it asks another node, and a replica
-/// answers with a redirect back to the dead master; a replica the topology names for the slot
-/// can serve the read (during a resharding it redirects in turn, and the retry layer follows
-/// the first redirect as before).
-fn outage(kind: ErrorKind) -> bool {
-    matches!(
-        kind,
-        ErrorKind::Moved
-            | ErrorKind::Connection
-            | ErrorKind::Timeout
-            | ErrorKind::ClusterDown
-            | ErrorKind::MasterDown
-            | ErrorKind::TryAgain
-            | ErrorKind::Unreachable
-    )
+/// Whether a failure of the primary is one a replica can stand in for, or that says the shard
+/// has no serving primary. A `MOVED` counts only when it points back at the shard's `master`
+/// as the topology names it: what the other nodes answer for the slots of a master that does
+/// not answer (a redirect elsewhere is a resharding, where a replica of the old owner may
+/// already miss the keys that moved). Not `TRYAGAIN` (a migration, again) nor `Unreachable`
+/// (the whole client, not one shard).
+fn outage(error: &Error, master: Option<&Endpoint>) -> bool {
+    match error.kind() {
+        ErrorKind::Moved => match (error.redirect(), master) {
+            (Some((_, to)), Some(master)) => to == master.to_string(),
+            _ => false,
+        },
+        kind => matches!(
+            kind,
+            ErrorKind::Connection
+                | ErrorKind::Timeout
+                | ErrorKind::ClusterDown
+                | ErrorKind::MasterDown
+        ),
+    }
 }
 
 /// What the layer shares between its clones: the policy, the topology it reads replicas
@@ -367,8 +405,9 @@ impl Shared {
         let Some(down) = &mut state.down else {
             return Gate::Pass;
         };
-        if !down.probing && now >= down.next_probe {
-            down.probing = true;
+        let out = down.probing_until.is_some_and(|until| now < until);
+        if !out && now >= down.next_probe {
+            down.probing_until = Some(now + self.response_timeout.max(PROBE_LEASE));
             return Gate::Probe;
         }
         crate::metrics::fail_fast(&self.client);
@@ -406,7 +445,7 @@ impl Shared {
         state.down = Some(Down {
             since: now,
             next_probe: now + probe_every,
-            probing: false,
+            probing_until: None,
             cause,
         });
     }
@@ -421,12 +460,10 @@ impl Shared {
         let now = Instant::now();
         let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         let state = shards.entry(call.shard).or_default();
-        let failed = |e: &Error| match e.kind() {
-            ErrorKind::Moved => match (e.redirect(), &call.master) {
-                (Some((_, to)), Some(master)) => to == master.to_string(),
-                _ => false,
-            },
-            kind => outage(kind),
+        // A reply the server made proves it serves, whatever it said.
+        let outcome = match outcome {
+            Err(e) if e.kind() == ErrorKind::Command => Ok(()),
+            other => other,
         };
         match outcome {
             Ok(()) => {
@@ -445,8 +482,13 @@ impl Shared {
                     );
                 }
             }
-            Err(e) if failed(e) => {
-                state.failures += 1;
+            // Calls that were in flight together and failed together (one connection reset)
+            // count once: only a call begun after the last counted failure counts again.
+            Err(e) if outage(e, call.master.as_ref()) => {
+                if state.last_counted.is_none_or(|at| call.started >= at) {
+                    state.failures += 1;
+                    state.last_counted = Some(now);
+                }
                 if state.down.is_none() && state.failures >= config.after_failures {
                     self.trip(
                         state,
@@ -461,7 +503,7 @@ impl Shared {
             Err(_) => {}
         }
         if let (true, Some(down)) = (call.probe, &mut state.down) {
-            down.probing = false;
+            down.probing_until = None;
             down.next_probe = now + config.probe_every;
         }
     }
@@ -801,7 +843,7 @@ where
                     shared.record(&call, result.as_ref().map(|_| ()));
                     match result {
                         Ok(value) => return Ok(value),
-                        Err(e) if outage(e.kind()) => e,
+                        Err(e) if outage(&e, call.master.as_ref()) => e,
                         Err(e) => return Err(e),
                     }
                 },
@@ -822,7 +864,7 @@ where
                             shared.record(&call, result.as_ref().map(|_| ()));
                             match result {
                                 Ok(value) => Ok(value),
-                                Err(e) if outage(e.kind()) => replica.await.map_err(|_| e),
+                                Err(e) if outage(&e, call.master.as_ref()) => replica.await.map_err(|_| e),
                                 Err(e) => Err(e),
                             }
                         },
@@ -924,6 +966,33 @@ mod tests {
         assert_eq!(slot_of(&["CLUSTER", "INFO"]), None);
         // Keys in several slots: the cluster client splits it.
         assert_eq!(slot_of(&["MGET", "a", "b", "c"]), None);
+        // First arguments that are not keys, and a blocking command (never a probe).
+        assert_eq!(slot_of(&["BITOP", "AND", "{u}d", "{u}k"]), None);
+        assert_eq!(slot_of(&["FT.SEARCH", "idx", "*"]), None);
+        assert_eq!(slot_of(&["xgroup", "CREATE", "{u}k", "g", "$"]), None);
+        assert_eq!(slot_of(&["BLPOP", "{u}k", "0"]), None);
+    }
+
+    #[test]
+    fn a_redirect_is_an_outage_only_when_it_points_back_at_the_shards_master() {
+        let master = Endpoint::from(std::net::SocketAddr::from(([127, 0, 0, 1], 7000)));
+        let moved = |to: &str| {
+            let raw = format!("-MOVED 5 {to}\r\n");
+            Error::from_redis(
+                redis::parse_redis_value(raw.as_bytes())
+                    .unwrap()
+                    .extract_error()
+                    .unwrap_err(),
+            )
+        };
+        let back = moved("127.0.0.1:7000");
+        assert_eq!(back.kind(), ErrorKind::Moved, "{back}");
+        assert!(outage(&back, Some(&master)), "{back:?}");
+        assert!(!outage(&moved("127.0.0.1:7001"), Some(&master)));
+        assert!(!outage(&back, None));
+        assert!(outage(&Error::new(ErrorKind::Connection, "reset"), None));
+        assert!(!outage(&Error::new(ErrorKind::TryAgain, "migrating"), None));
+        assert!(!outage(&Error::unreachable("rebuilding"), None));
     }
 
     /// A tracker with fail-fast on, no topology needed for the gate and the record.
@@ -996,6 +1065,19 @@ mod tests {
         assert!(matches!(shared.gate(0, 5, None), Gate::Probe));
         shared.record(&call(true), Ok(()));
         assert!(pass(shared.gate(0, 5, None)));
+        // A probe that never reports (its caller's deadline dropped it) holds the next one
+        // back only for its lease.
+        shared.record(&call(false), Err(&refused));
+        shared.record(&call(false), Err(&refused));
+        shared.record(&call(false), Err(&refused));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe));
+        shared.record(&call(true), Ok(()));
+        assert!(pass(shared.gate(0, 5, None)));
         // The topology marks it down at once — once per snapshot.
         assert!(matches!(shared.gate(0, 5, Some(7)), Gate::Refuse(_)));
         tokio::time::advance(Duration::from_millis(100)).await;
@@ -1034,5 +1116,8 @@ mod tests {
         assert_eq!(slot_of(&["OBJECT", "ENCODING", "k"]), None);
         assert_eq!(slot_of(&["GET"]), None);
         assert!(slot_of(&["SORT_RO", "k"]).is_some());
+        // Keys of several slots: the cluster client splits it; no one replica holds them.
+        assert_eq!(slot_of(&["MGET", "a", "b", "c"]), None);
+        assert!(slot_of(&["MGET", "{u}a", "{u}b"]).is_some());
     }
 }
