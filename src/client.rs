@@ -632,6 +632,7 @@ pub struct ClientBuilder {
     read_from_replicas: bool,
     read_policy: crate::read::ReadPolicy,
     fail_fast: Option<crate::read::FailFastConfig>,
+    zones: Option<crate::read::Zones>,
     /// The inner client's reply timeout, when this builder made the connector: when a slow
     /// primary's read gets a replica asked too.
     hedge_after: Option<Duration>,
@@ -787,6 +788,14 @@ impl ClientBuilder {
     /// refresh (on by default), which says where the replicas are.
     pub fn read_policy(mut self, policy: crate::read::ReadPolicy) -> Self {
         self.read_policy = policy;
+        self
+    }
+
+    /// Which zone each node is in, and the caller's: reads under
+    /// [`ReadPolicy::ReplicaPreferred`](crate::read::ReadPolicy) go to a replica in the
+    /// caller's zone first.
+    pub fn zones(mut self, zones: crate::read::Zones) -> Self {
+        self.zones = Some(zones);
         self
     }
 
@@ -1050,6 +1059,7 @@ impl ClientBuilder {
                     response_timeout,
                     name.clone(),
                     self.fail_fast.clone(),
+                    self.zones.clone(),
                 );
                 (layers.stack(Either::Left(routed)), Some(topology))
             }

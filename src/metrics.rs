@@ -12,7 +12,7 @@
 //! | `redis_cluster_topology_refreshes_total` | counter | `client`, `outcome` = `ok` / `error` | topology refreshes |
 //! | `redis_cluster_topology_changes_total` | counter | `client` | refreshes that found a change |
 //! | `redis_cluster_topology_seconds_since_change` | gauge | `client` | at the last refresh, seconds since the topology last changed |
-//! | `redis_cluster_replica_reads_total` | counter | `client`, `reason` = `primary failed` / `primary slow` / `primary known down` | reads a replica served for a primary that could not ([`ReadPolicy::PrimaryThenReplica`](crate::read::ReadPolicy)) |
+//! | `redis_cluster_replica_reads_total` | counter | `client`, `reason` = `primary failed` / `primary slow` / `primary known down` / `shard failing fast` / `replica preferred` | reads a replica served for a primary that could not ([`ReadPolicy::PrimaryThenReplica`](crate::read::ReadPolicy)) |
 //! | `redis_cluster_shard_fail_fast_total` | counter | `client` | calls failed fast because their shard had no serving primary ([`FailFastConfig`](crate::read::FailFastConfig)) |
 //! | `redis_cluster_shard_down_total` | counter | `client` | times a shard was marked down (its calls start failing fast) |
 //! | `redis_cluster_pubsub_subscriptions` | gauge | `client` | subscriptions a [`Subscriber`](crate::pubsub::Subscriber) holds (wanted, established or not) |

@@ -14,7 +14,11 @@ use std::{
 };
 
 use support::{connected, init_tracing};
-use tower_redis_cluster::{harness::LocalCluster, read::ReadPolicy, redis, Client};
+use tower_redis_cluster::{
+    harness::LocalCluster,
+    read::{ReadPolicy, Zones},
+    redis, Client,
+};
 
 const KEYS: usize = 50;
 
@@ -108,15 +112,15 @@ async fn replicated(cluster: &LocalCluster) {
                 .unwrap(),
         )
         .unwrap();
-        let replica: String = redis::from_redis_value(
-            cluster
-                .node_command(cluster.replicas_of(0)[0].addr, &info)
-                .await
-                .unwrap(),
-        )
-        .unwrap();
         let m = offset(master, "master_repl_offset:");
-        if m > 0 && offset(replica, "slave_repl_offset:") == m {
+        let mut behind = false;
+        for replica in cluster.replicas_of(0) {
+            let text: String =
+                redis::from_redis_value(cluster.node_command(replica.addr, &info).await.unwrap())
+                    .unwrap();
+            behind |= offset(text, "slave_repl_offset:") != m;
+        }
+        if m > 0 && !behind {
             return;
         }
         assert!(
@@ -273,5 +277,88 @@ async fn a_read_policy_without_topology_refresh_fails_the_build() {
         error.kind(),
         tower_redis_cluster::ErrorKind::Config,
         "{error}"
+    );
+}
+
+/// `GET`s each node has served.
+async fn served(cluster: &LocalCluster, nodes: Vec<std::net::SocketAddr>) -> Vec<u64> {
+    let mut counts = Vec::new();
+    for node in nodes {
+        counts.push(gets_served(cluster, node).await);
+    }
+    counts
+}
+
+/// `GET`s a node has served (`INFO commandstats`).
+async fn gets_served(cluster: &LocalCluster, node: std::net::SocketAddr) -> u64 {
+    let mut info = redis::cmd("INFO");
+    info.arg("commandstats");
+    let text: String =
+        redis::from_redis_value(cluster.node_command(node, &info).await.unwrap()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_stay_in_the_callers_zone_and_move_when_its_replica_dies() {
+    init_tracing();
+    let mut cluster = LocalCluster::builder()
+        .shards(1)
+        .replicas(2)
+        .start()
+        .await
+        .expect("the cluster starts");
+    let master = cluster.master_of(0);
+    let replicas = cluster.replicas_of(0);
+    let (near, far) = (replicas[0].clone(), replicas[1].clone());
+    let zones = Zones::new("zone-a")
+        .node(near.addr.to_string(), "zone-a")
+        .node(far.addr.to_string(), "zone-b")
+        .node(master.addr.to_string(), "zone-b");
+    let client = connected(
+        cluster
+            .client_builder()
+            .read_policy(ReadPolicy::ReplicaPreferred)
+            .zones(zones),
+    )
+    .await;
+    for i in 0..KEYS {
+        let mut set = redis::cmd("SET");
+        set.arg(format!("{{r}}k{i}")).arg(format!("v{i}"));
+        client.send(set).await.unwrap();
+    }
+    replicated(&cluster).await;
+    let topology = client.topology().unwrap();
+    let started = Instant::now();
+    while topology.current().map_or(0, |t| t.nodes().count()) < 3 {
+        topology.refresh();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    let before = served(&cluster, vec![near.addr, far.addr, master.addr]).await;
+    for i in 0..100 {
+        check_read(i % KEYS, client.send(read(i % KEYS, 0)).await.unwrap());
+    }
+    let after = served(&cluster, vec![near.addr, far.addr, master.addr]).await;
+    let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    println!("GETs served (same-zone replica, other-zone replica, master): {delta:?}");
+    assert_eq!(delta, [100, 0, 0], "reads left the caller's zone");
+
+    // The same-zone replica dies: reads go to the other zone's replica, none fails.
+    cluster.kill_node(near.addr).await.unwrap();
+    let before = served(&cluster, vec![far.addr, master.addr]).await;
+    for i in 0..100 {
+        check_read(i % KEYS, client.send(read(i % KEYS, 0)).await.unwrap());
+    }
+    let after = served(&cluster, vec![far.addr, master.addr]).await;
+    let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    println!("after the same-zone replica died (other-zone replica, master): {delta:?}");
+    assert_eq!(
+        delta,
+        [100, 0],
+        "reads did not move to the other zone's replica"
     );
 }

@@ -147,7 +147,7 @@ impl Outbox {
                     "subscriber buffer full: dropping messages until the consumer catches up"
                 );
             }
-            drop(state);
+            // Counted before the consumer can see the overflow: the two always agree.
             crate::metrics::pubsub_dropped(&self.client);
             return;
         }

@@ -69,6 +69,55 @@ pub enum ReadPolicy {
     /// down — is served by a replica of the same slot, possibly stale. See the
     /// [module docs](self).
     PrimaryThenReplica,
+    /// Reads to a replica of the slot — one in the caller's zone first when
+    /// [`Zones`] are given — then the others, the master last; possibly stale. Spreads reads
+    /// off the masters, and keeps them in the zone (cross-zone traffic costs money and
+    /// latency on a cloud).
+    ReplicaPreferred,
+}
+
+/// Which zone (availability zone, rack) each node is in, and the caller's: with
+/// [`ReadPolicy::ReplicaPreferred`] a read goes to a replica in the caller's zone first, and
+/// to one in another zone when none there serves. Nodes are named by endpoint — `host:port` or
+/// the host alone, as the cluster announces them (a host name, or an IP).
+///
+/// ```
+/// use tower_redis_cluster::read::Zones;
+///
+/// let zones = Zones::new("eu-west-1a")
+///     .node("node-2.my-cluster.example.com", "eu-west-1a")
+///     .node("node-3.my-cluster.example.com", "eu-west-1b");
+/// # let _ = zones;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Zones {
+    local: String,
+    of: HashMap<String, String>,
+}
+
+impl Zones {
+    /// The caller is in `local`.
+    pub fn new(local: impl Into<String>) -> Self {
+        Zones {
+            local: local.into(),
+            of: HashMap::new(),
+        }
+    }
+
+    /// `node` (`host:port` or `host`) is in `zone`.
+    pub fn node(mut self, node: impl Into<String>, zone: impl Into<String>) -> Self {
+        self.of.insert(node.into(), zone.into());
+        self
+    }
+
+    /// Whether `endpoint` is in the caller's zone.
+    fn local(&self, endpoint: &Endpoint) -> bool {
+        let zone = self
+            .of
+            .get(&endpoint.to_string())
+            .or_else(|| self.of.get(endpoint.host()));
+        zone == Some(&self.local)
+    }
 }
 
 /// Per-shard fail-fast (a bulkhead): while a shard has no serving primary, its calls fail at
@@ -376,6 +425,7 @@ struct Shared {
     replicas: Mutex<HashMap<Endpoint, MultiplexedConnection>>,
     client: crate::metrics::ClientName,
     fail_fast: Option<FailFastConfig>,
+    zones: Option<Zones>,
     /// Per shard, by the first slot of its first range.
     shards: Mutex<HashMap<u16, ShardState>>,
 }
@@ -528,7 +578,14 @@ impl Shared {
             .chain(shard.master.as_ref())
             .filter(|r| r.health != NodeHealth::Failed)
             .collect();
-        candidates.sort_by_key(|n| (n.role == NodeRole::Master, n.health != NodeHealth::Online));
+        candidates.sort_by_key(|n| {
+            let remote = self.zones.as_ref().is_some_and(|z| !z.local(&n.endpoint));
+            (
+                n.role == NodeRole::Master,
+                remote,
+                n.health != NodeHealth::Online,
+            )
+        });
         let replicas = candidates.into_iter().map(|n| n.endpoint.clone()).collect();
         (replicas, down)
     }
@@ -623,6 +680,7 @@ impl<S> ReadRouting<S> {
         response_timeout: Duration,
         client: crate::metrics::ClientName,
         fail_fast: Option<FailFastConfig>,
+        zones: Option<Zones>,
     ) -> Self {
         let shared = (policy != ReadPolicy::Primary || fail_fast.is_some()).then(|| {
             Arc::new(Shared {
@@ -633,6 +691,7 @@ impl<S> ReadRouting<S> {
                 replicas: Mutex::new(HashMap::new()),
                 client,
                 fail_fast,
+                zones,
                 shards: Mutex::new(HashMap::new()),
             })
         });
@@ -756,7 +815,7 @@ where
         };
         let cmd = request.command();
         let read_slot = match shared.policy {
-            ReadPolicy::PrimaryThenReplica => replica_slot(cmd),
+            ReadPolicy::PrimaryThenReplica | ReadPolicy::ReplicaPreferred => replica_slot(cmd),
             ReadPolicy::Primary => None,
         };
         let slot = match (read_slot, &shared.fail_fast) {
@@ -788,6 +847,15 @@ where
             Vec::new()
         };
         let shared = shared.clone();
+        if shared.policy == ReadPolicy::ReplicaPreferred && !replicas.is_empty() {
+            // Replicas first (the caller's zone first), the master last.
+            let cmd: Arc<Cmd> = request.into();
+            return ReadFuture::routed(Box::pin(async move {
+                shared
+                    .read_elsewhere(&cmd, replicas, "replica preferred")
+                    .await
+            }));
+        }
         if down && !replicas.is_empty() {
             // The primary is known down: a read is not sent there.
             let cmd: Arc<Cmd> = request.into();
@@ -1013,6 +1081,7 @@ mod tests {
             replicas: Mutex::new(HashMap::new()),
             client: crate::metrics::ClientName::default(),
             fail_fast: Some(FailFastConfig::default()),
+            zones: None,
             shards: Mutex::new(HashMap::new()),
         }
     }
