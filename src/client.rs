@@ -1053,13 +1053,15 @@ impl ClientBuilder {
                 let topology = refreshed.handle();
                 let routed = crate::read::ReadRouting::new(
                     refreshed,
-                    self.read_policy,
+                    crate::read::Routing {
+                        policy: self.read_policy,
+                        fail_fast: self.fail_fast.clone(),
+                        zones: self.zones.clone(),
+                    },
                     topology.clone(),
                     nodes,
                     response_timeout,
                     name.clone(),
-                    self.fail_fast.clone(),
-                    self.zones.clone(),
                 );
                 (layers.stack(Either::Left(routed)), Some(topology))
             }

@@ -671,17 +671,28 @@ pub struct ReadRouting<S> {
     shared: Option<Arc<Shared>>,
 }
 
+/// What the client's builder says about routing.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Routing {
+    pub(crate) policy: ReadPolicy,
+    pub(crate) fail_fast: Option<FailFastConfig>,
+    pub(crate) zones: Option<Zones>,
+}
+
 impl<S> ReadRouting<S> {
     pub(crate) fn new(
         inner: S,
-        policy: ReadPolicy,
+        routing: Routing,
         topology: TopologyHandle,
         nodes: NodeConnector,
         response_timeout: Duration,
         client: crate::metrics::ClientName,
-        fail_fast: Option<FailFastConfig>,
-        zones: Option<Zones>,
     ) -> Self {
+        let Routing {
+            policy,
+            fail_fast,
+            zones,
+        } = routing;
         let shared = (policy != ReadPolicy::Primary || fail_fast.is_some()).then(|| {
             Arc::new(Shared {
                 policy,
