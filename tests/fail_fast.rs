@@ -28,23 +28,7 @@ struct Call {
 
 /// Keys per shard (by the index of the master in `CLUSTER SLOTS` order of the masters).
 async fn keys_by_shard(cluster: &LocalCluster, per_shard: usize) -> Vec<(String, Vec<String>)> {
-    let mut slots = redis::cmd("CLUSTER");
-    slots.arg("SLOTS");
-    let reply = cluster
-        .node_command(cluster.masters()[0].addr, &slots)
-        .await
-        .unwrap();
-    let ranges: Vec<Vec<redis::Value>> = redis::from_redis_value(reply).unwrap();
-    let owners: Vec<(u16, u16, String)> = ranges
-        .into_iter()
-        .map(|r| {
-            let start: u16 = redis::from_redis_value(r[0].clone()).unwrap();
-            let end: u16 = redis::from_redis_value(r[1].clone()).unwrap();
-            let master: Vec<redis::Value> = redis::from_redis_value(r[2].clone()).unwrap();
-            let id: String = redis::from_redis_value(master[2].clone()).unwrap();
-            (start, end, id)
-        })
-        .collect();
+    let owners = support::slot_owners(cluster).await;
     let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for i in 0.. {
         let key = format!("ff:{i}");

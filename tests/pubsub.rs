@@ -53,31 +53,10 @@ fn names(names: &[Vec<u8>]) -> Vec<String> {
         .collect()
 }
 
-/// The id of the master serving each slot range, as the cluster says (`CLUSTER SLOTS`).
-async fn slot_owners(cluster: &LocalCluster) -> Vec<(u16, u16, String)> {
-    let mut slots = redis::cmd("CLUSTER");
-    slots.arg("SLOTS");
-    let reply = cluster
-        .node_command(cluster.masters()[0].addr, &slots)
-        .await
-        .unwrap();
-    let ranges: Vec<Vec<redis::Value>> = redis::from_redis_value(reply).unwrap();
-    ranges
-        .into_iter()
-        .map(|r| {
-            let start: u16 = redis::from_redis_value(r[0].clone()).unwrap();
-            let end: u16 = redis::from_redis_value(r[1].clone()).unwrap();
-            let master: Vec<redis::Value> = redis::from_redis_value(r[2].clone()).unwrap();
-            let id: String = redis::from_redis_value(master[2].clone()).unwrap();
-            (start, end, id)
-        })
-        .collect()
-}
-
 /// The master owning `channel`'s slot.
 async fn owner_of(cluster: &LocalCluster, channel: &str) -> tower_redis_cluster::harness::NodeInfo {
     let slot = key_slot(channel.as_bytes());
-    let owners = slot_owners(cluster).await;
+    let owners = support::slot_owners(cluster).await;
     let id = &owners
         .iter()
         .find(|(s, e, _)| (*s..=*e).contains(&slot))

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use futures_util::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
@@ -464,14 +464,7 @@ impl Driver {
                 match result {
                     Ok(fetched) => {
                         let sequence = self.topology.as_ref().map_or(0, |t| t.sequence) + 1;
-                        self.set_topology(TopologySnapshot {
-                            shards: fetched.shards,
-                            agreed_by: fetched.agreed_by,
-                            answered: fetched.answered,
-                            asked: fetched.asked,
-                            taken_at: SystemTime::now(),
-                            sequence,
-                        });
+                        self.set_topology(fetched.into_snapshot(sequence));
                         // While something still has no place, read again after a growing
                         // delay; the next loss is read at once.
                         let unplaced = self.subs.values().any(|s| s.state == State::Pending);

@@ -437,6 +437,20 @@ pub(crate) struct Fetched {
     pub(crate) asked: usize,
 }
 
+impl Fetched {
+    /// The snapshot it makes, numbered `sequence`, taken now.
+    pub(crate) fn into_snapshot(self, sequence: u64) -> super::TopologySnapshot {
+        super::TopologySnapshot {
+            shards: self.shards,
+            agreed_by: self.agreed_by,
+            answered: self.answered,
+            asked: self.asked,
+            taken_at: std::time::SystemTime::now(),
+            sequence,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, Weak,
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use futures_util::FutureExt;
@@ -116,14 +116,7 @@ impl Refresher {
         stats.refreshes += 1;
         stats.triggers = self.triggers.load(Ordering::Relaxed);
         let sequence = previous.as_ref().map_or(0, |s| s.sequence) + 1;
-        let snapshot = TopologySnapshot {
-            shards: fetched.shards,
-            agreed_by: fetched.agreed_by,
-            answered: fetched.answered,
-            asked: fetched.asked,
-            taken_at: SystemTime::now(),
-            sequence,
-        };
+        let snapshot = fetched.into_snapshot(sequence);
         let changes = match &previous {
             None => Vec::new(),
             Some(p) => {

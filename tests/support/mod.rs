@@ -224,3 +224,26 @@ pub async fn crash_master_and_replace(
     let new = cluster.replace_node(master.addr).await.unwrap();
     (master, new)
 }
+
+/// The id of the master serving each slot range, as the cluster says (`CLUSTER SLOTS`).
+pub async fn slot_owners(
+    cluster: &tower_redis_cluster::harness::LocalCluster,
+) -> Vec<(u16, u16, String)> {
+    let mut slots = redis::cmd("CLUSTER");
+    slots.arg("SLOTS");
+    let reply = cluster
+        .node_command(cluster.masters()[0].addr, &slots)
+        .await
+        .unwrap();
+    let ranges: Vec<Vec<Value>> = redis::from_redis_value(reply).unwrap();
+    ranges
+        .into_iter()
+        .map(|r| {
+            let start: u16 = redis::from_redis_value(r[0].clone()).unwrap();
+            let end: u16 = redis::from_redis_value(r[1].clone()).unwrap();
+            let master: Vec<Value> = redis::from_redis_value(r[2].clone()).unwrap();
+            let id: String = redis::from_redis_value(master[2].clone()).unwrap();
+            (start, end, id)
+        })
+        .collect()
+}
