@@ -1114,7 +1114,8 @@ impl fmt::Debug for ClientBuilder {
 
 type Refreshed<C> = Either<crate::read::ReadRouting<TopologyRefresh<Rebuild<C>>>, Rebuild<C>>;
 type Limited<C> = Either<tower::limit::ConcurrencyLimit<Refreshed<C>>, Refreshed<C>>;
-/// The helpers' stack: Retry (when on) → ConcurrencyLimit (when set) → TopologyRefresh (when
+/// The helpers' stack: Retry (when on) → ConcurrencyLimit (when set) → ReadRouting (a
+/// pass-through unless a read policy or fail-fast is set) and TopologyRefresh (when refresh is
 /// on) → Rebuild. Named, so that a helper's call is one future, not a boxed one.
 type Core<C> = Either<Retry<Limited<C>>, Limited<C>>;
 

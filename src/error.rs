@@ -190,7 +190,7 @@ impl Error {
     /// A new error of `kind` with a message saying what happened (and, ideally, what to check).
     ///
     /// Its [`Sent`] is `No` for the kinds that are raised before anything is written (`Config`,
-    /// `Closed`, `Unreachable`) and `Maybe` otherwise; use [`Error::with_sent`] to be precise.
+    /// `Closed`, `Unreachable`, `ShardDown`, `Unsupported`) and `Maybe` otherwise; use [`Error::with_sent`] to be precise.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         let sent = match kind {
             ErrorKind::Config

@@ -1,4 +1,4 @@
-//! Counters and gauges through the [`metrics`](https://docs.rs/metrics) facade (feature
+//! Counters, gauges and one histogram through the [`metrics`](https://docs.rs/metrics) facade (feature
 //! `metrics`); without the feature every function here compiles to nothing.
 //!
 //! | name | type | labels | meaning |
@@ -12,10 +12,10 @@
 //! | `redis_cluster_topology_refreshes_total` | counter | `client`, `outcome` = `ok` / `error` | topology refreshes |
 //! | `redis_cluster_topology_changes_total` | counter | `client` | refreshes that found a change |
 //! | `redis_cluster_topology_seconds_since_change` | gauge | `client` | at the last refresh, seconds since the topology last changed |
-//! | `redis_cluster_replica_reads_total` | counter | `client`, `reason` = `primary failed` / `primary slow` / `primary known down` / `shard failing fast` / `replica preferred` | reads a replica served for a primary that could not ([`ReadPolicy::PrimaryThenReplica`](crate::read::ReadPolicy)) |
-//! | `redis_cluster_shard_fail_fast_total` | counter | `client` | calls failed fast because their shard had no serving primary ([`FailFastConfig`](crate::read::FailFastConfig)) |
+//! | `redis_cluster_replica_reads_total` | counter | `client`, `reason` = `primary failed` / `primary slow` / `primary known down` / `shard failing fast` / `replica preferred` | reads served off the inner client's route — by a replica, or the master over the read layer's own connection ([`ReadPolicy`](crate::read::ReadPolicy)) |
+//! | `redis_cluster_shard_fail_fast_total` | counter | `client` | calls refused at a shard without a serving primary ([`FailFastConfig`](crate::read::FailFastConfig)); reads then go to a replica when they can, and count in `replica_reads_total` too |
 //! | `redis_cluster_shard_down_total` | counter | `client` | times a shard was marked down (its calls start failing fast) |
-//! | `redis_cluster_pubsub_subscriptions` | gauge | `client` | subscriptions a [`Subscriber`](crate::pubsub::Subscriber) holds (wanted, established or not) |
+//! | `redis_cluster_pubsub_subscriptions` | gauge | `client` | subscriptions the client's [`Subscriber`](crate::pubsub::Subscriber)s hold (wanted, established or not) |
 //! | `redis_cluster_pubsub_lost_total` | counter | `client`, `kind` = `channel` / `pattern` / `sharded` | subscriptions lost (each a gap) |
 //! | `redis_cluster_pubsub_resubscribed_total` | counter | `client`, `kind` | subscriptions re-established |
 //! | `redis_cluster_pubsub_gap_seconds` | histogram | `client`, `kind` | how long re-established subscriptions were down |
@@ -118,9 +118,11 @@ mod enabled {
             .increment(1);
     }
 
-    pub(crate) fn pubsub_subscriptions(client: &str, n: usize) {
-        metrics::gauge!("redis_cluster_pubsub_subscriptions", "client" => client.to_string())
-            .set(n as f64);
+    pub(crate) fn pubsub_subscriptions(client: &str, was: usize, now: usize) {
+        if was != now {
+            metrics::gauge!("redis_cluster_pubsub_subscriptions", "client" => client.to_string())
+                .increment(now as f64 - was as f64);
+        }
     }
 
     pub(crate) fn pubsub_lost(client: &str, kind: &'static str, n: usize) {
@@ -172,7 +174,7 @@ mod enabled {
     #[inline(always)]
     pub(crate) fn fail_fast_tripped(_: &ClientName) {}
     #[inline(always)]
-    pub(crate) fn pubsub_subscriptions(_: &str, _: usize) {}
+    pub(crate) fn pubsub_subscriptions(_: &str, _: usize, _: usize) {}
     #[inline(always)]
     pub(crate) fn pubsub_lost(_: &str, _: &'static str, _: usize) {}
     #[inline(always)]

@@ -23,7 +23,7 @@
 //! | `connect` | DEBUG | resolved seed name | `host`, `port`, `addrs` |
 //! | `read` | WARN | shard down: its calls fail fast until a probe succeeds | `slot`, `why` |
 //! | `read` | INFO | shard serves again: fail-fast ended | `slot`, `down_ms` |
-//! | `read` | DEBUG | read served by a replica | `node`, `reason` (`primary failed` / `primary known down`) |
+//! | `read` | DEBUG | read served off the inner client's route (a replica; the master last) | `node`, `reason` (`primary failed` / `primary slow` / `primary known down` / `shard failing fast` / `replica preferred`) |
 //! | `read` | DEBUG | replica read failed / no replica served the read either | `node`, `error` |
 //! | `pubsub` | WARN | subscriptions lost; re-establishing them | `kind`, `subscriptions` (a count; channel names are not logged), `cause` |
 //! | `pubsub` | INFO | subscriptions re-established | `kind`, `subscriptions`, `node`, `gap_ms` |

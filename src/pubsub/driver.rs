@@ -144,6 +144,8 @@ pub(super) struct Driver {
     lost: Vec<(Key, Error)>,
     last_error: Option<Error>,
     rng: HasherRng,
+    /// This subscriber's share of the client's subscriptions gauge.
+    gauge: usize,
 }
 
 impl Driver {
@@ -188,6 +190,7 @@ impl Driver {
             lost: Vec::new(),
             last_error: None,
             rng: HasherRng::default(),
+            gauge: 0,
             config,
         }
     }
@@ -1141,8 +1144,12 @@ impl Driver {
         }
     }
 
-    fn update_gauge(&self) {
-        crate::metrics::pubsub_subscriptions(&self.config.client_name, self.subs.len());
+    /// Moves the client's gauge by this subscriber's change: several subscribers of one client
+    /// add up, and a dropped one takes its share away.
+    fn update_gauge(&mut self) {
+        let now = self.subs.len();
+        crate::metrics::pubsub_subscriptions(&self.config.client_name, self.gauge, now);
+        self.gauge = now;
     }
 }
 
@@ -1150,6 +1157,7 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // However the task ends, the stream ends with it instead of waiting forever.
         self.outbox.close();
+        crate::metrics::pubsub_subscriptions(&self.config.client_name, self.gauge, 0);
     }
 }
 

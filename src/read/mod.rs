@@ -5,8 +5,9 @@
 //! promoted: `cluster-node-timeout` and the election, 1–2 s at the least and 15 s with Redis's
 //! default. Its replicas still hold the data. With [`ReadPolicy::PrimaryThenReplica`] a read
 //! goes to the primary as always, and when that fails in a way an outage explains
-//! (connection refused or reset, no reply in time, `CLUSTERDOWN`, `MASTERDOWN`, `TRYAGAIN`, a
-//! `MOVED` — the inner client's detour when the master does not answer) —
+//! (connection refused or reset, no reply in time, `CLUSTERDOWN`, `MASTERDOWN`, a `MOVED`
+//! pointing back at the shard's own master — the inner client's detour when the master does
+//! not answer) —
 //! or when the topology already says the primary is failed or missing — the same read is sent
 //! to a replica of the same slot, over a `READONLY` connection of the layer's own, within the
 //! same call (and so within its deadline). A primary that has not answered within the
@@ -128,9 +129,9 @@ impl Zones {
 ///
 /// A shard fails fast after [`after_failures`](Self::after_failures) calls in a row failed as
 /// an outage fails them (refused, reset, timed out, `CLUSTERDOWN`, `MASTERDOWN`), or as soon as
-/// the topology says its master failed or it has none. Then one call per
-/// [`probe_every`](Self::probe_every) goes through to the primary; the first that succeeds
-/// lets the shard back in. Off by default: with it, a call whose deadline would have outlasted
+/// the topology says its master failed or it has none. Then at most one call per
+/// [`probe_every`](Self::probe_every), one at a time, goes through to the primary as a probe;
+/// the first that succeeds lets the shard back in. Off by default: with it, a call whose deadline would have outlasted
 /// a failover fails instead of waiting for it. Needs topology refresh.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -286,6 +287,9 @@ struct Down {
 
 /// The least time a probe is given before another may go.
 const PROBE_LEASE: Duration = Duration::from_secs(1);
+
+/// Configured durations are clamped to this: beyond it an instant would overflow.
+const LONGEST: Duration = Duration::from_secs(24 * 3600);
 
 /// A call to a shard's primary, as fail-fast records it.
 struct Recorded {
@@ -457,7 +461,7 @@ impl Shared {
         };
         let out = down.probing_until.is_some_and(|until| now < until);
         if !out && now >= down.next_probe {
-            down.probing_until = Some(now + self.response_timeout.max(PROBE_LEASE));
+            down.probing_until = Some(now + self.response_timeout.clamp(PROBE_LEASE, LONGEST));
             return Gate::Probe;
         }
         crate::metrics::fail_fast(&self.client);
@@ -554,7 +558,7 @@ impl Shared {
         }
         if let (true, Some(down)) = (call.probe, &mut state.down) {
             down.probing_until = None;
-            down.next_probe = now + config.probe_every;
+            down.next_probe = now + config.probe_every.min(LONGEST);
         }
     }
 
@@ -646,7 +650,7 @@ impl Shared {
             .await;
             match result {
                 Ok(value) => {
-                    tracing::debug!(node = %endpoint, reason, "read served by a replica");
+                    tracing::debug!(node = %endpoint, reason, "read served off the inner client's route");
                     crate::metrics::replica_read(&self.client, reason);
                     return Ok(value);
                 }

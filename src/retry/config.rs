@@ -44,7 +44,7 @@ pub struct RetryConfig {
 
 impl RetryConfig {
     /// At most 16 retries per call, backing off from 20 ms to 1 s with full jitter (the 8
-    /// first take about 2.2 s on average; all 16, about 10 s) — so with the deadline of 5 s
+    /// first take about 2.2 s on average; all 16, about 6.3 s, 12.2 s at most) — so with the deadline of 5 s
     /// per call it is the deadline that ends the retries of a call through an outage, and a
     /// call with time left keeps trying until the failover is over (a failover that moves
     /// masters can take 8 retries in 2 s: repeated redirects to the dead node and

@@ -149,12 +149,12 @@ impl TopologySource {
         self
     }
 
-    /// How probes connect: as the inner client does.
     /// How long a node's reply may take.
     pub(crate) fn response_timeout(&self) -> Duration {
         self.response_timeout
     }
 
+    /// How probes connect: as the inner client does.
     pub(crate) fn nodes(&self) -> NodeConnector {
         NodeConnector {
             book: self.book.clone(),
