@@ -52,6 +52,15 @@ async fn keys_by_shard(cluster: &LocalCluster, per_shard: usize) -> Vec<(String,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace() {
     init_tracing();
+    #[cfg(feature = "metrics")]
+    let snapshotter = {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only recorder of this test binary");
+        snapshotter
+    };
     // No replicas: the dead master's slots stay without one; the others serve on.
     let cluster = LocalCluster::builder()
         .shards(3)
@@ -170,4 +179,27 @@ async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace() {
             .all(|c| c.error.is_none()),
         "a healthy shard's call failed: {kinds:?}"
     );
+
+    // Every refusal was counted, and the shard was marked down (at least) once.
+    #[cfg(feature = "metrics")]
+    {
+        // One snapshot: taking one drains the counters.
+        let snapshot = snapshotter.snapshot().into_vec();
+        let counted = |name: &str| -> u64 {
+            snapshot
+                .iter()
+                .filter(|(key, _, _, _)| key.key().name() == name)
+                .map(|(_, _, _, value)| match value {
+                    metrics_util::debugging::DebugValue::Counter(c) => *c,
+                    _ => 0,
+                })
+                .sum()
+        };
+        let refused = calls
+            .iter()
+            .filter(|c| c.error == Some(ErrorKind::ShardDown))
+            .count() as u64;
+        assert_eq!(counted("redis_cluster_shard_fail_fast_total"), refused);
+        assert!(counted("redis_cluster_shard_down_total") >= 1);
+    }
 }
