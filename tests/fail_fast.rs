@@ -52,16 +52,6 @@ async fn keys_by_shard(cluster: &LocalCluster, per_shard: usize) -> Vec<(String,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace() {
     init_tracing();
-    #[cfg(feature = "metrics")]
-    let snapshotter = {
-        let recorder = metrics_util::debugging::DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
-            .expect("the only recorder of this test binary");
-        snapshotter
-    };
-    // No replicas: the dead master's slots stay without one; the others serve on.
     let cluster = LocalCluster::builder()
         .shards(3)
         .replicas(0)
@@ -69,11 +59,66 @@ async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace() {
         .start()
         .await
         .expect("the cluster starts");
+    // A refused connection trips the shard at once: measured from 1 s after the crash.
+    scenario(cluster, Duration::from_secs(1)).await;
+}
+
+/// The same in the seed user's world: the dead master's address swallows packets, so its
+/// calls time out instead of being refused, and the shard trips on timeouts (or when the
+/// topology marks the master failed): measured from 3 s after the crash.
+///
+/// Fails today (healthy shards at 0.04× their pace): the probes and the first calls to the
+/// blackholed master time out, the rebuild policy counts those timeouts and rebuilds the inner
+/// client every ~2 s, and each new redis cluster client's slot refresh waits on the dead
+/// address, holding up every shard's calls. The rebuild policy must leave a shard known down
+/// to fail-fast; until then this stays ignored, as the known gap.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap: rebuilds triggered by a blackholed master's timeouts stall every shard"]
+async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace_when_managed() {
+    init_tracing();
+    let cluster = LocalCluster::builder()
+        .managed()
+        .shards(3)
+        .replicas(0)
+        .config("cluster-require-full-coverage", "no")
+        .start()
+        .await
+        .expect("the managed cluster starts");
+    scenario(cluster, Duration::from_secs(3)).await;
+}
+
+/// The recorder of this test binary, installed by the first test that asks; its counters are
+/// told apart by the `client` label (each test's client has its own name).
+#[cfg(feature = "metrics")]
+fn snapshotter() -> &'static metrics_util::debugging::Snapshotter {
+    static SNAPSHOTTER: std::sync::OnceLock<metrics_util::debugging::Snapshotter> =
+        std::sync::OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only recorder of this test binary");
+        snapshotter
+    })
+}
+
+/// One scenario at a time: each measures throughput, which a second cluster's load would skew.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn scenario(cluster: LocalCluster, settle: Duration) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    #[cfg(feature = "metrics")]
+    let snapshotter = snapshotter();
+    let name = format!("fail-fast-{}", cluster.port());
+    // No replicas: the dead master's slots stay without one; the others serve on.
     let client = connected(
         cluster
             .client_builder()
             .concurrency_limit(64)
             .timeout(Duration::from_secs(1))
+            .name(name.clone())
             .fail_fast(FailFastConfig::default()),
     )
     .await;
@@ -128,9 +173,10 @@ async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace() {
     let mut cluster = cluster;
     cluster.kill_node(master.addr).await.unwrap();
     let killed = Instant::now();
-    // The calls in flight at the crash end within their deadline; then measure.
-    let outage_from = killed + Duration::from_secs(1);
-    tokio::time::sleep(Duration::from_secs(1) + window).await;
+    // The calls in flight at the crash end within their deadline, the shard trips; then
+    // measure.
+    let outage_from = killed + settle;
+    tokio::time::sleep(settle + window).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
@@ -185,10 +231,16 @@ async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace() {
     {
         // One snapshot: taking one drains the counters.
         let snapshot = snapshotter.snapshot().into_vec();
-        let counted = |name: &str| -> u64 {
+        let counted = |counter: &str| -> u64 {
             snapshot
                 .iter()
-                .filter(|(key, _, _, _)| key.key().name() == name)
+                .filter(|(key, _, _, _)| {
+                    key.key().name() == counter
+                        && key
+                            .key()
+                            .labels()
+                            .any(|l| l.key() == "client" && l.value() == name)
+                })
                 .map(|(_, _, _, value)| match value {
                     metrics_util::debugging::DebugValue::Counter(c) => *c,
                     _ => 0,

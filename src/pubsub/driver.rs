@@ -13,7 +13,7 @@ use tokio::{
     sync::{mpsc, oneshot, watch},
     time::Instant,
 };
-use tower::util::rng::{HasherRng, Rng};
+use tower::util::rng::HasherRng;
 
 use super::{outbox::Outbox, Event, Kind, Message, Request, SubscriberConfig};
 use crate::{
@@ -984,9 +984,12 @@ impl Driver {
             );
         }
         if now >= self.next_refresh {
-            let every = self.config.refresh_every;
-            let spread = every.mul_f64(0.9 + 0.2 * self.rng.next_f64());
-            self.next_refresh = now + spread;
+            self.next_refresh = now
+                + crate::topology::refresher::jittered(
+                    self.config.refresh_every,
+                    0.1,
+                    &mut self.rng,
+                );
             // A client's refresher keeps its topology current already.
             if !self.subs.is_empty() && self.shared.is_none() {
                 self.fetch_wanted = true;

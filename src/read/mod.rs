@@ -131,8 +131,30 @@ impl Zones {
 /// an outage fails them (refused, reset, timed out, `CLUSTERDOWN`, `MASTERDOWN`), or as soon as
 /// the topology says its master failed or it has none. Then at most one call per
 /// [`probe_every`](Self::probe_every), one at a time, goes through to the primary as a probe;
-/// the first that succeeds lets the shard back in. Off by default: with it, a call whose deadline would have outlasted
-/// a failover fails instead of waiting for it. Needs topology refresh.
+/// the first that succeeds lets the shard back in. Off by default: with it, a call whose
+/// deadline would have outlasted a failover fails instead of waiting for it. Needs topology
+/// refresh.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_redis_cluster::{read::FailFastConfig, redis, Client, Error, ErrorKind};
+///
+/// # async fn run() -> Result<(), Error> {
+/// let client = Client::builder()
+///     .seed("clustercfg.my-cluster.example.com:6379")
+///     .concurrency_limit(64)
+///     .fail_fast(FailFastConfig::default().probe_every(Duration::from_millis(250)))
+///     .build()
+///     .await?;
+/// match client.query::<Option<String>>(redis::cmd("GET").arg("k")).await {
+///     // The shard is down: answer from a fallback at once instead of waiting.
+///     Err(e) if e.kind() == ErrorKind::ShardDown => {}
+///     other => {
+///         other?;
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct FailFastConfig {

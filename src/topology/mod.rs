@@ -45,7 +45,7 @@
 
 mod config;
 pub(crate) mod fetch;
-mod refresher;
+pub(crate) mod refresher;
 mod snapshot;
 #[cfg(test)]
 mod tests;
