@@ -142,9 +142,9 @@ mod enabled {
             .record(gap.as_secs_f64());
     }
 
-    pub(crate) fn pubsub_dropped(client: &str) {
+    pub(crate) fn pubsub_dropped(client: &str, n: u64) {
         metrics::counter!("redis_cluster_pubsub_dropped_total", "client" => client.to_string())
-            .increment(1);
+            .increment(n);
     }
 }
 
@@ -180,7 +180,7 @@ mod enabled {
     #[inline(always)]
     pub(crate) fn pubsub_resubscribed(_: &str, _: &'static str, _: usize, _: std::time::Duration) {}
     #[inline(always)]
-    pub(crate) fn pubsub_dropped(_: &str) {}
+    pub(crate) fn pubsub_dropped(_: &str, _: u64) {}
 }
 
 pub(crate) use enabled::*;

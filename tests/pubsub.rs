@@ -325,7 +325,17 @@ impl Run {
             let mut last = 0u64;
             // Where each number was last delivered, in the stream.
             let mut position: BTreeMap<u64, usize> = BTreeMap::new();
+            let mut down = false;
             for (i, (_, s)) in mine.iter().enumerate() {
+                match s {
+                    Seen::Lost(..) => down = true,
+                    Seen::Back(..) => down = false,
+                    Seen::Message(_, n) => assert!(
+                        !down,
+                        "{channel}: {n} delivered between a Lost and its Resubscribed"
+                    ),
+                    _ => {}
+                }
                 if let Seen::Message(_, n) = s {
                     if let Some(first) = position.insert(*n, i) {
                         // Twice is allowed only across a resubscription: the cluster may have
@@ -860,4 +870,100 @@ async fn a_subscription_the_acl_forbids_fails_at_once_with_the_servers_reason() 
     subscriber.subscribe(["allowed:1"]).await.unwrap();
     // The secret is in no error text.
     assert!(!format!("{refused:?}").contains("reader-secret"));
+}
+
+/// The stream's contract at a resubscription: after a `Lost`, no message of that subscription
+/// comes before its `Resubscribed`. The servers cut every subscribed connection while
+/// publishers keep the channels busy, so the new connection's first messages race its
+/// confirmation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_comes_between_a_loss_and_its_resubscription() {
+    init_tracing();
+    let cluster = support::cluster(3, 0).await;
+    let client = connected(cluster.client_builder()).await;
+    let sharded = sharded_channels(&cluster).await[0].clone();
+    let mut subscriber = client
+        .subscriber_with(SubscriberConfig::default().buffer(1 << 16))
+        .unwrap();
+    subscriber.subscribe([CHANNEL]).await.unwrap();
+    subscriber.psubscribe([PATTERN]).await.unwrap();
+    subscriber.ssubscribe([sharded.clone()]).await.unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for (channel, command) in [
+        (CHANNEL.to_string(), "PUBLISH"),
+        (PATTERN_CHANNEL.to_string(), "PUBLISH"),
+        (sharded.clone(), "SPUBLISH"),
+    ] {
+        for _ in 0..4 {
+            let client = client.clone();
+            let stop = stop.clone();
+            let channel = channel.clone();
+            publishers.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let mut cmd = redis::cmd(command);
+                    cmd.arg(&channel).arg("x");
+                    let _ = client.query::<i64>(&cmd).await;
+                }
+            }));
+        }
+    }
+
+    // Per subscription: down (between a Lost and its Resubscribed) or up.
+    let key = |kind: Kind, name: &str| format!("{kind:?}:{name}");
+    let mut down: BTreeMap<String, bool> = BTreeMap::new();
+    let mut violations = Vec::new();
+    let mut cuts = 0;
+    let mut backs = 0;
+    let started = Instant::now();
+    let mut kill = redis::cmd("CLIENT");
+    kill.arg("KILL").arg("TYPE").arg("pubsub");
+    while cuts < 6 {
+        assert!(started.elapsed() < Duration::from_secs(60), "too slow");
+        // All up: cut every subscribed connection.
+        if down.values().all(|d| !d) && backs >= cuts * 3 {
+            for node in cluster.nodes() {
+                cluster.node_command(node.addr, &kill).await.unwrap();
+            }
+            cuts += 1;
+        }
+        let event = tokio::time::timeout(Duration::from_secs(10), subscriber.next())
+            .await
+            .expect("the stream went quiet")
+            .expect("the stream ended");
+        match event {
+            Event::Message(m) => {
+                let k = match &m.pattern {
+                    Some(p) => key(Kind::Pattern, std::str::from_utf8(p).unwrap()),
+                    None => key(m.kind, m.channel_str().unwrap()),
+                };
+                if down.get(&k) == Some(&true) {
+                    violations.push(k);
+                }
+            }
+            Event::Lost { kind, names: n, .. } => {
+                for n in names(&n) {
+                    down.insert(key(kind, &n), true);
+                }
+            }
+            Event::Resubscribed { kind, names: n, .. } => {
+                for n in names(&n) {
+                    down.insert(key(kind, &n), false);
+                    backs += 1;
+                }
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    assert!(
+        violations.is_empty(),
+        "{} message(s) between a Lost and its Resubscribed: {:?}",
+        violations.len(),
+        violations.iter().collect::<std::collections::BTreeSet<_>>()
+    );
 }

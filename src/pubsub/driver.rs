@@ -2,8 +2,8 @@
 //! topology that says where each belongs.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    sync::Arc,
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -69,8 +69,94 @@ pub(super) const LONGEST: Duration = Duration::from_secs(24 * 3600);
 struct Conn {
     endpoint: Endpoint,
     handle: MultiplexedConnection,
+    gate: Arc<Mutex<Gate>>,
     pinging: bool,
     next_ping: Instant,
+}
+
+/// What a connection's messages may do: go straight to the stream (the fast path, without
+/// the task), wait, or be dropped. Shared by the connection's push callback and the task, so
+/// the stream says `Resubscribed` before the first message of a new subscription and says
+/// nothing of a subscription after its `Lost`.
+#[derive(Default)]
+struct Gate {
+    /// The subscriptions active on this connection, as far as the stream is concerned, per
+    /// kind (patterns by pattern).
+    live: [HashSet<Vec<u8>>; 3],
+    /// Confirmations the callback passed to the task that the task has not acted on yet:
+    /// messages wait behind them, in their order.
+    pending: usize,
+    held: VecDeque<Message>,
+    /// Messages that did not fit in `held` (as many as the stream's buffer), dropped.
+    dropped: u64,
+    /// The task gave the connection up: nothing it still receives is delivered.
+    closed: bool,
+}
+
+impl Gate {
+    fn lock(gate: &Mutex<Gate>) -> std::sync::MutexGuard<'_, Gate> {
+        // Nothing panics while holding the lock; a poisoned one still holds valid sets.
+        gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(kind: Kind) -> usize {
+        match kind {
+            Kind::Channel => 0,
+            Kind::Pattern => 1,
+            Kind::Sharded => 2,
+        }
+    }
+
+    fn is_live(&self, m: &Message) -> bool {
+        let name = m.pattern.as_deref().unwrap_or(&m.channel);
+        self.live[Self::slot(m.kind)].contains(name)
+    }
+
+    fn set_live(&mut self, key: &Key, live: bool) {
+        let set = &mut self.live[Self::slot(key.0)];
+        if live {
+            set.insert(key.1.clone());
+        } else {
+            set.remove(&key.1);
+        }
+    }
+
+    /// A message the connection received.
+    fn deliver(&mut self, m: Message, outbox: &Outbox) {
+        if self.closed {
+            return;
+        }
+        if self.pending > 0 {
+            if self.held.len() < outbox.capacity() {
+                self.held.push_back(m);
+            } else {
+                self.dropped += 1;
+            }
+        } else if self.is_live(&m) {
+            outbox.message(m);
+        }
+    }
+
+    /// The task acted on one confirmation (and told the stream what it meant): once none is
+    /// left, the messages that waited go out.
+    fn release(&mut self, outbox: &Outbox) {
+        self.pending = self.pending.saturating_sub(1);
+        if self.pending > 0 {
+            return;
+        }
+        for m in std::mem::take(&mut self.held) {
+            if !self.closed && self.is_live(&m) {
+                outbox.message(m);
+            }
+        }
+        outbox.dropped(std::mem::take(&mut self.dropped));
+    }
+
+    fn close(&mut self) {
+        self.closed = true;
+        self.held.clear();
+        self.live.iter_mut().for_each(HashSet::clear);
+    }
 }
 
 /// A caller of `subscribe` waiting for its confirmations.
@@ -85,6 +171,7 @@ enum Op {
     Connected {
         id: u64,
         endpoint: Endpoint,
+        gate: Arc<Mutex<Gate>>,
         result: Result<MultiplexedConnection, Error>,
     },
     Sent {
@@ -142,6 +229,9 @@ pub(super) struct Driver {
     resubscribed: Vec<(Key, Endpoint, Instant)>,
     /// Lost since the last flush, with the cause.
     lost: Vec<(Key, Error)>,
+    /// Connections whose confirmations were acted on since the last flush, once per
+    /// confirmation: their gates open after the flush.
+    confirmed: Vec<u64>,
     last_error: Option<Error>,
     rng: HasherRng,
     /// This subscriber's share of the client's subscriptions gauge.
@@ -188,6 +278,7 @@ impl Driver {
             unsubscribing: HashMap::new(),
             resubscribed: Vec::new(),
             lost: Vec::new(),
+            confirmed: Vec::new(),
             last_error: None,
             rng: HasherRng::default(),
             gauge: 0,
@@ -201,6 +292,7 @@ impl Driver {
             self.reconcile();
             self.finish_waiters();
             self.flush();
+            self.release_gates();
             let wake = self.next_wake();
             tokio::select! {
                 request = self.requests.recv() => match request {
@@ -263,6 +355,9 @@ impl Driver {
                     }
                     if let Some(sub) = self.subs.remove(&key) {
                         if let Some(c) = sub.state.conn() {
+                            if let Some(conn) = self.conns.get(&c) {
+                                Gate::lock(&conn.gate).set_live(&key, false);
+                            }
                             by_conn.entry(c).or_default().push(key);
                         }
                     }
@@ -315,9 +410,16 @@ impl Driver {
                 );
                 return;
             }
-            PushKind::Subscribe => return self.confirmed(conn, Kind::Channel, push.data),
-            PushKind::PSubscribe => return self.confirmed(conn, Kind::Pattern, push.data),
-            PushKind::SSubscribe => return self.confirmed(conn, Kind::Sharded, push.data),
+            PushKind::Subscribe | PushKind::PSubscribe | PushKind::SSubscribe => {
+                // Whatever it meant, the messages behind it may go once the stream says so.
+                self.confirmed.push(conn);
+                let kind = match push.kind {
+                    PushKind::Subscribe => Kind::Channel,
+                    PushKind::PSubscribe => Kind::Pattern,
+                    _ => Kind::Sharded,
+                };
+                return self.confirmed(conn, kind, push.data);
+            }
             PushKind::Unsubscribe => Kind::Channel,
             PushKind::PUnsubscribe => Kind::Pattern,
             PushKind::SUnsubscribe => Kind::Sharded,
@@ -358,12 +460,17 @@ impl Driver {
             return;
         };
         let key = (kind, name);
-        let Some(endpoint) = self.conns.get(&conn).map(|c| c.endpoint.clone()) else {
+        let Some((endpoint, gate)) = self
+            .conns
+            .get(&conn)
+            .map(|c| (c.endpoint.clone(), c.gate.clone()))
+        else {
             return;
         };
         match self.subs.get_mut(&key) {
             Some(sub) if matches!(sub.state, State::Sending { conn: c, .. } if c == conn) => {
                 sub.state = State::Active(conn);
+                Gate::lock(&gate).set_live(&key, true);
                 sub.not_before = None;
                 if let Some(at) = sub.lost_at.take() {
                     self.resubscribed.push((key.clone(), endpoint.clone(), at));
@@ -416,6 +523,7 @@ impl Driver {
             Op::Connected {
                 id,
                 endpoint,
+                gate,
                 result,
             } => {
                 self.connecting.remove(&endpoint);
@@ -441,6 +549,7 @@ impl Driver {
                             Conn {
                                 endpoint,
                                 handle,
+                                gate,
                                 pinging: false,
                                 next_ping: Instant::now() + self.config.ping_interval,
                             },
@@ -627,7 +736,11 @@ impl Driver {
             return;
         };
         match sub.state {
-            State::Active(_) => {
+            State::Active(conn) => {
+                // Nothing more of it from that connection: the stream is about to say `Lost`.
+                if let Some(c) = self.conns.get(&conn) {
+                    Gate::lock(&c.gate).set_live(key, false);
+                }
                 sub.lost_at = Some(Instant::now());
                 self.lost.push((key.clone(), cause));
             }
@@ -642,6 +755,7 @@ impl Driver {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        Gate::lock(&c.gate).close();
         tracing::debug!(node = %c.endpoint, error = %cause, "subscription connection lost");
         let keys: Vec<Key> = self
             .subs
@@ -868,7 +982,9 @@ impl Driver {
             if self.global.as_ref() == Some(&self.conns[&id].endpoint) {
                 self.global = None;
             }
-            self.conns.remove(&id);
+            if let Some(c) = self.conns.remove(&id) {
+                Gate::lock(&c.gate).close();
+            }
             self.unsubscribing.retain(|(c, _), _| *c != id);
         }
     }
@@ -888,10 +1004,19 @@ impl Driver {
         let id = self.next_id;
         let outbox = self.outbox.clone();
         let control = self.control_tx.clone();
+        let gate = Arc::new(Mutex::new(Gate::default()));
+        let ours = gate.clone();
         let push = move |info: PushInfo| -> Result<(), ()> {
             match message(info) {
-                Ok(m) => outbox.message(m),
+                Ok(m) => Gate::lock(&ours).deliver(m, &outbox),
                 Err(info) => {
+                    if matches!(
+                        info.kind,
+                        PushKind::Subscribe | PushKind::PSubscribe | PushKind::SSubscribe
+                    ) {
+                        // Counted before the task can see it: what follows waits for it.
+                        Gate::lock(&ours).pending += 1;
+                    }
                     let _ = control.send((id, info));
                 }
             }
@@ -908,6 +1033,7 @@ impl Driver {
                 Op::Connected {
                     id,
                     endpoint,
+                    gate,
                     result,
                 }
             }
@@ -1144,6 +1270,16 @@ impl Driver {
                 node,
                 gap,
             });
+        }
+    }
+
+    /// Lets the messages that waited behind the confirmations acted on go, now that the stream
+    /// has said what those meant.
+    fn release_gates(&mut self) {
+        for conn in self.confirmed.drain(..) {
+            if let Some(c) = self.conns.get(&conn) {
+                Gate::lock(&c.gate).release(&self.outbox);
+            }
         }
     }
 

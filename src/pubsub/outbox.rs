@@ -134,21 +134,16 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The most messages that wait for the consumer.
+    pub(super) fn capacity(&self) -> usize {
+        self.lock().capacity
+    }
+
     /// Queues a message, or counts it dropped when the consumer is `capacity` behind.
     pub(super) fn message(&self, message: Message) {
         let mut state = self.lock();
         if state.messages >= state.capacity {
-            if let Some(Event::Overflow { dropped }) = state.queue.back_mut() {
-                *dropped += 1;
-            } else {
-                state.queue.push_back(Event::Overflow { dropped: 1 });
-                tracing::warn!(
-                    capacity = state.capacity,
-                    "subscriber buffer full: dropping messages until the consumer catches up"
-                );
-            }
-            // Counted before the consumer can see the overflow: the two always agree.
-            crate::metrics::pubsub_dropped(&self.client);
+            Self::drop_newest(&self.client, &mut state, 1);
             return;
         }
         state.messages += 1;
@@ -157,6 +152,27 @@ impl Outbox {
             drop(state);
             w.wake();
         }
+    }
+
+    /// Counts `n` messages dropped here, as a full buffer does.
+    pub(super) fn dropped(&self, n: u64) {
+        if n > 0 {
+            Self::drop_newest(&self.client, &mut self.lock(), n);
+        }
+    }
+
+    fn drop_newest(client: &str, state: &mut State, n: u64) {
+        if let Some(Event::Overflow { dropped }) = state.queue.back_mut() {
+            *dropped += n;
+        } else {
+            state.queue.push_back(Event::Overflow { dropped: n });
+            tracing::warn!(
+                capacity = state.capacity,
+                "subscriber buffer full: dropping messages until the consumer catches up"
+            );
+        }
+        // Counted before the consumer can see the overflow: the two always agree.
+        crate::metrics::pubsub_dropped(client, n);
     }
 
     /// Queues an event about subscriptions.
