@@ -15,7 +15,9 @@
 //! delivered by Redis later, so the stream says when that may have happened:
 //! [`Event::Lost`] when a subscription stops (with the cause), [`Event::Resubscribed`] when it
 //! is back (with how long it was down); an application that must not miss an update re-reads
-//! its state at `Resubscribed`. Around a resubscription, a message may also come **twice**: the
+//! its state at `Resubscribed`. No message of a subscription comes between its `Lost` and its
+//! `Resubscribed`: the first ones the new connection receives wait until the stream has said
+//! it is back. Around a resubscription, a message may also come **twice**: the
 //! cluster forwards each `PUBLISH` from the node that took it to every other node, and the new
 //! node may still be receiving a message the old one had already delivered. Between a
 //! `Resubscribed` and the next `Lost`, each message comes once; messages taken by one node come
