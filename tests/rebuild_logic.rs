@@ -341,6 +341,46 @@ async fn connection_error_streak_rebuilds_but_keeps_serving() {
     assert_eq!(get(&mut svc).await.unwrap(), Value::Int(2));
 }
 
+/// One dead node of many: the calls in flight to it time out together, while calls to the
+/// other nodes go on succeeding. That burst is one failure, not a streak: it does not make a
+/// new client (which would dial the dead node too).
+#[tokio::test(start_paused = true)]
+async fn timeouts_of_calls_in_flight_together_count_once() {
+    let script = Script::new();
+    script.set(1, Behaviour::Fail(ErrorKind::Timeout));
+    let svc = script.service(RebuildConfig::default());
+    let handle = svc.handle();
+    handle
+        .wait_for_generation(1, Duration::from_secs(1))
+        .await
+        .unwrap();
+
+    let mut callers = Vec::new();
+    for _ in 0..20 {
+        let mut s = svc.clone();
+        s.ready().await.unwrap();
+        callers.push(s);
+    }
+    let results =
+        futures_util::future::join_all(callers.iter_mut().map(|s| s.call(redis::cmd("GET")))).await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().unwrap_err().kind() == ErrorKind::Timeout));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(handle.generation(), 1, "a burst of 20 made a new client");
+    assert_eq!(script.connects.load(Ordering::SeqCst), 1);
+
+    // Failures of calls one after another still add up to the threshold of 5: four more.
+    let mut svc = svc;
+    for _ in 0..4 {
+        assert_eq!(get(&mut svc).await.unwrap_err().kind(), ErrorKind::Timeout);
+    }
+    handle
+        .wait_for_generation(2, Duration::from_secs(1))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_connects_back_off_with_growing_jittered_delays() {
     let script = Script::new();

@@ -129,9 +129,12 @@ impl Zones {
 ///
 /// A shard fails fast after [`after_failures`](Self::after_failures) calls in a row failed as
 /// an outage fails them (refused, reset, timed out, `CLUSTERDOWN`, `MASTERDOWN`), or as soon as
-/// the topology says its master failed or it has none. Then at most one call per
-/// [`probe_every`](Self::probe_every), one at a time, goes through to the primary as a probe;
-/// the first that succeeds lets the shard back in. Off by default: with it, a call whose
+/// the topology says its master failed or it has none. Then at most once per
+/// [`probe_every`](Self::probe_every), one at a time, a probe asks the primary the topology
+/// names — `EXISTS` of the calling command's key, on a connection of its own, not through the
+/// inner client (a redis cluster client routing a call to a node it lost refreshes its slots
+/// and reconnects to every node, the dead one too, holding every other call back meanwhile);
+/// the first answer lets the shard back in. Off by default: with it, a call whose
 /// deadline would have outlasted a failover fails instead of waiting for it. Needs topology
 /// refresh.
 ///
@@ -160,7 +163,7 @@ impl Zones {
 pub struct FailFastConfig {
     /// Failed calls in a row that mark a shard down; default 3.
     pub after_failures: u32,
-    /// How often a call is let through to a down shard's primary as a probe; default 100 ms.
+    /// How often a down shard's primary is probed; default 100 ms.
     pub probe_every: Duration,
 }
 
@@ -301,8 +304,9 @@ struct ShardState {
 struct Down {
     since: Instant,
     next_probe: Instant,
-    /// While a probe is out: until when it may take. A probe whose caller gave up (its
-    /// deadline dropped the call) never reports; its lease running out lets the next one go.
+    /// While a probe is out: until when it may take. A probe that never reports (a call
+    /// that was the probe, dropped by its caller's deadline) holds the next one back only
+    /// until then.
     probing_until: Option<Instant>,
     cause: Option<Error>,
 }
@@ -325,7 +329,8 @@ struct Recorded {
 /// What fail-fast lets a call do.
 enum Gate {
     Pass,
-    Probe,
+    /// A probe is due; the call is refused with the error unless it is the probe itself.
+    Probe(Error),
     Refuse(Error),
 }
 
@@ -482,11 +487,10 @@ impl Shared {
             return Gate::Pass;
         };
         let out = down.probing_until.is_some_and(|until| now < until);
-        if !out && now >= down.next_probe {
-            down.probing_until = Some(now + self.response_timeout.clamp(PROBE_LEASE, LONGEST));
-            return Gate::Probe;
+        let probe = !out && now >= down.next_probe;
+        if probe {
+            down.probing_until = Some(now + self.probe_lease());
         }
-        crate::metrics::fail_fast(&self.client);
         let mut error = Error::new(
             ErrorKind::ShardDown,
             format!(
@@ -497,7 +501,62 @@ impl Shared {
         if let Some(cause) = &down.cause {
             error = error.with_source(cause.clone());
         }
-        Gate::Refuse(error)
+        if probe {
+            Gate::Probe(error)
+        } else {
+            crate::metrics::fail_fast(&self.client);
+            Gate::Refuse(error)
+        }
+    }
+
+    /// How long a probe may take before another may go.
+    fn probe_lease(&self) -> Duration {
+        self.response_timeout.clamp(PROBE_LEASE, LONGEST)
+    }
+
+    /// Probes a down shard's primary off the inner client's path: `EXISTS key` on a
+    /// connection of its own to `master`, as the topology names it. The inner client is not
+    /// asked: a cluster client that has no connection to a node refreshes its slots when a
+    /// call is routed there, and the redis crate's refresh reconnects to every node of the
+    /// slot map — the dead one too, whose address may swallow packets until the connect
+    /// timeout — while holding every other call back.
+    fn probe_aside(self: &Arc<Self>, call: Recorded, master: Endpoint, key: Vec<u8>) {
+        let shared = self.clone();
+        let lease = self.probe_lease();
+        tokio::spawn(async move {
+            let mut cmd = redis::cmd("EXISTS");
+            cmd.arg(&key[..]);
+            let asked = async {
+                let mut connection = shared.connection(&master).await?;
+                cmd.query_async::<Value>(&mut connection)
+                    .await
+                    .map_err(Error::from_redis)
+            };
+            let result = match tokio::time::timeout(lease, asked).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::timeout(format!(
+                    "the probe of {master} was not answered within {lease:?}"
+                ))),
+            };
+            let outcome = match &result {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) {
+                        shared.lock().remove(&master);
+                    }
+                    // Any answer but an outage's (or `LOADING`) says the node serves the
+                    // slot — a refusal of the command by the ACL included; a `MOVED`
+                    // elsewhere says another does, which the inner client follows.
+                    if outage(e, Some(&master)) || e.kind() == ErrorKind::Loading {
+                        Err(e)
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+            tracing::debug!(node = %master, slot = call.slot, ok = outcome.is_ok(), "probed a down shard's primary");
+            shared.record(&call, outcome);
+        });
     }
 
     fn trip(
@@ -903,34 +962,44 @@ where
             }));
         }
         let known_down = down.then(|| snapshot.as_ref().map_or(0, |s| s.sequence));
-        let gate = shared.gate(shard, slot, known_down);
         let cmd: Arc<Cmd> = request.into();
-        if matches!(gate, Gate::Refuse(_)) && !replicas.is_empty() {
-            return ReadFuture::routed(Box::pin(async move {
-                shared
-                    .read_elsewhere(&cmd, replicas, "shard failing fast")
-                    .await
-            }));
-        }
-        let probe = match gate {
-            Gate::Refuse(error) => {
-                return ReadFuture::routed(Box::pin(async move {
-                    // An answer with no I/O at all: a caller that loops on it must still yield
-                    // to the runtime now and then, or it starves every other task.
-                    tokio::task::coop::consume_budget().await;
-                    Err(error)
-                }));
-            }
-            Gate::Probe => true,
-            Gate::Pass => false,
-        };
-        let call = Recorded {
+        let call = |probe: bool| Recorded {
             shard,
             slot,
             probe,
             started: Instant::now(),
-            master,
+            master: master.clone(),
         };
+        let (refused, probe) = match shared.gate(shard, slot, known_down) {
+            Gate::Pass => (None, false),
+            // The probe goes aside, to the primary the topology names; this call fails fast
+            // like the others. Without a named primary, the call is the probe.
+            Gate::Probe(error) => match (&master, cmd.args_iter().nth(1)) {
+                (Some(m), Some(redis::Arg::Simple(key))) => {
+                    shared.probe_aside(call(true), m.clone(), key.to_vec());
+                    crate::metrics::fail_fast(&shared.client);
+                    (Some(error), false)
+                }
+                _ => (None, true),
+            },
+            Gate::Refuse(error) => (Some(error), false),
+        };
+        if let Some(error) = refused {
+            if !replicas.is_empty() {
+                return ReadFuture::routed(Box::pin(async move {
+                    shared
+                        .read_elsewhere(&cmd, replicas, "shard failing fast")
+                        .await
+                }));
+            }
+            return ReadFuture::routed(Box::pin(async move {
+                // An answer with no I/O at all: a caller that loops on it must still yield
+                // to the runtime now and then, or it starves every other task.
+                tokio::task::coop::consume_budget().await;
+                Err(error)
+            }));
+        }
+        let call = call(probe);
         let primary = <S as Service<Arc<Cmd>>>::call(&mut self.inner, cmd.clone());
         if read_slot.is_none() {
             // A write (or a read with no replica to turn to): the primary's answer, recorded.
@@ -1163,12 +1232,12 @@ mod tests {
         assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
         // One probe per interval; while it runs, the others are refused.
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(matches!(shared.gate(0, 5, None), Gate::Probe));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe(_)));
         assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
         shared.record(&call(true), Err(&refused));
         assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(matches!(shared.gate(0, 5, None), Gate::Probe));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe(_)));
         shared.record(&call(true), Ok(()));
         assert!(pass(shared.gate(0, 5, None)));
         // A probe that never reports (its caller's deadline dropped it) holds the next one
@@ -1177,17 +1246,17 @@ mod tests {
         shared.record(&call(false), Err(&refused));
         shared.record(&call(false), Err(&refused));
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(matches!(shared.gate(0, 5, None), Gate::Probe));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe(_)));
         tokio::time::advance(Duration::from_millis(500)).await;
         assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
         tokio::time::advance(Duration::from_millis(600)).await;
-        assert!(matches!(shared.gate(0, 5, None), Gate::Probe));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe(_)));
         shared.record(&call(true), Ok(()));
         assert!(pass(shared.gate(0, 5, None)));
         // The topology marks it down at once — once per snapshot.
         assert!(matches!(shared.gate(0, 5, Some(7)), Gate::Refuse(_)));
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(matches!(shared.gate(0, 5, Some(7)), Gate::Probe));
+        assert!(matches!(shared.gate(0, 5, Some(7)), Gate::Probe(_)));
         shared.record(&call(true), Ok(()));
         assert!(
             pass(shared.gate(0, 5, Some(7))),

@@ -29,6 +29,7 @@ pin_project! {
             inner: F,
             shared: Arc<Shared<C>>,
             generation: u64,
+            told: u64,
         },
         Failed {
             error: Option<Error>,
@@ -37,12 +38,14 @@ pin_project! {
 }
 
 impl<F, C: Connect> ResponseFuture<F, C> {
-    pub(super) fn called(inner: F, shared: Arc<Shared<C>>, generation: u64) -> Self {
+    /// `told`: what the shared state's `failures_told` said as the call started.
+    pub(super) fn called(inner: F, shared: Arc<Shared<C>>, generation: u64, told: u64) -> Self {
         ResponseFuture {
             state: State::Called {
                 inner,
                 shared,
                 generation,
+                told,
             },
         }
     }
@@ -68,6 +71,7 @@ where
                 inner,
                 shared,
                 generation,
+                told,
             } => {
                 let result = ready!(inner.poll(cx));
                 Poll::Ready(match result {
@@ -79,7 +83,7 @@ where
                         let error = error.with_generation(*generation);
                         // A blocking command's own connection says nothing about the client.
                         if !error.is_detached() {
-                            shared.observe_error(&error, *generation);
+                            shared.observe_error(&error, *generation, *told);
                         }
                         Err(error)
                     }

@@ -350,8 +350,9 @@ where
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     tracing::Span::current().record("generation", current.generation);
                 }
+                let told = self.shared.failures_told();
                 let inner = current.service.call(request);
-                ResponseFuture::called(inner, self.shared.clone(), current.generation)
+                ResponseFuture::called(inner, self.shared.clone(), current.generation, told)
             }
             _ => ResponseFuture::failed(Error::new(
                 ErrorKind::Closed,

@@ -25,6 +25,10 @@ pub enum RebuildAction {
 
 /// Decides from the errors of the current inner client whether to rebuild it.
 ///
+/// Of the `Connection` and `Timeout` errors of calls that were in flight together, the layer
+/// passes on the first only: calls that fail together (one connection reset, or a dead node's
+/// calls timing out at once while the other nodes serve) are one failure, not a streak.
+///
 /// Shared by every clone of the service, hence `&self` and `Sync`: keep state in atomics.
 /// [`RebuildPolicy::on_success`] runs on every successful call, so it must be cheap.
 pub trait RebuildPolicy: Send + Sync + 'static {
@@ -42,7 +46,9 @@ pub trait RebuildPolicy: Send + Sync + 'static {
 ///
 /// * `Unreachable` (no node can be reached, the redis-py #2472 state) → [`RebuildAction::Replace`].
 /// * `threshold` consecutive `Connection`/`Timeout` errors, the first no longer than `window`
-///   ago, with no success in between → [`RebuildAction::Rebuild`].
+///   ago, with no success in between → [`RebuildAction::Rebuild`]. Calls in flight together
+///   that fail together count once (see [`RebuildPolicy`]): one dead node of many does not
+///   make a new client, which would dial the dead node too.
 /// * A refused login (`Auth` other than `NOPERM`: `WRONGPASS`, `NOAUTH`, a failed `AUTH`) →
 ///   [`RebuildAction::Rebuild`]: the password or token the inner client holds was rotated, and
 ///   a new client asks the [credentials provider](crate::connect::CredentialsProvider) afresh.

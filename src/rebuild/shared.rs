@@ -17,7 +17,7 @@ use tokio::{sync::watch, time::Instant};
 use super::{RebuildAction, RebuildConfig, RebuildStatus};
 use crate::{
     connect::{Connect, ConnectHints, Endpoint},
-    Error,
+    Error, ErrorKind,
 };
 
 /// The serving inner service and its generation.
@@ -53,6 +53,9 @@ pub(crate) struct Shared<C: Connect> {
     /// Bumped after every change of `slot`, so callers can tell with one load whether the
     /// service they cached is still the one to use.
     slot_version: AtomicU64,
+    /// Connection and timeout errors the policy has been told of: a call reads it when it
+    /// starts, and its failure reaches the policy only when no other did meanwhile.
+    failures_told: AtomicU64,
     status: watch::Sender<RebuildStatus>,
     control: Mutex<Control>,
 }
@@ -102,6 +105,7 @@ where
             slot,
             serving: ArcSwapOption::empty(),
             slot_version: AtomicU64::new(0),
+            failures_told: AtomicU64::new(0),
             status,
             control: Mutex::new(Control {
                 rebuilding: false,
@@ -135,10 +139,32 @@ where
         self.control().status.last_error.clone()
     }
 
+    /// What a call reads as it starts, for [`observe_error`](Self::observe_error).
+    pub(crate) fn failures_told(&self) -> u64 {
+        self.failures_told.load(Ordering::Relaxed)
+    }
+
     /// Feeds an error of generation `generation` to the policy and acts on its answer.
-    pub(crate) fn observe_error(self: &Arc<Self>, error: &Error, generation: u64) {
+    /// `told` is what [`failures_told`](Self::failures_told) said when the call started: of
+    /// the connection and timeout errors of calls in flight together — one node's connection
+    /// reset, or a dead node's calls timing out at once while the others serve — the policy
+    /// hears the first only.
+    pub(crate) fn observe_error(self: &Arc<Self>, error: &Error, generation: u64, told: u64) {
         if generation < self.generation() {
             // Already replaced: the error says nothing about the current client.
+            return;
+        }
+        if matches!(error.kind(), ErrorKind::Connection | ErrorKind::Timeout)
+            && self
+                .failures_told
+                .compare_exchange(
+                    told,
+                    told.wrapping_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
             return;
         }
         let action = self.config.policy.on_error(error);
