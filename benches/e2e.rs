@@ -390,9 +390,11 @@ fn percentile_us(sorted: &[u64], p: f64) -> f64 {
 
 /// The smallest and the largest of `values`.
 fn spread(values: &[f64]) -> (f64, f64) {
-    values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-        (lo.min(*v), hi.max(*v))
-    })
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(*v), hi.max(*v))
+        })
 }
 
 fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
@@ -593,7 +595,14 @@ fn ceiling(cluster: &LocalCluster, tasks: usize, calls: u64, pipeline_len: usize
     for pipeline in [1, pipeline_len] {
         let output = std::process::Command::new("redis-benchmark")
             .args(["-h", &seed.ip().to_string(), "-p", &seed.port().to_string()])
-            .args(["--cluster", "-t", "set,get", "-q", "-d", &VALUE.len().to_string()])
+            .args([
+                "--cluster",
+                "-t",
+                "set,get",
+                "-q",
+                "-d",
+                &VALUE.len().to_string(),
+            ])
             .args(["-c", &tasks.to_string(), "-n", &calls.to_string()])
             .args(["-P", &pipeline.to_string()])
             .output();
@@ -602,8 +611,14 @@ fn ceiling(cluster: &LocalCluster, tasks: usize, calls: u64, pipeline_len: usize
                 let text = String::from_utf8_lossy(&out.stdout);
                 // `-q` prints `SET: 123456.79 requests per second, p50=…` per test, after
                 // progress lines that end in carriage returns.
-                for line in text.split(['\r', '\n']).filter(|l| l.contains("requests per second")) {
-                    println!("redis-benchmark --cluster -c {tasks} -P {pipeline}: {}", line.trim());
+                for line in text
+                    .split(['\r', '\n'])
+                    .filter(|l| l.contains("requests per second"))
+                {
+                    println!(
+                        "redis-benchmark --cluster -c {tasks} -P {pipeline}: {}",
+                        line.trim()
+                    );
                 }
             }
             Err(e) => println!("redis-benchmark not run: {e}"),

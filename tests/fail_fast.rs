@@ -252,3 +252,89 @@ async fn scenario(cluster: LocalCluster, settle: Duration) {
         assert!(counted("redis_cluster_shard_down_total") >= 1);
     }
 }
+
+/// The seed's shape: its master crashes and the replica takes over, while the crashed master
+/// stays known to the cluster (Redis 7.0 lists it as a master without slots; a server that
+/// groups nodes by shard id lists it beside the promoted replica, which the topology parser's
+/// own test covers). Fail-fast probes the primary the topology names: the shard must serve
+/// again as soon as the promoted replica does.
+async fn back_after_a_failover(mut cluster: LocalCluster) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let client = connected(
+        cluster
+            .client_builder()
+            .timeout(Duration::from_secs(1))
+            .fail_fast(FailFastConfig::default()),
+    )
+    .await;
+    let set = |n: u64| {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg("ff:failover").arg(n);
+        cmd
+    };
+    client.send(set(0)).await.unwrap();
+    let master = cluster.master_of(0);
+    cluster.kill_node(master.addr).await.unwrap();
+    // Calls fail (or fail fast) until the promotion; keep calling so the shard trips.
+    let started = Instant::now();
+    let mut n = 0;
+    let mut tripped = false;
+    while started.elapsed() < Duration::from_secs(30) {
+        n += 1;
+        match client.send(set(n)).await {
+            Err(e) if e.kind() == ErrorKind::ShardDown => tripped = true,
+            _ => {}
+        }
+        if tripped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tripped, "the shard never failed fast with its master dead");
+    // One master cannot win a failover election by itself: the replica takes over, as an
+    // operator (or a managed service) would make it.
+    let replica = cluster.replicas_of(0)[0].clone();
+    let mut takeover = redis::cmd("CLUSTER");
+    takeover.arg("FAILOVER").arg("TAKEOVER");
+    cluster.node_command(replica.addr, &takeover).await.unwrap();
+    cluster.wait_healthy(Duration::from_secs(30)).await.unwrap();
+    let healthy = Instant::now();
+    // The topology names the promoted replica (the client refreshes it every 2 s or on
+    // errors), a probe finds it serving: writes go through again.
+    loop {
+        n += 1;
+        match client.send(set(n)).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                healthy.elapsed() < Duration::from_secs(10),
+                "still failing {:?} after the cluster was healthy: {e}",
+                healthy.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "writes served again {:?} after the cluster was healthy",
+        healthy.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_failed_over_serves_again() {
+    init_tracing();
+    back_after_a_failover(support::cluster(1, 1).await).await;
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_failed_over_serves_again_when_managed() {
+    init_tracing();
+    let cluster = LocalCluster::builder()
+        .managed()
+        .shards(1)
+        .replicas(1)
+        .start()
+        .await
+        .expect("the managed cluster starts");
+    back_after_a_failover(cluster).await;
+}

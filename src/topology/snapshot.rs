@@ -465,9 +465,33 @@ pub(crate) fn parse_cluster_shards(reply: &Value, asked: &Asked) -> Result<Vec<S
                             role,
                             health,
                         };
-                        if role == NodeRole::Master && master.is_none() {
-                            master = Some(node);
+                        // After a failover the old master stays listed as a `master` of the
+                        // shard, failed, beside the promoted one: the one that serves is the
+                        // shard's master; the other counts with the replicas.
+                        let rank = |h: NodeHealth| match h {
+                            NodeHealth::Online => 0,
+                            NodeHealth::Loading => 1,
+                            NodeHealth::Failed => 2,
+                        };
+                        let demoted = if role != NodeRole::Master {
+                            Some(node)
                         } else {
+                            match master.take() {
+                                None => {
+                                    master = Some(node);
+                                    None
+                                }
+                                Some(first) if rank(node.health) < rank(first.health) => {
+                                    master = Some(node);
+                                    Some(first)
+                                }
+                                Some(first) => {
+                                    master = Some(first);
+                                    Some(node)
+                                }
+                            }
+                        };
+                        if let Some(node) = demoted {
                             replicas.push(TopologyNode {
                                 role: NodeRole::Replica,
                                 ..node
@@ -688,6 +712,32 @@ mod tests {
                 .id,
             "m2"
         );
+    }
+
+    /// After a failover, until the old master comes back (as a replica) or is forgotten, a
+    /// server that groups nodes by shard id may list it in its shard with role `master` and
+    /// health `fail`, beside the promoted replica, in either order (Redis 7.0.15 lists it as a
+    /// shard of its own, without slots). The shard's master is the one that serves.
+    #[test]
+    fn a_failed_old_master_listed_beside_the_promoted_one_is_not_the_shards_master() {
+        for failed_first in [true, false] {
+            let old = node("old", "127.0.0.1", 7000, "master", "fail");
+            let new = node("new", "127.0.0.2", 7000, "master", "online");
+            let nodes = if failed_first {
+                vec![old, new]
+            } else {
+                vec![new, old]
+            };
+            let shards =
+                parse_cluster_shards(&Value::Array(vec![shard(0, 16383, nodes)]), &asked(false))
+                    .unwrap();
+            let master = shards[0].master.as_ref().unwrap();
+            assert_eq!(master.id, "new", "failed listed first: {failed_first}");
+            assert_eq!(master.health, NodeHealth::Online);
+            assert_eq!(shards[0].replicas.len(), 1);
+            assert_eq!(shards[0].replicas[0].id, "old");
+            assert_eq!(shards[0].replicas[0].health, NodeHealth::Failed);
+        }
     }
 
     /// What a Redis 7 node with `cluster-announce-hostname` and
