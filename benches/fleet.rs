@@ -228,6 +228,15 @@ async fn run(clients: usize, steady: Duration, outage: Duration) {
         let _ = caller.await;
     }
     let (down_total, down_burst, down_seed) = counting.between(down_from, down_to);
+    if std::env::var("FLEET_WINDOWS").is_ok() {
+        let windows = counting.windows.lock().unwrap();
+        let per_second: Vec<u64> = windows
+            [down_from.min(windows.len())..down_to.min(windows.len())]
+            .chunks(10)
+            .map(|c| c.iter().map(|w| w.0).sum())
+            .collect();
+        println!("outage attempts per second, second by second: {per_second:?}");
+    }
     let down_seconds = outage.as_secs_f64();
     let per_client_second = down_total as f64 / clients as f64 / down_seconds;
 

@@ -184,6 +184,9 @@ struct Inner {
     /// Raised on a connection of its own (a blocking command's), not the shared inner client:
     /// it says nothing about whether that client needs rebuilding.
     detached: bool,
+    /// When trying again is worth it: a connection check the client's outage gate holds back
+    /// is due then.
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl Error {
@@ -207,6 +210,7 @@ impl Error {
             message: Some(Arc::from(message.into())),
             source: None,
             detached: false,
+            retry_at: None,
         }))
     }
 
@@ -225,6 +229,7 @@ impl Error {
             message: None,
             source: Some(Arc::new(err)),
             detached: false,
+            retry_at: None,
         }))
     }
 
@@ -260,6 +265,7 @@ impl Error {
             message: None,
             source: Some(Arc::new(err)),
             detached: false,
+            retry_at: None,
         }))
     }
 
@@ -321,6 +327,17 @@ impl Error {
     /// Whether the error was raised on a connection of its own.
     pub(crate) fn is_detached(&self) -> bool {
         self.0.detached
+    }
+
+    /// Says when trying again is worth it (see `Inner::retry_at`).
+    pub(crate) fn with_retry_at(mut self, at: Option<tokio::time::Instant>) -> Self {
+        self.0.retry_at = at;
+        self
+    }
+
+    /// When trying again is worth it, if the error knows.
+    pub(crate) fn retry_at(&self) -> Option<tokio::time::Instant> {
+        self.0.retry_at
     }
 
     /// The root cause, shared (cheap to attach to another error).
@@ -577,6 +594,7 @@ impl From<tower::BoxError> for Error {
                         message: Some(Arc::from("a middleware failed")),
                         source: Some(Arc::from(other)),
                         detached: false,
+                        retry_at: None,
                     })),
                 },
             },

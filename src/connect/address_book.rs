@@ -32,6 +32,8 @@ pub(crate) struct AddressBook {
     /// than a connection timeout, so the fallback still has time to connect.
     lookup_timeout: Duration,
     entries: Mutex<HashMap<String, Entry>>,
+    /// The pace of this client's checks of the cluster while no node answers.
+    outage: super::outage::OutageGate,
 }
 
 #[derive(Default)]
@@ -49,7 +51,14 @@ impl AddressBook {
             resolver,
             lookup_timeout,
             entries: Mutex::new(HashMap::new()),
+            outage: super::outage::OutageGate::new(),
         }
+    }
+
+    /// The pace of connection checks while no node answers, shared by the connects and the
+    /// topology refreshes that use this book.
+    pub(crate) fn outage(&self) -> &super::outage::OutageGate {
+        &self.outage
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {

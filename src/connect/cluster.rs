@@ -250,9 +250,32 @@ impl ClusterConnector {
     /// The candidates that accept a TCP connection, probed all at once: those that answer by
     /// the time the first one did plus a short grace. When none does, the first candidate's
     /// failure: none would accept the inner client either, which would try each in turn again.
-    async fn reachable(&self, candidates: Vec<Endpoint>) -> Result<Vec<Endpoint>, Error> {
-        if candidates.len() < 2 {
-            return Ok(candidates);
+    ///
+    /// While no node answers (this check or the topology refresh's found none), one candidate
+    /// at a time is checked, at the pace of the client's [`OutageGate`], and the attempts in
+    /// between fail at once without dialling.
+    ///
+    /// [`OutageGate`]: super::outage::OutageGate
+    async fn reachable(&self, mut candidates: Vec<Endpoint>) -> Result<Vec<Endpoint>, Error> {
+        use super::outage::Check;
+        let check = if candidates.is_empty() {
+            Check::Clear
+        } else {
+            self.book.outage().check()
+        };
+        match check {
+            Check::Clear if candidates.len() < 2 => return Ok(candidates),
+            Check::Clear => {}
+            Check::Wait { since, next } => {
+                return Err(
+                    super::outage::waiting(since, next, self.book.outage().cause())
+                        .with_sent(crate::Sent::No),
+                );
+            }
+            Check::One { turn } => {
+                let one = candidates.swap_remove(turn % candidates.len());
+                candidates = vec![one];
+            }
         }
         let timeout = self.connection_timeout;
         let attempts: FuturesUnordered<_> = candidates
@@ -318,8 +341,12 @@ impl ClusterConnector {
             if let Some((_, cause)) = first {
                 error = error.with_source(cause);
             }
-            return Err(error);
+            self.book.outage().unreached(Some(error.clone()));
+            // The next check is the gate's: a rebuild waits for it rather than for its own
+            // backoff.
+            return Err(error.with_retry_at(self.book.outage().next_check()));
         }
+        self.book.outage().reached();
         let skipped = candidates.len() - reachable.len();
         if skipped > 0 {
             tracing::debug!(

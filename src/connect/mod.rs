@@ -8,6 +8,7 @@ mod address_book;
 mod cluster;
 mod credentials;
 mod node;
+pub(crate) mod outage;
 mod resolve;
 mod seeds;
 mod tls;

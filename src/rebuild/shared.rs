@@ -375,7 +375,14 @@ where
                 return;
             }
             Err(error) => {
-                let delay = backoff.next_delay();
+                // A connector that knows when the next try is worth it (its connection checks
+                // are paced while no node answers) is taken at its word; otherwise back off.
+                let delay = match error.retry_at() {
+                    Some(at) => at
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(10)),
+                    None => backoff.next_delay(),
+                };
                 shared.record_failure(error, attempt, delay);
                 drop(shared);
                 tokio::time::sleep(delay).await;

@@ -231,9 +231,39 @@ impl TopologySource {
 
     /// Resolves the seeds now, adds the `known` nodes, asks each over a fresh connection and
     /// returns the view most of them agree on.
+    ///
+    /// While no node answers (this refresh's or the connector's last check found none), one
+    /// node is asked at a time — a known node and the seeds in turn — at the pace of the
+    /// client's [`OutageGate`](crate::connect::outage::OutageGate), and refreshes in between
+    /// fail at once without dialling.
     pub(crate) async fn fetch(&self, known: &[Endpoint]) -> Result<Fetched, Error> {
+        use crate::connect::outage::Check;
         let mut errors: Vec<Error> = Vec::new();
-        let probes = self.probes(known, &mut errors).await;
+        let probes = match self.book.outage().check() {
+            Check::Clear => self.probes(known, &mut errors).await,
+            Check::Wait { since, next } => {
+                return Err(crate::connect::outage::waiting(
+                    since,
+                    next,
+                    self.book.outage().cause(),
+                ));
+            }
+            Check::One { turn } if !known.is_empty() && turn % 2 == 1 => vec![Probe {
+                endpoint: known[(turn / 2) % known.len()].clone(),
+                pin: None,
+            }],
+            Check::One { turn } => {
+                let mut seeds = self.seed_probes(known, &mut errors).await;
+                seeds.truncate(1);
+                if seeds.is_empty() && !known.is_empty() {
+                    seeds.push(Probe {
+                        endpoint: known[(turn / 2) % known.len()].clone(),
+                        pin: None,
+                    });
+                }
+                seeds
+            }
+        };
         let asked = probes.len();
 
         let answers = stream::iter(probes)
@@ -265,6 +295,21 @@ impl TopologySource {
             );
         }
         let answered = views_by_node.len();
+        // A node that answered at all — with a view or with a refusal — is there.
+        let heard = answered > 0
+            || errors.iter().any(|e| {
+                !matches!(
+                    e.kind(),
+                    crate::ErrorKind::Connection
+                        | crate::ErrorKind::Timeout
+                        | crate::ErrorKind::Unreachable
+                )
+            });
+        if heard {
+            self.book.outage().reached();
+        } else {
+            self.book.outage().unreached(errors.last().cloned());
+        }
 
         let mut views: HashMap<_, (usize, Vec<Shard>)> = HashMap::new();
         for shards in views_by_node.into_values() {

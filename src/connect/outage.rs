@@ -1,0 +1,210 @@
+//! [`OutageGate`]: one client's pace of connection checks while no node answers.
+//!
+//! A client checks the cluster from two places — the rebuild layer's connect (a TCP check of
+//! the seeds and known nodes) and the topology refresh (a request to some of them) — and
+//! both react to failing calls. Through a total outage each would keep dialling every node it
+//! knows at its own backoff, and a fleet of clients multiplies that. The gate, shared by the
+//! two through the client's address book, turns them into one paced check: once an attempt
+//! reached no node, the next ones ask **one** node at a time, at most once per delay that
+//! grows from 250 ms to 2 s (each drawn between half of it and all of it, so a fleet spreads
+//! out), and fail at once in between. The first node that answers ends it.
+
+use std::{sync::Mutex, time::Duration};
+
+use tokio::time::Instant;
+use tower::util::rng::{HasherRng, Rng};
+
+/// The first delay between checks once no node answered.
+const FIRST: Duration = Duration::from_millis(250);
+/// The longest delay between checks.
+const CAP: Duration = Duration::from_secs(2);
+
+/// What an attempt to reach the cluster may do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// The last attempt reached a node (or none failed yet): ask every candidate.
+    Clear,
+    /// No node answered since `since`; the next check is due at `next`: fail without dialling.
+    Wait { since: Instant, next: Instant },
+    /// A check is due: ask one candidate only, this turn's (`turn` counts the checks).
+    One { turn: usize },
+}
+
+pub(crate) struct OutageGate {
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Since when no attempt reached a node; `None` while they do.
+    since: Option<Instant>,
+    next: Instant,
+    delay: Duration,
+    turn: usize,
+    /// Why the last attempt reached no node.
+    cause: Option<crate::Error>,
+    rng: HasherRng,
+}
+
+impl OutageGate {
+    pub(crate) fn new() -> Self {
+        OutageGate {
+            state: Mutex::new(State {
+                since: None,
+                next: Instant::now(),
+                delay: FIRST,
+                turn: 0,
+                cause: None,
+                rng: HasherRng::default(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Plain assignments only: a panic elsewhere cannot leave it half-written.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What an attempt starting now may do. A check that is due is handed to one attempt
+    /// only: the next is due a delay later.
+    pub(crate) fn check(&self) -> Check {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let Some(since) = state.since else {
+            return Check::Clear;
+        };
+        if now < state.next {
+            return Check::Wait {
+                since,
+                next: state.next,
+            };
+        }
+        state.turn = state.turn.wrapping_add(1);
+        let delay = state.delay;
+        state.next = now + state.jittered(delay);
+        state.delay = (delay * 2).min(CAP);
+        Check::One { turn: state.turn }
+    }
+
+    /// An attempt reached a node: attempts ask every candidate again.
+    pub(crate) fn reached(&self) {
+        let mut state = self.lock();
+        if let Some(since) = state.since.take() {
+            tracing::info!(
+                down_ms = since.elapsed().as_millis() as u64,
+                "a node answers again: connection checks back to normal"
+            );
+        }
+        state.delay = FIRST;
+        state.cause = None;
+    }
+
+    /// When the next check is due, while no node answers.
+    pub(crate) fn next_check(&self) -> Option<Instant> {
+        let state = self.lock();
+        state.since.map(|_| state.next)
+    }
+
+    /// Why the last attempt reached no node, while none does.
+    pub(crate) fn cause(&self) -> Option<crate::Error> {
+        let state = self.lock();
+        state.since.and(state.cause.clone())
+    }
+
+    /// An attempt reached no node, for `cause`.
+    pub(crate) fn unreached(&self, cause: Option<crate::Error>) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if cause.is_some() {
+            state.cause = cause;
+        }
+        if state.since.is_none() {
+            tracing::warn!(
+                "no node answered: checking one node at a time, at most every {CAP:?}, until one does"
+            );
+            state.since = Some(now);
+            state.delay = FIRST;
+            state.next = now + state.jittered(FIRST);
+            state.delay = (FIRST * 2).min(CAP);
+        }
+    }
+}
+
+/// The error of an attempt the gate holds back: no node answered since `since`, the next
+/// check is due at `next`; with the last attempt's failure as its cause.
+pub(crate) fn waiting(since: Instant, next: Instant, cause: Option<crate::Error>) -> crate::Error {
+    let now = Instant::now();
+    let mut error = crate::Error::unreachable(format!(
+        "no node has answered for {:?}; the next check is in {:?}",
+        now.saturating_duration_since(since),
+        next.saturating_duration_since(now)
+    ));
+    if let Some(cause) = cause {
+        error = error.with_source(cause);
+    }
+    error.with_retry_at(Some(next))
+}
+
+impl State {
+    /// Between half of `delay` and all of it.
+    fn jittered(&mut self, delay: Duration) -> Duration {
+        delay.mul_f64(0.5 + 0.5 * self.rng.next_f64())
+    }
+}
+
+impl std::fmt::Debug for OutageGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("OutageGate")
+            .field("since", &state.since)
+            .field("next", &state.next)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn after_an_attempt_that_reached_no_node_checks_go_one_at_a_time_at_a_growing_pace() {
+        let gate = OutageGate::new();
+        assert_eq!(gate.check(), Check::Clear);
+        gate.unreached(None);
+        // Until the first check is due, attempts fail without dialling.
+        assert!(matches!(gate.check(), Check::Wait { .. }));
+        let mut dues = Vec::new();
+        let started = Instant::now();
+        let mut last_turn = 0;
+        while started.elapsed() < Duration::from_secs(10) {
+            match gate.check() {
+                Check::One { turn } => {
+                    assert_eq!(turn, last_turn + 1, "one attempt per due check");
+                    last_turn = turn;
+                    dues.push(started.elapsed());
+                    // A second attempt at the same moment waits.
+                    assert!(matches!(gate.check(), Check::Wait { .. }));
+                    gate.unreached(None);
+                }
+                Check::Wait { next, .. } => assert!(next > Instant::now()),
+                Check::Clear => panic!("cleared without a node answering"),
+            }
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        // 125–250 ms, then growing to 1–2 s apart: 6 to 13 checks in 10 s, not one per
+        // attempt.
+        assert!((6..=13).contains(&dues.len()), "{dues:?}");
+        assert!(dues[0] >= Duration::from_millis(120), "{dues:?}");
+        for pair in dues.windows(2).skip(3) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_millis(990) && gap <= Duration::from_millis(2_010),
+                "{dues:?}"
+            );
+        }
+        // A node answers: every candidate again.
+        gate.reached();
+        assert_eq!(gate.check(), Check::Clear);
+        gate.unreached(None);
+        assert!(matches!(gate.check(), Check::Wait { .. }));
+    }
+}
