@@ -305,3 +305,76 @@ async fn a_connect_no_node_accepts_fails_from_its_tcp_check_with_the_cause() {
         "the cause is shown: {text}"
     );
 }
+
+/// The harness's names, counting every lookup: with nodes announced by host name, one per
+/// connection attempt of any part of a client.
+struct CountingNames {
+    names: tower_redis_cluster::harness::NameMap,
+    lookups: AtomicU64,
+}
+
+impl tower_redis_cluster::connect::Resolve for CountingNames {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> tower_redis_cluster::connect::ResolveFuture<'a> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        self.names.resolve(host, port)
+    }
+}
+
+/// Through a total outage a client does not keep dialling every node it knows from its
+/// rebuilds and its refreshes alike: once a check reached no node, one node is checked at a
+/// time, at most every 2 s or so — and the client serves again soon after the cluster does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_total_outage_connection_checks_are_paced_and_the_client_comes_back() {
+    init_tracing();
+    let mut cluster = LocalCluster::builder()
+        .shards(3)
+        .replicas(1)
+        .announce_hostnames(true)
+        .start()
+        .await
+        .expect("the cluster starts");
+    let names = Arc::new(CountingNames {
+        names: cluster.name_map(),
+        lookups: AtomicU64::new(0),
+    });
+    let client = support::connected(cluster.client_builder().resolver(names.clone())).await;
+    let get = || {
+        let mut cmd = tower_redis_cluster::redis::cmd("GET");
+        cmd.arg("paced");
+        cmd
+    };
+    client.send(get()).await.unwrap();
+    let caller = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = client.send(get()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    cluster.stop_all().await.unwrap();
+    // The first reaction dials what the client knows (and the inner client reconnects on its
+    // own); after it, the pace holds.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let from = names.lookups.load(Ordering::Relaxed);
+    let window = Duration::from_secs(5);
+    tokio::time::sleep(window).await;
+    let during = names.lookups.load(Ordering::Relaxed) - from;
+    println!("connection attempts in {window:?} of a total outage: {during}");
+    assert!(
+        during as f64 <= 2.0 * window.as_secs_f64(),
+        "{during} connection attempts in {window:?} of a total outage"
+    );
+    cluster.start_all().await.unwrap();
+    let healthy = Instant::now();
+    first_success(&client, Duration::from_secs(5))
+        .await
+        .expect("the client serves again");
+    println!("served again {:?} after the cluster", healthy.elapsed());
+    caller.abort();
+}
