@@ -15,6 +15,9 @@
 //!    per second during the outage and the largest 100 ms burst, then the time until every
 //!    client has served a call again. Target: ≤ 2 attempts per client per second.
 //!
+//! `FLEET_WINDOWS=1` also prints the idle windows that had attempts and the outage's attempts
+//! second by second.
+//!
 //! ```text
 //! cargo bench --features test-util --bench fleet
 //! FLEET_CLIENTS=50 FLEET_STEADY_SECS=10 cargo bench --features test-util --bench fleet
