@@ -607,6 +607,11 @@ fn ceiling(cluster: &LocalCluster, tasks: usize, calls: u64, pipeline_len: usize
             .args(["-P", &pipeline.to_string()])
             .output();
         match output {
+            Ok(out) if !out.status.success() => println!(
+                "redis-benchmark -P {pipeline} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
             Ok(out) => {
                 let text = String::from_utf8_lossy(&out.stdout);
                 // `-q` prints `SET: 123456.79 requests per second, p50=…` per test, after

@@ -52,6 +52,7 @@ async fn keys_by_shard(cluster: &LocalCluster, per_shard: usize) -> Vec<(String,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace() {
     init_tracing();
+    let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = LocalCluster::builder()
         .shards(3)
         .replicas(0)
@@ -74,6 +75,7 @@ async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_shard_fails_fast_and_the_healthy_ones_keep_their_pace_when_managed() {
     init_tracing();
+    let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = LocalCluster::builder()
         .managed()
         .shards(3)
@@ -101,11 +103,11 @@ fn snapshotter() -> &'static metrics_util::debugging::Snapshotter {
     })
 }
 
-/// One scenario at a time: each measures throughput, which a second cluster's load would skew.
+/// One test at a time, from before its cluster starts: the scenarios measure throughput, which
+/// a second cluster's load — starting one included — would skew.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn scenario(cluster: LocalCluster, settle: Duration) {
-    let _alone = ONE_AT_A_TIME.lock().await;
     #[cfg(feature = "metrics")]
     let snapshotter = snapshotter();
     let name = format!("fail-fast-{}", cluster.port());
@@ -259,7 +261,6 @@ async fn scenario(cluster: LocalCluster, settle: Duration) {
 /// own test covers). Fail-fast probes the primary the topology names: the shard must serve
 /// again as soon as the promoted replica does.
 async fn back_after_a_failover(mut cluster: LocalCluster) {
-    let _alone = ONE_AT_A_TIME.lock().await;
     let client = connected(
         cluster
             .client_builder()
@@ -299,8 +300,8 @@ async fn back_after_a_failover(mut cluster: LocalCluster) {
     cluster.node_command(replica.addr, &takeover).await.unwrap();
     cluster.wait_healthy(Duration::from_secs(30)).await.unwrap();
     let healthy = Instant::now();
-    // The topology names the promoted replica (the client refreshes it every 2 s or on
-    // errors), a probe finds it serving: writes go through again.
+    // The topology names the promoted replica (the trip and each failed probe ask for a
+    // refresh), a probe finds it serving, a trial call succeeds: writes go through again.
     loop {
         n += 1;
         match client.send(set(n)).await {
@@ -322,6 +323,7 @@ async fn back_after_a_failover(mut cluster: LocalCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_that_failed_over_serves_again() {
     init_tracing();
+    let _alone = ONE_AT_A_TIME.lock().await;
     back_after_a_failover(support::cluster(1, 1).await).await;
 }
 
@@ -329,6 +331,7 @@ async fn a_shard_that_failed_over_serves_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_that_failed_over_serves_again_when_managed() {
     init_tracing();
+    let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = LocalCluster::builder()
         .managed()
         .shards(1)

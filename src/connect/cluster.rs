@@ -257,26 +257,27 @@ impl ClusterConnector {
     ///
     /// [`OutageGate`]: super::outage::OutageGate
     async fn reachable(&self, mut candidates: Vec<Endpoint>) -> Result<Vec<Endpoint>, Error> {
-        use super::outage::Check;
+        use super::outage::{Check, Checker};
         let check = if candidates.is_empty() {
-            Check::Clear
+            Check::Clear { epoch: 0 }
         } else {
-            self.book.outage().check()
+            self.book.outage().check(Checker::Connect)
         };
-        match check {
-            Check::Clear if candidates.len() < 2 => return Ok(candidates),
-            Check::Clear => {}
+        let epoch = match check {
+            Check::Clear { .. } if candidates.len() < 2 => return Ok(candidates),
+            Check::Clear { epoch } => epoch,
             Check::Wait { since, next } => {
                 return Err(
                     super::outage::waiting(since, next, self.book.outage().cause())
                         .with_sent(crate::Sent::No),
                 );
             }
-            Check::One { turn } => {
+            Check::One { turn, epoch } => {
                 let one = candidates.swap_remove(turn % candidates.len());
                 candidates = vec![one];
+                epoch
             }
-        }
+        };
         let timeout = self.connection_timeout;
         let attempts: FuturesUnordered<_> = candidates
             .iter()
@@ -341,7 +342,7 @@ impl ClusterConnector {
             if let Some((_, cause)) = first {
                 error = error.with_source(cause);
             }
-            self.book.outage().unreached(Some(error.clone()));
+            self.book.outage().unreached(epoch, Some(error.clone()));
             // The next check is the gate's: a rebuild waits for it rather than for its own
             // backoff.
             return Err(error.with_retry_at(self.book.outage().next_check()));

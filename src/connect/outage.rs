@@ -19,15 +19,26 @@ const FIRST: Duration = Duration::from_millis(250);
 /// The longest delay between checks.
 const CAP: Duration = Duration::from_secs(2);
 
-/// What an attempt to reach the cluster may do now.
+/// Who checks: each takes its own turns through its candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checker {
+    /// The rebuild layer's connect.
+    Connect = 0,
+    /// A topology refresh.
+    Refresh = 1,
+}
+
+/// What an attempt to reach the cluster may do now. `epoch` goes back with its result: a
+/// result of an attempt that began before another reached a node is not news.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Check {
     /// The last attempt reached a node (or none failed yet): ask every candidate.
-    Clear,
+    Clear { epoch: u64 },
     /// No node answered since `since`; the next check is due at `next`: fail without dialling.
     Wait { since: Instant, next: Instant },
-    /// A check is due: ask one candidate only, this turn's (`turn` counts the checks).
-    One { turn: usize },
+    /// A check is due: ask one candidate only, this turn's (`turn` counts this checker's
+    /// checks).
+    One { turn: usize, epoch: u64 },
 }
 
 pub(crate) struct OutageGate {
@@ -39,7 +50,9 @@ struct State {
     since: Option<Instant>,
     next: Instant,
     delay: Duration,
-    turn: usize,
+    turns: [usize; 2],
+    /// Counts the attempts that reached a node.
+    epoch: u64,
     /// Why the last attempt reached no node.
     cause: Option<crate::Error>,
     rng: HasherRng,
@@ -52,7 +65,8 @@ impl OutageGate {
                 since: None,
                 next: Instant::now(),
                 delay: FIRST,
-                turn: 0,
+                turns: [0; 2],
+                epoch: 0,
                 cause: None,
                 rng: HasherRng::default(),
             }),
@@ -64,13 +78,14 @@ impl OutageGate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What an attempt starting now may do. A check that is due is handed to one attempt
-    /// only: the next is due a delay later.
-    pub(crate) fn check(&self) -> Check {
+    /// What an attempt of `who` starting now may do. A check that is due is handed to one
+    /// attempt only: the next is due a delay later.
+    pub(crate) fn check(&self, who: Checker) -> Check {
         let now = Instant::now();
         let mut state = self.lock();
+        let epoch = state.epoch;
         let Some(since) = state.since else {
-            return Check::Clear;
+            return Check::Clear { epoch };
         };
         if now < state.next {
             return Check::Wait {
@@ -78,11 +93,12 @@ impl OutageGate {
                 next: state.next,
             };
         }
-        state.turn = state.turn.wrapping_add(1);
+        let turn = state.turns[who as usize];
+        state.turns[who as usize] = turn.wrapping_add(1);
         let delay = state.delay;
         state.next = now + state.jittered(delay);
         state.delay = (delay * 2).min(CAP);
-        Check::One { turn: state.turn }
+        Check::One { turn, epoch }
     }
 
     /// An attempt reached a node: attempts ask every candidate again.
@@ -96,6 +112,7 @@ impl OutageGate {
         }
         state.delay = FIRST;
         state.cause = None;
+        state.epoch = state.epoch.wrapping_add(1);
     }
 
     /// When the next check is due, while no node answers.
@@ -110,10 +127,14 @@ impl OutageGate {
         state.since.and(state.cause.clone())
     }
 
-    /// An attempt reached no node, for `cause`.
-    pub(crate) fn unreached(&self, cause: Option<crate::Error>) {
+    /// An attempt begun at `epoch` reached no node, for `cause`. Not news when another
+    /// attempt reached one since it began.
+    pub(crate) fn unreached(&self, epoch: u64, cause: Option<crate::Error>) {
         let now = Instant::now();
         let mut state = self.lock();
+        if epoch != state.epoch {
+            return;
+        }
         if cause.is_some() {
             state.cause = cause;
         }
@@ -168,25 +189,33 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn after_an_attempt_that_reached_no_node_checks_go_one_at_a_time_at_a_growing_pace() {
         let gate = OutageGate::new();
-        assert_eq!(gate.check(), Check::Clear);
-        gate.unreached(None);
+        let Check::Clear { epoch } = gate.check(Checker::Connect) else {
+            panic!("not clear at first");
+        };
+        gate.unreached(epoch, None);
         // Until the first check is due, attempts fail without dialling.
-        assert!(matches!(gate.check(), Check::Wait { .. }));
+        assert!(matches!(gate.check(Checker::Refresh), Check::Wait { .. }));
         let mut dues = Vec::new();
         let started = Instant::now();
-        let mut last_turn = 0;
+        let mut turns = [0usize; 2];
         while started.elapsed() < Duration::from_secs(10) {
-            match gate.check() {
-                Check::One { turn } => {
-                    assert_eq!(turn, last_turn + 1, "one attempt per due check");
-                    last_turn = turn;
+            // The two checkers ask in turn; each goes through its own candidates.
+            let who = if dues.len() % 2 == 0 {
+                Checker::Connect
+            } else {
+                Checker::Refresh
+            };
+            match gate.check(who) {
+                Check::One { turn, epoch } => {
+                    assert_eq!(turn, turns[who as usize], "one attempt per due check");
+                    turns[who as usize] += 1;
                     dues.push(started.elapsed());
                     // A second attempt at the same moment waits.
-                    assert!(matches!(gate.check(), Check::Wait { .. }));
-                    gate.unreached(None);
+                    assert!(matches!(gate.check(Checker::Connect), Check::Wait { .. }));
+                    gate.unreached(epoch, None);
                 }
                 Check::Wait { next, .. } => assert!(next > Instant::now()),
-                Check::Clear => panic!("cleared without a node answering"),
+                Check::Clear { .. } => panic!("cleared without a node answering"),
             }
             tokio::time::advance(Duration::from_millis(10)).await;
         }
@@ -201,10 +230,21 @@ mod tests {
                 "{dues:?}"
             );
         }
-        // A node answers: every candidate again.
+        // An attempt begun before a node answered, that reached none, is not news.
+        let Check::Wait { .. } = gate.check(Checker::Connect) else {
+            panic!("a check was due twice");
+        };
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let Check::One { epoch: stale, .. } = gate.check(Checker::Refresh) else {
+            panic!("no check due after 2 s");
+        };
         gate.reached();
-        assert_eq!(gate.check(), Check::Clear);
-        gate.unreached(None);
-        assert!(matches!(gate.check(), Check::Wait { .. }));
+        gate.unreached(stale, None);
+        let Check::Clear { epoch } = gate.check(Checker::Connect) else {
+            panic!("a stale failure closed the gate again");
+        };
+        // A current one is.
+        gate.unreached(epoch, None);
+        assert!(matches!(gate.check(Checker::Connect), Check::Wait { .. }));
     }
 }

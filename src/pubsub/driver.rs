@@ -83,9 +83,10 @@ struct Gate {
     /// The subscriptions active on this connection, as far as the stream is concerned, per
     /// kind (patterns by pattern).
     live: [HashSet<Vec<u8>>; 3],
-    /// Confirmations the callback passed to the task that the task has not acted on yet:
-    /// messages wait behind them, in their order.
-    pending: usize,
+    /// Per kind and name: confirmations the callback passed to the task that the task has not
+    /// acted on yet. That subscription's messages wait behind them, in their order; the
+    /// others' go on.
+    confirming: [HashMap<Vec<u8>, usize>; 3],
     held: VecDeque<Message>,
     /// Messages that did not fit in `held` (as many as the stream's buffer), dropped.
     dropped: u64,
@@ -107,18 +108,24 @@ impl Gate {
         }
     }
 
-    fn is_live(&self, m: &Message) -> bool {
-        let name = m.pattern.as_deref().unwrap_or(&m.channel);
-        self.live[Self::slot(m.kind)].contains(name)
+    /// The subscription a message came by: its kind's slot and its name (the pattern, for a
+    /// pattern's message).
+    fn of(m: &Message) -> (usize, &[u8]) {
+        (
+            Self::slot(m.kind),
+            m.pattern.as_deref().unwrap_or(&m.channel),
+        )
     }
 
-    fn set_live(&mut self, key: &Key, live: bool) {
-        let set = &mut self.live[Self::slot(key.0)];
-        if live {
-            set.insert(key.1.clone());
-        } else {
-            set.remove(&key.1);
-        }
+    fn unlive(&mut self, key: &Key) {
+        self.live[Self::slot(key.0)].remove(&key.1);
+    }
+
+    /// The callback passes a confirmation of `key` to the task: its messages wait for it.
+    fn confirming(&mut self, kind: Kind, name: &[u8]) {
+        *self.confirming[Self::slot(kind)]
+            .entry(name.to_vec())
+            .or_default() += 1;
     }
 
     /// A message the connection received.
@@ -126,36 +133,58 @@ impl Gate {
         if self.closed {
             return;
         }
-        if self.pending > 0 {
+        let (slot, name) = Self::of(&m);
+        if self.confirming[slot].contains_key(name) {
             if self.held.len() < outbox.capacity() {
                 self.held.push_back(m);
             } else {
                 self.dropped += 1;
             }
-        } else if self.is_live(&m) {
+        } else if self.live[slot].contains(name) {
             outbox.message(m);
         }
     }
 
-    /// The task acted on one confirmation (and told the stream what it meant): once none is
-    /// left, the messages that waited go out.
-    fn release(&mut self, outbox: &Outbox) {
-        self.pending = self.pending.saturating_sub(1);
-        if self.pending > 0 {
+    /// The task acted on a confirmation of `key` and told the stream what it meant; `active`:
+    /// whether the subscription is active on this connection now. Once no confirmation of it
+    /// is left, its messages that waited go out (or are dropped, when it is not active).
+    fn release(&mut self, key: &Key, active: bool, outbox: &Outbox) {
+        let slot = Self::slot(key.0);
+        if active && !self.closed {
+            self.live[slot].insert(key.1.clone());
+        }
+        let Some(n) = self.confirming[slot].get_mut(&key.1) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
             return;
         }
-        for m in std::mem::take(&mut self.held) {
-            if !self.closed && self.is_live(&m) {
-                outbox.message(m);
+        self.confirming[slot].remove(&key.1);
+        let live = !self.closed && self.live[slot].contains(&key.1);
+        let mut rest = VecDeque::with_capacity(self.held.len());
+        for m in self.held.drain(..) {
+            let (s, name) = Self::of(&m);
+            if s == slot && name == &key.1[..] {
+                if live {
+                    outbox.message(m);
+                }
+            } else {
+                rest.push_back(m);
             }
         }
-        outbox.dropped(std::mem::take(&mut self.dropped));
+        self.held = rest;
+        if self.confirming.iter().all(HashMap::is_empty) {
+            outbox.dropped(std::mem::take(&mut self.dropped));
+        }
     }
 
-    fn close(&mut self) {
+    fn close(&mut self, outbox: &Outbox) {
         self.closed = true;
         self.held.clear();
         self.live.iter_mut().for_each(HashSet::clear);
+        self.confirming.iter_mut().for_each(HashMap::clear);
+        outbox.dropped(std::mem::take(&mut self.dropped));
     }
 }
 
@@ -229,9 +258,9 @@ pub(super) struct Driver {
     resubscribed: Vec<(Key, Endpoint, Instant)>,
     /// Lost since the last flush, with the cause.
     lost: Vec<(Key, Error)>,
-    /// Connections whose confirmations were acted on since the last flush, once per
-    /// confirmation: their gates open after the flush.
-    confirmed: Vec<u64>,
+    /// Confirmations acted on since the last flush, by connection and subscription: their
+    /// gates let the messages behind them go after the flush.
+    confirmed: Vec<(u64, Key)>,
     last_error: Option<Error>,
     rng: HasherRng,
     /// This subscriber's share of the client's subscriptions gauge.
@@ -356,7 +385,7 @@ impl Driver {
                     if let Some(sub) = self.subs.remove(&key) {
                         if let Some(c) = sub.state.conn() {
                             if let Some(conn) = self.conns.get(&c) {
-                                Gate::lock(&conn.gate).set_live(&key, false);
+                                Gate::lock(&conn.gate).unlive(&key);
                             }
                             by_conn.entry(c).or_default().push(key);
                         }
@@ -410,16 +439,9 @@ impl Driver {
                 );
                 return;
             }
-            PushKind::Subscribe | PushKind::PSubscribe | PushKind::SSubscribe => {
-                // Whatever it meant, the messages behind it may go once the stream says so.
-                self.confirmed.push(conn);
-                let kind = match push.kind {
-                    PushKind::Subscribe => Kind::Channel,
-                    PushKind::PSubscribe => Kind::Pattern,
-                    _ => Kind::Sharded,
-                };
-                return self.confirmed(conn, kind, push.data);
-            }
+            PushKind::Subscribe => return self.confirmed(conn, Kind::Channel, push.data),
+            PushKind::PSubscribe => return self.confirmed(conn, Kind::Pattern, push.data),
+            PushKind::SSubscribe => return self.confirmed(conn, Kind::Sharded, push.data),
             PushKind::Unsubscribe => Kind::Channel,
             PushKind::PUnsubscribe => Kind::Pattern,
             PushKind::SUnsubscribe => Kind::Sharded,
@@ -460,17 +482,33 @@ impl Driver {
             return;
         };
         let key = (kind, name);
-        let Some((endpoint, gate)) = self
-            .conns
-            .get(&conn)
-            .map(|c| (c.endpoint.clone(), c.gate.clone()))
-        else {
+        let Some(endpoint) = self.conns.get(&conn).map(|c| c.endpoint.clone()) else {
             return;
         };
+        // Whatever it means, the messages behind it may go once the stream has said so.
+        self.confirmed.push((conn, key.clone()));
+        // Confirmed by a node the topology read meanwhile no longer names as the owner of its
+        // slot: move it now rather than at the next topology change.
+        let elsewhere = key.0 == Kind::Sharded
+            && self
+                .topology
+                .as_ref()
+                .and_then(|t| owner(t, &key.1))
+                .is_some_and(|o| *o != endpoint);
         match self.subs.get_mut(&key) {
+            // Lost before, and confirmed where it no longer belongs: still lost (the stream
+            // said so already), undone here and sent where it belongs.
+            Some(sub)
+                if elsewhere
+                    && sub.lost_at.is_some()
+                    && matches!(sub.state, State::Sending { conn: c, .. } if c == conn) =>
+            {
+                sub.state = State::Pending;
+                sub.not_before = None;
+                self.send_unsubscribe(conn, vec![key]);
+            }
             Some(sub) if matches!(sub.state, State::Sending { conn: c, .. } if c == conn) => {
                 sub.state = State::Active(conn);
-                Gate::lock(&gate).set_live(&key, true);
                 sub.not_before = None;
                 if let Some(at) = sub.lost_at.take() {
                     self.resubscribed.push((key.clone(), endpoint.clone(), at));
@@ -478,15 +516,9 @@ impl Driver {
                 for w in &mut self.waiters {
                     w.remaining.remove(&key);
                 }
-                // Confirmed by a node the topology read meanwhile no longer names as the
-                // owner of its slot: move it now rather than at the next topology change.
-                let elsewhere = key.0 == Kind::Sharded
-                    && self
-                        .topology
-                        .as_ref()
-                        .and_then(|t| owner(t, &key.1))
-                        .is_some_and(|o| *o != endpoint);
                 if elsewhere {
+                    // Its first confirmation: its caller is answered, and the stream says
+                    // it is lost at once.
                     self.mark_lost(
                         &key,
                         Error::new(
@@ -739,7 +771,7 @@ impl Driver {
             State::Active(conn) => {
                 // Nothing more of it from that connection: the stream is about to say `Lost`.
                 if let Some(c) = self.conns.get(&conn) {
-                    Gate::lock(&c.gate).set_live(key, false);
+                    Gate::lock(&c.gate).unlive(key);
                 }
                 sub.lost_at = Some(Instant::now());
                 self.lost.push((key.clone(), cause));
@@ -755,7 +787,7 @@ impl Driver {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
-        Gate::lock(&c.gate).close();
+        Gate::lock(&c.gate).close(&self.outbox);
         tracing::debug!(node = %c.endpoint, error = %cause, "subscription connection lost");
         let keys: Vec<Key> = self
             .subs
@@ -983,7 +1015,7 @@ impl Driver {
                 self.global = None;
             }
             if let Some(c) = self.conns.remove(&id) {
-                Gate::lock(&c.gate).close();
+                Gate::lock(&c.gate).close(&self.outbox);
             }
             self.unsubscribing.retain(|(c, _), _| *c != id);
         }
@@ -1010,12 +1042,16 @@ impl Driver {
             match message(info) {
                 Ok(m) => Gate::lock(&ours).deliver(m, &outbox),
                 Err(info) => {
-                    if matches!(
-                        info.kind,
-                        PushKind::Subscribe | PushKind::PSubscribe | PushKind::SSubscribe
-                    ) {
-                        // Counted before the task can see it: what follows waits for it.
-                        Gate::lock(&ours).pending += 1;
+                    let kind = match info.kind {
+                        PushKind::Subscribe => Some(Kind::Channel),
+                        PushKind::PSubscribe => Some(Kind::Pattern),
+                        PushKind::SSubscribe => Some(Kind::Sharded),
+                        _ => None,
+                    };
+                    if let (Some(kind), Some(Value::BulkString(name))) = (kind, info.data.first()) {
+                        // Counted before the task can see it: that subscription's messages
+                        // wait for it.
+                        Gate::lock(&ours).confirming(kind, name);
                     }
                     let _ = control.send((id, info));
                 }
@@ -1276,9 +1312,13 @@ impl Driver {
     /// Lets the messages that waited behind the confirmations acted on go, now that the stream
     /// has said what those meant.
     fn release_gates(&mut self) {
-        for conn in self.confirmed.drain(..) {
+        for (conn, key) in std::mem::take(&mut self.confirmed) {
+            let active = self
+                .subs
+                .get(&key)
+                .is_some_and(|s| s.state == State::Active(conn));
             if let Some(c) = self.conns.get(&conn) {
-                Gate::lock(&c.gate).release(&self.outbox);
+                Gate::lock(&c.gate).release(&key, active, &self.outbox);
             }
         }
     }

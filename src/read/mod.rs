@@ -133,8 +133,11 @@ impl Zones {
 /// [`probe_every`](Self::probe_every), one at a time, a probe asks the primary the topology
 /// names — `EXISTS` of the calling command's key, on a connection of its own, not through the
 /// inner client (a redis cluster client routing a call to a node it lost refreshes its slots
-/// and reconnects to every node, the dead one too, holding every other call back meanwhile);
-/// the first answer lets the shard back in. Off by default: with it, a call whose
+/// and reconnects to every node, the dead one too, holding every other call back meanwhile).
+/// An answer that shows the node serves the slot lets the next call through the inner client
+/// as the trial (its route may still lead to the old address), and the trial's success lets
+/// the shard back in; each trip and each failed probe asks for a topology refresh, so the
+/// probes follow a failover. Off by default: with it, a call whose
 /// deadline would have outlasted a failover fails instead of waiting for it. Needs topology
 /// refresh.
 ///
@@ -304,6 +307,10 @@ struct ShardState {
 struct Down {
     since: Instant,
     next_probe: Instant,
+    /// A probe aside found the primary serving: the next call goes through the inner client as
+    /// the trial (its route may still lead to the old address), and the shard is back only
+    /// when that succeeds.
+    trial: bool,
     /// While a probe is out: until when it may take. A probe that never reports (a call
     /// that was the probe, dropped by its caller's deadline) holds the next one back only
     /// until then.
@@ -322,6 +329,9 @@ struct Recorded {
     shard: u16,
     slot: u16,
     probe: bool,
+    /// A probe aside (`EXISTS` on a connection of its own), not a call through the inner
+    /// client.
+    aside: bool,
     started: Instant,
     master: Option<Endpoint>,
 }
@@ -331,6 +341,8 @@ enum Gate {
     Pass,
     /// A probe is due; the call is refused with the error unless it is the probe itself.
     Probe(Error),
+    /// The call is the trial after a probe aside succeeded: it goes through as a probe.
+    Trial,
     Refuse(Error),
 }
 
@@ -490,6 +502,9 @@ impl Shared {
         let probe = !out && now >= down.next_probe;
         if probe {
             down.probing_until = Some(now + self.probe_lease());
+            if down.trial {
+                return Gate::Trial;
+            }
         }
         let mut error = Error::new(
             ErrorKind::ShardDown,
@@ -544,13 +559,20 @@ impl Shared {
                     if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) {
                         shared.lock().remove(&master);
                     }
-                    // Any answer but an outage's (or `LOADING`) says the node serves the
-                    // slot — a refusal of the command by the ACL included; a `MOVED`
-                    // elsewhere says another does, which the inner client follows.
-                    if outage(e, Some(&master)) || e.kind() == ErrorKind::Loading {
-                        Err(e)
-                    } else {
+                    // Answers that say the node serves the slot: a command error, the ACL's
+                    // refusal of the command, a redirect elsewhere or a migration (another
+                    // node serves it, which the inner client follows). Anything else — an
+                    // outage, `LOADING`, a failed handshake — does not.
+                    let serves = match e.kind() {
+                        ErrorKind::Command | ErrorKind::Ask | ErrorKind::TryAgain => true,
+                        ErrorKind::Moved => !outage(e, Some(&master)),
+                        ErrorKind::Auth => e.server_code().as_deref() == Some("NOPERM"),
+                        _ => false,
+                    };
+                    if serves {
                         Ok(())
+                    } else {
+                        Err(e)
                     }
                 }
             };
@@ -580,9 +602,12 @@ impl Shared {
         state.down = Some(Down {
             since: now,
             next_probe: now + probe_every,
+            trial: false,
             probing_until: None,
             cause,
         });
+        // The probes ask the primary the topology names: let it catch up with the failover.
+        self.topology.refresh();
     }
 
     /// What a call to the shard's primary, begun at `started`, came to. `master` is the
@@ -601,6 +626,12 @@ impl Shared {
             other => other,
         };
         match outcome {
+            // A probe aside answered: the trial decides (see `Down::trial`).
+            Ok(()) if call.aside => {
+                if let Some(down) = &mut state.down {
+                    down.trial = true;
+                }
+            }
             Ok(()) => {
                 state.failures = 0;
                 // A call begun before the shard was marked down proves nothing about now.
@@ -639,7 +670,18 @@ impl Shared {
         }
         if let (true, Some(down)) = (call.probe, &mut state.down) {
             down.probing_until = None;
-            down.next_probe = now + config.probe_every.min(LONGEST);
+            if outcome.is_err() {
+                // The trial (or the probe) failed: back to probing aside, and let the
+                // topology catch up.
+                down.trial = false;
+                self.topology.refresh();
+            }
+            // The trial goes at once after a probe aside answered.
+            down.next_probe = if down.trial {
+                now
+            } else {
+                now + config.probe_every.min(LONGEST)
+            };
         }
     }
 
@@ -963,20 +1005,22 @@ where
         }
         let known_down = down.then(|| snapshot.as_ref().map_or(0, |s| s.sequence));
         let cmd: Arc<Cmd> = request.into();
-        let call = |probe: bool| Recorded {
+        let call = |probe: bool, aside: bool| Recorded {
             shard,
             slot,
             probe,
+            aside,
             started: Instant::now(),
             master: master.clone(),
         };
         let (refused, probe) = match shared.gate(shard, slot, known_down) {
             Gate::Pass => (None, false),
+            Gate::Trial => (None, true),
             // The probe goes aside, to the primary the topology names; this call fails fast
             // like the others. Without a named primary, the call is the probe.
             Gate::Probe(error) => match (&master, cmd.args_iter().nth(1)) {
                 (Some(m), Some(redis::Arg::Simple(key))) => {
-                    shared.probe_aside(call(true), m.clone(), key.to_vec());
+                    shared.probe_aside(call(true, true), m.clone(), key.to_vec());
                     crate::metrics::fail_fast(&shared.client);
                     (Some(error), false)
                 }
@@ -999,7 +1043,7 @@ where
                 Err(error)
             }));
         }
-        let call = call(probe);
+        let call = call(probe, false);
         let primary = <S as Service<Arc<Cmd>>>::call(&mut self.inner, cmd.clone());
         if read_slot.is_none() {
             // A write (or a read with no replica to turn to): the primary's answer, recorded.
@@ -1201,6 +1245,7 @@ mod tests {
             shard: 0,
             slot: 5,
             probe,
+            aside: false,
             started: Instant::now(),
             master: None,
         };
@@ -1262,6 +1307,44 @@ mod tests {
             pass(shared.gate(0, 5, Some(7))),
             "the same snapshot marks it down again"
         );
+    }
+
+    /// A probe aside that finds the primary serving does not reopen the shard by itself: the
+    /// inner client's route may still lead to the old address. The next call goes through as
+    /// the trial; only its success reopens it, and its failure goes back to probing aside.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_aside_that_succeeds_lets_one_trial_call_decide() {
+        let shared = tracker();
+        let refused = Error::new(ErrorKind::Connection, "refused");
+        let call = |probe: bool, aside: bool| Recorded {
+            shard: 0,
+            slot: 5,
+            probe,
+            aside,
+            started: Instant::now(),
+            master: None,
+        };
+        for _ in 0..3 {
+            assert!(matches!(shared.gate(0, 5, None), Gate::Pass));
+            shared.record(&call(false, false), Err(&refused));
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe(_)));
+        shared.record(&call(true, true), Ok(()));
+        // The trial, at once; the others still fail fast while it runs.
+        assert!(matches!(shared.gate(0, 5, None), Gate::Trial));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
+        // Its route still leads to the dead address: back to probing aside.
+        shared.record(&call(true, false), Err(&refused));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe(_)));
+        shared.record(&call(true, true), Ok(()));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Trial));
+        shared.record(&call(true, false), Ok(()));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Pass));
     }
 
     #[test]

@@ -48,7 +48,10 @@ pub trait RebuildPolicy: Send + Sync + 'static {
 /// * `threshold` consecutive `Connection`/`Timeout` errors, the first no longer than `window`
 ///   ago, with no success in between → [`RebuildAction::Rebuild`]. Calls in flight together
 ///   that fail together count once (see [`RebuildPolicy`]): one dead node of many does not
-///   make a new client, which would dial the dead node too.
+///   make a new client, which would dial the dead node too. Against nodes whose addresses
+///   swallow packets, calls fail one response timeout after they start, so the streak grows
+///   by one per response timeout at most: `threshold` response timeouts must fit in `window`
+///   for this rule to fire (the `Unreachable` rule does not wait for it).
 /// * A refused login (`Auth` other than `NOPERM`: `WRONGPASS`, `NOAUTH`, a failed `AUTH`) →
 ///   [`RebuildAction::Rebuild`]: the password or token the inner client holds was rotated, and
 ///   a new client asks the [credentials provider](crate::connect::CredentialsProvider) afresh.

@@ -237,10 +237,10 @@ impl TopologySource {
     /// client's [`OutageGate`](crate::connect::outage::OutageGate), and refreshes in between
     /// fail at once without dialling.
     pub(crate) async fn fetch(&self, known: &[Endpoint]) -> Result<Fetched, Error> {
-        use crate::connect::outage::Check;
+        use crate::connect::outage::{Check, Checker};
         let mut errors: Vec<Error> = Vec::new();
-        let probes = match self.book.outage().check() {
-            Check::Clear => self.probes(known, &mut errors).await,
+        let (probes, epoch) = match self.book.outage().check(Checker::Refresh) {
+            Check::Clear { epoch } => (self.probes(known, &mut errors).await, epoch),
             Check::Wait { since, next } => {
                 return Err(crate::connect::outage::waiting(
                     since,
@@ -248,20 +248,29 @@ impl TopologySource {
                     self.book.outage().cause(),
                 ));
             }
-            Check::One { turn } if !known.is_empty() && turn % 2 == 1 => vec![Probe {
-                endpoint: known[(turn / 2) % known.len()].clone(),
-                pin: None,
-            }],
-            Check::One { turn } => {
-                let mut seeds = self.seed_probes(known, &mut errors).await;
-                seeds.truncate(1);
-                if seeds.is_empty() && !known.is_empty() {
-                    seeds.push(Probe {
-                        endpoint: known[(turn / 2) % known.len()].clone(),
-                        pin: None,
-                    });
-                }
-                seeds
+            // The known nodes and the seeds, one per check, in turn.
+            Check::One { turn, epoch } if turn % (known.len() + 1) < known.len() => (
+                vec![Probe {
+                    endpoint: known[turn % (known.len() + 1)].clone(),
+                    pin: None,
+                }],
+                epoch,
+            ),
+            Check::One { turn, epoch } => {
+                let seeds = self.seed_probes(known, &mut errors).await;
+                let round = turn / (known.len() + 1);
+                let probes = match seeds.len() {
+                    0 => known
+                        .get(round % known.len().max(1))
+                        .map(|e| Probe {
+                            endpoint: e.clone(),
+                            pin: None,
+                        })
+                        .into_iter()
+                        .collect(),
+                    n => vec![seeds[round % n].clone()],
+                };
+                (probes, epoch)
             }
         };
         let asked = probes.len();
@@ -308,7 +317,7 @@ impl TopologySource {
         if heard {
             self.book.outage().reached();
         } else {
-            self.book.outage().unreached(errors.last().cloned());
+            self.book.outage().unreached(epoch, errors.last().cloned());
         }
 
         let mut views: HashMap<_, (usize, Vec<Shard>)> = HashMap::new();
