@@ -181,6 +181,21 @@ async fn poll_ready_is_pending_while_no_client_exists_and_fails_after_max_wait()
     assert_eq!(script.connects.load(Ordering::SeqCst), 0);
 }
 
+/// `n` calls in flight together on the current client: each clone reserves it first, so
+/// every call really reaches it.
+async fn in_flight_together(
+    svc: &Rebuild<impl tower_redis_cluster::Connect<Service = Fake>>,
+    n: usize,
+) -> Vec<Result<Value, Error>> {
+    let mut callers = Vec::new();
+    for _ in 0..n {
+        let mut s = svc.clone();
+        s.ready().await.unwrap();
+        callers.push(s);
+    }
+    futures_util::future::join_all(callers.iter_mut().map(|s| s.call(redis::cmd("GET")))).await
+}
+
 #[tokio::test(start_paused = true)]
 async fn two_hundred_failing_callers_cause_exactly_one_rebuild() {
     let script = Script::new();
@@ -192,15 +207,7 @@ async fn two_hundred_failing_callers_cause_exactly_one_rebuild() {
         .await
         .unwrap();
 
-    // Reserve generation 1 in 200 clones first, so every call really reaches the old client.
-    let mut callers = Vec::new();
-    for _ in 0..200 {
-        let mut s = svc.clone();
-        s.ready().await.unwrap();
-        callers.push(s);
-    }
-    let results =
-        futures_util::future::join_all(callers.iter_mut().map(|s| s.call(redis::cmd("GET")))).await;
+    let results = in_flight_together(&svc, 200).await;
     assert!(results
         .iter()
         .all(|r| r.as_ref().unwrap_err().kind() == ErrorKind::Unreachable));
@@ -355,14 +362,7 @@ async fn timeouts_of_calls_in_flight_together_count_once() {
         .await
         .unwrap();
 
-    let mut callers = Vec::new();
-    for _ in 0..20 {
-        let mut s = svc.clone();
-        s.ready().await.unwrap();
-        callers.push(s);
-    }
-    let results =
-        futures_util::future::join_all(callers.iter_mut().map(|s| s.call(redis::cmd("GET")))).await;
+    let results = in_flight_together(&svc, 20).await;
     assert!(results
         .iter()
         .all(|r| r.as_ref().unwrap_err().kind() == ErrorKind::Timeout));
