@@ -20,8 +20,8 @@
 //! it is back. Around a resubscription, a message may also come **twice**: the
 //! cluster forwards each `PUBLISH` from the node that took it to every other node, and the new
 //! node may still be receiving a message the old one had already delivered. Between a
-//! `Resubscribed` and the next `Lost`, each message comes once; messages taken by one node come
-//! in the order that node took them (two publishes taken by two nodes race, as in Redis). Redis
+//! `Resubscribed` and the next `Lost`, each message comes once; a subscription's messages taken
+//! by one node come in the order that node took them (two publishes taken by two nodes race, as in Redis). Redis
 //! itself loses a `PUBLISH` that a node accepted just before it crashed, before forwarding it to
 //! the others: no subscriber on another node can hear of that one.
 //!

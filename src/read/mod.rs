@@ -500,6 +500,12 @@ impl Shared {
         };
         let out = down.probing_until.is_some_and(|until| now < until);
         let probe = !out && now >= down.next_probe;
+        if probe && down.trial && down.probing_until.is_some() {
+            // The last trial never reported (its caller's deadline dropped it): as good as
+            // failed. Back to probing aside, and let the topology catch up.
+            down.trial = false;
+            self.topology.refresh();
+        }
         if probe {
             down.probing_until = Some(now + self.probe_lease());
             if down.trial {
@@ -1340,6 +1346,12 @@ mod tests {
         shared.record(&call(true, false), Err(&refused));
         assert!(matches!(shared.gate(0, 5, None), Gate::Refuse(_)));
         tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(matches!(shared.gate(0, 5, None), Gate::Probe(_)));
+        shared.record(&call(true, true), Ok(()));
+        assert!(matches!(shared.gate(0, 5, None), Gate::Trial));
+        // A trial that never reports (its caller's deadline dropped it) counts as failed once
+        // its lease is over: the next probe goes aside again.
+        tokio::time::advance(Duration::from_millis(1_001)).await;
         assert!(matches!(shared.gate(0, 5, None), Gate::Probe(_)));
         shared.record(&call(true, true), Ok(()));
         assert!(matches!(shared.gate(0, 5, None), Gate::Trial));

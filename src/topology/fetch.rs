@@ -304,16 +304,12 @@ impl TopologySource {
             );
         }
         let answered = views_by_node.len();
-        // A node that answered at all — with a view or with a refusal — is there.
+        // A node that answered at all — with a view, with a refusal, or with a handshake — is
+        // there. A failure before any dial (a credentials provider's, say) says nothing.
         let heard = answered > 0
-            || errors.iter().any(|e| {
-                !matches!(
-                    e.kind(),
-                    crate::ErrorKind::Connection
-                        | crate::ErrorKind::Timeout
-                        | crate::ErrorKind::Unreachable
-                )
-            });
+            || errors
+                .iter()
+                .any(|e| e.server_code().is_some() || e.kind() == crate::ErrorKind::Tls);
         if heard {
             self.book.outage().reached();
         } else {
@@ -360,7 +356,13 @@ impl TopologySource {
                 if let Some(cause) = errors.pop() {
                     error = error.with_source(cause);
                 }
-                Err(error)
+                // While no node answers, the next check is the outage gate's.
+                let retry_at = if heard {
+                    None
+                } else {
+                    self.book.outage().next_check()
+                };
+                Err(error.with_retry_at(retry_at))
             }
         }
     }

@@ -297,6 +297,9 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
     // time, up to 16 times the minimum interval (`FAILURE_DOUBLINGS`), so a client of a cluster that is
     // all down — and a fleet of them — does not knock on every node each second.
     let mut failures: u32 = 0;
+    // While no node answers, refreshes go when the client's outage gate lets the next check go
+    // (`Error::retry_at`), not after a pause of their own.
+    let mut gated: Option<Instant> = None;
     loop {
         if signal.closed.load(Ordering::Acquire) {
             return;
@@ -326,7 +329,9 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
             }
         }
         due_now = false;
-        if let Some(last) = last_refresh {
+        if let Some(at) = gated.take() {
+            tokio::time::sleep_until(at).await;
+        } else if let Some(last) = last_refresh {
             let wait = if failures == 0 {
                 jittered(min_interval, jitter, &mut rng)
             } else {
@@ -354,6 +359,10 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
             Ok(Ok(false)) => {
                 failures = 0;
                 settle = None;
+            }
+            Ok(Err(e)) if e.retry_at().is_some() => {
+                gated = e.retry_at();
+                tracing::debug!(error = %e, "topology refresh failed: no node answers");
             }
             Ok(Err(e)) => {
                 failures = failures.saturating_add(1);
