@@ -330,13 +330,34 @@ impl tower_redis_cluster::connect::Resolve for CountingNames {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_total_outage_connection_checks_are_paced_and_the_client_comes_back() {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
+    let cluster = LocalCluster::builder()
         .shards(3)
         .replicas(1)
         .announce_hostnames(true)
         .start()
         .await
         .expect("the cluster starts");
+    paced_through_a_total_outage(cluster).await;
+}
+
+/// The same in the seed user's world: TLS with names-only certificates, an ACL user, and dead
+/// addresses that swallow packets, so each check waits for its connect timeout.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_total_outage_connection_checks_are_paced_and_the_client_comes_back_when_managed()
+{
+    init_tracing();
+    let cluster = LocalCluster::builder()
+        .managed()
+        .shards(3)
+        .replicas(1)
+        .start()
+        .await
+        .expect("the managed cluster starts");
+    paced_through_a_total_outage(cluster).await;
+}
+
+async fn paced_through_a_total_outage(mut cluster: LocalCluster) {
     let names = Arc::new(CountingNames {
         names: cluster.name_map(),
         lookups: AtomicU64::new(0),

@@ -12,7 +12,7 @@
 use std::{sync::Mutex, time::Duration};
 
 use tokio::time::Instant;
-use tower::util::rng::{HasherRng, Rng};
+use tower::util::rng::HasherRng;
 
 /// The first delay between checks once no node answered.
 const FIRST: Duration = Duration::from_millis(250);
@@ -166,9 +166,9 @@ pub(crate) fn waiting(since: Instant, next: Instant, cause: Option<crate::Error>
 }
 
 impl State {
-    /// Between half of `delay` and all of it.
+    /// Between half of `delay` and all of it: the refresher's jitter, ±⅓ around ¾ of it.
     fn jittered(&mut self, delay: Duration) -> Duration {
-        delay.mul_f64(0.5 + 0.5 * self.rng.next_f64())
+        crate::topology::refresher::jittered(delay.mul_f64(0.75), 1.0 / 3.0, &mut self.rng)
     }
 }
 
