@@ -176,6 +176,48 @@ impl Resolve for AddressBook {
     }
 }
 
+/// The inner clients' resolver: the book, except that while the client's [`OutageGate`] finds
+/// no node answering, a dial fails at once, without a lookup or a connection attempt. The
+/// `redis` crate keeps reconnecting to each node it lost (every 50 ms, doubling to 1 s) and
+/// redials every node when it refreshes its slots; through a total outage that would be most
+/// of a client's attempts, and a fleet's. The gate's own checks go on, one node at a time, and
+/// the first that reaches a node lets the dials through again.
+///
+/// [`OutageGate`]: super::outage::OutageGate
+#[derive(Clone)]
+pub(crate) struct InnerDials(pub(crate) Arc<AddressBook>);
+
+impl redis::io::AsyncDNSResolver for InnerDials {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        host: &'b str,
+        port: u16,
+    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
+        Box::pin(async move {
+            if let Some((since, next)) = self.0.outage.down() {
+                let now = Instant::now();
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!(
+                        "{host}:{port} not dialled: no node has answered for {:?}; the client's next check is in {:?}",
+                        now.saturating_duration_since(since),
+                        next.saturating_duration_since(now)
+                    ),
+                )
+                .into());
+            }
+            let addrs = super::resolve::resolve_for_redis(&*self.0, host, port).await?;
+            Ok(Box::new(addrs.into_iter()) as Box<dyn Iterator<Item = SocketAddr> + Send>)
+        })
+    }
+}
+
+impl fmt::Debug for InnerDials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("InnerDials").field(&self.0).finish()
+    }
+}
+
 impl fmt::Debug for AddressBook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AddressBook")
@@ -260,6 +302,53 @@ mod tests {
             book.lookup("[::1]", 7000).await.unwrap(),
             vec![addr("[::1]:7000")]
         );
+    }
+
+    #[tokio::test]
+    async fn the_inner_clients_dial_nothing_while_no_node_answers() {
+        use redis::io::AsyncDNSResolver;
+        struct Counting(StaticResolver, std::sync::atomic::AtomicUsize);
+        impl Resolve for Counting {
+            fn resolve<'a>(&'a self, host: &'a str, port: u16) -> ResolveFuture<'a> {
+                self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.0.resolve(host, port)
+            }
+        }
+        let dns = Arc::new(Counting(
+            StaticResolver::new().with("node-1.test", [addr("127.0.0.5:7000")]),
+            Default::default(),
+        ));
+        let book = Arc::new(AddressBook::new(dns.clone(), Duration::from_millis(100)));
+        let dials = InnerDials(book.clone());
+        let lookups = || dns.1.load(std::sync::atomic::Ordering::Relaxed);
+        let answer: Vec<SocketAddr> = dials.resolve("node-1.test", 7000).await.unwrap().collect();
+        assert_eq!(answer, vec![addr("127.0.0.5:7000")]);
+        assert_eq!(lookups(), 1);
+
+        // A check reached no node: the inner client's reconnects fail at once, saying why,
+        // and neither look the name up nor dial (an IP literal is not dialled either).
+        let super::super::outage::Check::Clear { epoch } =
+            book.outage().check(super::super::outage::Checker::Refresh)
+        else {
+            panic!("the gate starts clear");
+        };
+        book.outage().unreached(epoch, None);
+        for host in ["node-1.test", "127.0.0.5"] {
+            let Err(refused) = dials.resolve(host, 7000).await else {
+                panic!("{host} was dialled while no node answers");
+            };
+            assert!(refused.is_connection_refusal(), "{refused:?}");
+            assert!(refused.to_string().contains("not dialled"), "{refused}");
+        }
+        assert_eq!(lookups(), 1);
+        // The topology probes and connection checks still use the book itself.
+        book.lookup("node-1.test", 7000).await.unwrap();
+        assert_eq!(lookups(), 2);
+
+        // Once a check reaches a node, the inner client dials again.
+        book.outage().reached();
+        dials.resolve("node-1.test", 7000).await.unwrap();
+        assert_eq!(lookups(), 3);
     }
 
     #[tokio::test]

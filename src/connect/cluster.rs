@@ -9,8 +9,7 @@ use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use super::{
     AddressBook, Connect, ConnectFuture, ConnectHints, CredentialSource, Credentials,
-    CredentialsProvider, DnsAdapter, Endpoint, PerConnection, Resolve, Seeds, SystemResolver,
-    TlsConfig,
+    CredentialsProvider, Endpoint, PerConnection, Resolve, Seeds, SystemResolver, TlsConfig,
 };
 use crate::{Error, RedisService};
 
@@ -221,7 +220,7 @@ impl ClusterConnector {
             // backs off is ours.
             .min_retry_wait(10)
             .max_retry_wait(100)
-            .async_dns_resolver(DnsAdapter(self.book.clone()));
+            .async_dns_resolver(super::address_book::InnerDials(self.book.clone()));
         match (static_credentials, self.credentials.get()) {
             (Some(c), _) => {
                 if let Some(user) = &c.username {

@@ -115,6 +115,12 @@ impl OutageGate {
         state.epoch = state.epoch.wrapping_add(1);
     }
 
+    /// Since when no node answered and when the next check is due, while none does.
+    pub(crate) fn down(&self) -> Option<(Instant, Instant)> {
+        let state = self.lock();
+        state.since.map(|since| (since, state.next))
+    }
+
     /// When the next check is due, while no node answers.
     pub(crate) fn next_check(&self) -> Option<Instant> {
         let state = self.lock();

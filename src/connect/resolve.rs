@@ -165,30 +165,38 @@ impl<R: Resolve> redis::io::AsyncDNSResolver for DnsAdapter<R> {
         port: u16,
     ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
         Box::pin(async move {
-            let literal = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>();
-            let addrs = match literal {
-                Ok(ip) => vec![SocketAddr::new(ip, port)],
-                Err(_) => {
-                    let addrs = self.0.resolve(host, port).await.map_err(|e| {
-                        io::Error::new(e.kind(), format!("resolving {host}:{port}: {e}"))
-                    })?;
-                    tracing::debug!(host, port, ?addrs, "resolved seed name");
-                    if addrs.is_empty() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::NotFound,
-                            format!("resolving {host}:{port}: the name has no addresses"),
-                        )
-                        .into());
-                    }
-                    addrs
-                }
-            };
+            let addrs = resolve_for_redis(&self.0, host, port).await?;
             Ok(Box::new(addrs.into_iter()) as Box<dyn Iterator<Item = SocketAddr> + Send>)
         })
     }
+}
+
+/// What `resolver` answers for `host` as the redis crate's resolver would: IP literals as they
+/// are, an empty answer as `NotFound`, errors naming what was resolved.
+pub(crate) async fn resolve_for_redis<R: Resolve + ?Sized>(
+    resolver: &R,
+    host: &str,
+    port: u16,
+) -> io::Result<Vec<SocketAddr>> {
+    let literal = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>();
+    if let Ok(ip) = literal {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let addrs = resolver
+        .resolve(host, port)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("resolving {host}:{port}: {e}")))?;
+    tracing::debug!(host, port, ?addrs, "resolved seed name");
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("resolving {host}:{port}: the name has no addresses"),
+        ));
+    }
+    Ok(addrs)
 }
 
 /// The redis crate's resolver for a connection to one known IP: the connection keeps the
