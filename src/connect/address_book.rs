@@ -347,7 +347,8 @@ mod tests {
 
         // Once a check reaches a node, the inner client dials again.
         book.outage().reached();
-        dials.resolve("node-1.test", 7000).await.unwrap();
+        let answer: Vec<SocketAddr> = dials.resolve("node-1.test", 7000).await.unwrap().collect();
+        assert_eq!(answer, vec![addr("127.0.0.5:7000")]);
         assert_eq!(lookups(), 3);
     }
 
