@@ -7,7 +7,10 @@
 //! two through the client's address book, turns them into one paced check: once an attempt
 //! reached no node, the next ones ask **one** node at a time, at most once per delay that
 //! grows from 250 ms to 2 s (each drawn between half of it and all of it, so a fleet spreads
-//! out), and fail at once in between. The first node that answers ends it.
+//! out), and fail at once in between. The first node that answers ends it. The inner client's
+//! own reconnects ask the gate too (through its resolver,
+//! [`InnerDials`](super::address_book::InnerDials)): while no node answers they fail at once,
+//! without dialling.
 
 use std::{sync::Mutex, time::Duration};
 
