@@ -123,80 +123,6 @@ struct Info<C: Connect> {
     deadline: Option<Duration>,
     /// The `client` label of the metrics.
     name: crate::metrics::ClientName,
-    /// Stacks of the helpers' finished calls, for their next calls.
-    spares: Arc<Spares<C>>,
-}
-
-/// How many pools of spare stacks a client keeps: one per thread, for up to this many threads.
-const SPARE_POOLS: usize = 8;
-/// How many spare stacks one pool keeps at most (a thread's calls in flight at once).
-const SPARES_PER_POOL: usize = 64;
-
-/// Stacks of calls that finished, for the next calls of the helpers ([`Client::send`] and the
-/// like) to take instead of cloning the template. A clone increments — and its drop
-/// decrements — a shared count in every layer (the retry policy, the limit, the refresher, the
-/// rebuild slot, the inner connection's sender): cache lines that every worker thread writes,
-/// which on a multi-thread runtime cost more than the layers' own work. A spare also keeps the
-/// serving inner client its rebuild layer last used, so its next call does not look it up.
-///
-/// One pool per thread, so takes and puts do not contend (a busy pool is skipped: the call
-/// clones, as without spares). All are emptied when the rebuild layer changes the serving
-/// client, and a stack taken before that change is not put back, so a spare never keeps a
-/// retired inner client alive.
-struct Spares<C: Connect> {
-    pools: Vec<SparePool<C>>,
-    /// Bumped when the serving client changes.
-    epoch: std::sync::atomic::AtomicU64,
-}
-
-#[repr(align(64))]
-struct SparePool<C: Connect>(std::sync::Mutex<Vec<Core<C>>>);
-
-impl<C: Connect> Spares<C> {
-    fn new() -> Self {
-        Spares {
-            pools: (0..SPARE_POOLS)
-                .map(|_| SparePool(std::sync::Mutex::new(Vec::new())))
-                .collect(),
-            epoch: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn epoch(&self) -> u64 {
-        self.epoch.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    fn pool(&self) -> &SparePool<C> {
-        &self.pools[crate::retry::budget::thread_slot(SPARE_POOLS)]
-    }
-
-    /// A spare stack of this thread's pool, if it has one and is free.
-    fn take(&self) -> Option<Core<C>> {
-        self.pool().0.try_lock().ok()?.pop()
-    }
-
-    /// Keeps `core`, whose call started at `epoch`, for another call — unless the serving
-    /// client changed since, the pool is busy or full.
-    fn put(&self, core: Core<C>, epoch: u64) {
-        if self.epoch() != epoch {
-            return;
-        }
-        let Ok(mut pool) = self.pool().0.try_lock() else {
-            return;
-        };
-        if pool.len() < SPARES_PER_POOL {
-            pool.push(core);
-        }
-    }
-
-    /// The serving client changed: lets go of every spare.
-    fn clear(&self) {
-        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        for pool in &self.pools {
-            let spares = std::mem::take(&mut *pool.0.lock().unwrap_or_else(|p| p.into_inner()));
-            drop(spares);
-        }
-    }
 }
 
 impl<C: Connect> Info<C> {
@@ -220,7 +146,6 @@ impl<C: Connect> Info<C> {
         now: Instant,
         extra: Duration,
         span: tracing::Span,
-        recycle: Option<u64>,
     ) -> Deadline<F, I>
     where
         I: Deref<Target = Info<C>>,
@@ -228,7 +153,6 @@ impl<C: Connect> Info<C> {
         Deadline {
             call,
             span,
-            recycle,
             // A deadline too far to represent is no deadline.
             at: this
                 .deadline
@@ -284,31 +208,6 @@ where
     }
 }
 
-/// A call that can hand back its stack once it is over.
-trait Recycle<C: Connect> {
-    /// The stack of the call, which has finished, for another call.
-    fn recycle(self: Pin<&mut Self>) -> Option<Core<C>>;
-}
-
-impl<Req, C: Connect> Recycle<C> for OneCall<Req, C>
-where
-    Limited<C>: Service<Req> + Service<Arc<Req>>,
-{
-    fn recycle(self: Pin<&mut Self>) -> Option<Core<C>> {
-        match self.project() {
-            OneCallProj::Retrying { call } => {
-                let (inner, policy) = call.recycle()?;
-                Some(Either::Left(Retry::with_policy(
-                    inner,
-                    policy.into_policy().for_another_call(),
-                )))
-            }
-            // tower's `Oneshot` keeps its service.
-            OneCallProj::Direct { .. } => None,
-        }
-    }
-}
-
 impl<Req, T, C: Connect> Future for OneCall<Req, C>
 where
     Req: RetryRequest,
@@ -342,9 +241,6 @@ pin_project! {
         call: F,
         // The call's span, which hears of the deadline passing too.
         span: tracing::Span,
-        // Whether the call's stack goes to the spares when it succeeds: the spares' epoch when
-        // it was taken.
-        recycle: Option<u64>,
         at: Option<Instant>,
         #[pin]
         sleep: Option<Sleep>,
@@ -354,22 +250,15 @@ pin_project! {
 
 impl<F, I, T, C: Connect> Future for Deadline<F, I>
 where
-    F: Future<Output = Result<T, Error>> + Recycle<C>,
+    F: Future<Output = Result<T, Error>>,
     I: Deref<Target = Info<C>>,
 {
     type Output = Result<T, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let result = match this.call.as_mut().poll(cx) {
-            Poll::Ready(result) => {
-                if let (Ok(_), Some(epoch)) = (&result, *this.recycle) {
-                    if let Some(core) = this.call.recycle() {
-                        this.info.spares.put(core, epoch);
-                    }
-                }
-                result
-            }
+        let result = match this.call.poll(cx) {
+            Poll::Ready(result) => result,
             Poll::Pending => {
                 let Some(at) = *this.at else {
                     return Poll::Pending;
@@ -420,14 +309,8 @@ where
         let extra =
             crate::command::block_allowance(crate::retry::block_of(&request), self.info.deadline)?;
         let span = crate::retry::call_span(&request);
-        let epoch = self.info.spares.epoch();
-        let core = self
-            .info
-            .spares
-            .take()
-            .unwrap_or_else(|| self.info.core.clone());
-        let call = OneCall::new(core, request, now, span.clone());
-        Info::within_deadline(&*self.info, call, now, extra, span, Some(epoch)).await
+        let call = OneCall::new(self.info.core.clone(), request, now, span.clone());
+        Info::within_deadline(&*self.info, call, now, extra, span).await
     }
 
     /// Sends a command and converts its reply.
@@ -621,7 +504,6 @@ where
                     started,
                     extra,
                     span,
-                    None,
                 ),
             },
         }
@@ -1185,13 +1067,6 @@ impl ClientBuilder {
             }
             None => (layers.stack(Either::Right(rebuild)), None),
         };
-        let spares = Arc::new(Spares::new());
-        let retired = Arc::downgrade(&spares);
-        rebuild_handle.on_serving_change(move || {
-            if let Some(spares) = retired.upgrade() {
-                spares.clear();
-            }
-        });
         Ok(Client {
             ready: None,
             waiting: None,
@@ -1203,7 +1078,6 @@ impl ClientBuilder {
                 summary,
                 deadline: timeout,
                 name,
-                spares,
             }),
         })
     }
@@ -1409,108 +1283,5 @@ mod tests {
                 assert!(err.to_string().contains("`tls` feature"), "{err}");
             }
         }
-    }
-
-    /// A connection that counts its live clones, per inner client.
-    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
-
-    impl Clone for Counted {
-        fn clone(&self) -> Self {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Counted(self.0.clone())
-        }
-    }
-
-    impl Drop for Counted {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-
-    impl redis::aio::ConnectionLike for Counted {
-        fn req_packed_command<'a>(&'a mut self, _: &'a Cmd) -> redis::RedisFuture<'a, Value> {
-            Box::pin(async {
-                tokio::task::yield_now().await;
-                Ok(Value::Okay)
-            })
-        }
-
-        fn req_packed_commands<'a>(
-            &'a mut self,
-            _: &'a Pipeline,
-            _: usize,
-            count: usize,
-        ) -> redis::RedisFuture<'a, Vec<Value>> {
-            Box::pin(async move { Ok(vec![Value::Okay; count]) })
-        }
-
-        fn get_db(&self) -> i64 {
-            0
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_stacks_kept_for_the_next_calls_let_go_of_a_replaced_inner_client() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let made: Arc<std::sync::Mutex<Vec<Arc<AtomicUsize>>>> = Arc::default();
-        let connector = {
-            let made = made.clone();
-            crate::connect::connect_fn(move |_: &_| {
-                let live = Arc::new(AtomicUsize::new(1));
-                made.lock().unwrap().push(live.clone());
-                async move { Ok(crate::RedisService::new(Counted(live))) }
-            })
-        };
-        let client = Client::builder().build_with(connector).await.unwrap();
-        client
-            .rebuild_handle()
-            .wait_for_generation(1, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let calls = |client: &Client<_>| {
-            let tasks: Vec<_> = (0..32)
-                .map(|_| {
-                    let client = client.clone();
-                    tokio::spawn(async move {
-                        for _ in 0..20 {
-                            client.send(redis::cmd("PING")).await.unwrap();
-                        }
-                    })
-                })
-                .collect();
-            async move {
-                for task in tasks {
-                    task.await.unwrap();
-                }
-            }
-        };
-        calls(&client).await;
-        let first = made.lock().unwrap()[0].clone();
-        // The finished calls' stacks are kept, each with the inner client it used…
-        let kept = first.load(Ordering::SeqCst);
-        assert!(kept > 2, "{kept} live handles of the first inner client");
-
-        // …until it is replaced: then none keeps it alive.
-        client.rebuild_handle().rebuild();
-        client
-            .rebuild_handle()
-            .wait_for_generation(2, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(
-            first.load(Ordering::SeqCst),
-            0,
-            "the first inner client is still held"
-        );
-        calls(&client).await;
-        assert_eq!(first.load(Ordering::SeqCst), 0);
-        let second = made.lock().unwrap()[1].clone();
-        assert!(second.load(Ordering::SeqCst) > 2);
-        drop(client);
-        assert_eq!(
-            second.load(Ordering::SeqCst),
-            0,
-            "a dropped client keeps nothing"
-        );
     }
 }

@@ -366,7 +366,6 @@ where
 trait Control: Send + Sync {
     fn trigger(self: Arc<Self>, action: RebuildAction, extra_seeds: Vec<Endpoint>);
     fn set_known_nodes(&self, nodes: Vec<Endpoint>);
-    fn on_slot_change(&self, hook: Box<dyn Fn() + Send + Sync>);
 }
 
 impl<C> Control for Shared<C>
@@ -380,10 +379,6 @@ where
 
     fn set_known_nodes(&self, nodes: Vec<Endpoint>) {
         Shared::set_known_nodes(self, nodes);
-    }
-
-    fn on_slot_change(&self, hook: Box<dyn Fn() + Send + Sync>) {
-        Shared::on_slot_change(self, hook);
     }
 }
 
@@ -423,12 +418,6 @@ impl RebuildHandle {
         self.control
             .clone()
             .trigger(RebuildAction::Replace, Vec::new());
-    }
-
-    /// Calls `hook` whenever the serving client changes (a rebuild installed one, or the
-    /// current one was retired), after the change.
-    pub(crate) fn on_serving_change(&self, hook: impl Fn() + Send + Sync + 'static) {
-        self.control.on_slot_change(Box::new(hook));
     }
 
     /// The current state.

@@ -58,9 +58,6 @@ pub(crate) struct Shared<C: Connect> {
     failures_told: AtomicU64,
     status: watch::Sender<RebuildStatus>,
     control: Mutex<Control>,
-    /// Called after every change of `slot`: whoever keeps clones of the serving service
-    /// (the `Client`'s spare stacks) lets go of them.
-    on_slot_change: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl<C: Connect> fmt::Debug for Shared<C> {
@@ -93,21 +90,6 @@ where
 
     fn slot_changed(&self) {
         self.slot_version.fetch_add(1, Ordering::AcqRel);
-        let hooks = self
-            .on_slot_change
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for hook in hooks.iter() {
-            hook();
-        }
-    }
-
-    /// Calls `hook` after every change of the serving service.
-    pub(crate) fn on_slot_change(&self, hook: Box<dyn Fn() + Send + Sync>) {
-        self.on_slot_change
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(hook);
     }
 
     pub(crate) fn new(connector: C, config: RebuildConfig) -> Arc<Self> {
@@ -131,7 +113,6 @@ where
                 known_nodes: Vec::new(),
                 status: RebuildStatus::default(),
             }),
-            on_slot_change: Mutex::new(Vec::new()),
         })
     }
 

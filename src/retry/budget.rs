@@ -170,25 +170,18 @@ impl Default for RetryBudget {
 
 /// This thread's call counter.
 fn shard() -> usize {
-    thread_slot(SHARDS)
-}
-
-/// This thread's slot of `slots`: threads take slots in turn, so up to `slots` threads each
-/// have one of their own.
-pub(crate) fn thread_slot(slots: usize) -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
     }
-    INDEX
+    SHARD
         .try_with(|s| {
             if s.get() == usize::MAX {
-                s.set(NEXT.fetch_add(1, Ordering::Relaxed));
+                s.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
             }
             s.get()
         })
         .unwrap_or(0)
-        % slots
 }
 
 impl Budget for RetryBudget {

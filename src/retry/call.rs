@@ -81,11 +81,6 @@ impl<P: RetryPolicy> CallPolicy<P> {
         &self.policy
     }
 
-    /// The call's policy, for another call's [`CallPolicy`].
-    pub(crate) fn into_policy(self) -> P {
-        self.policy
-    }
-
     /// The number of the current attempt (1 for the first; redirections followed with
     /// [`Action::Follow`] do not count).
     pub fn attempt(&self) -> u32 {

@@ -25,9 +25,9 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        // The service clone that sent the last attempt, which sends the retries, and the
-        // call's policy; handed back by `recycle` once the call is over.
-        parts: Option<(S, CallPolicy<P>)>,
+        // The service clone that sent the last attempt; it sends the retries.
+        service: S,
+        policy: CallPolicy<P>,
         // The request, shared with the attempt in flight.
         request: Arc<Req>,
         // What only a call that failed needs, made at its first retry: calls that succeed at
@@ -85,22 +85,12 @@ where
     ) -> Self {
         ResponseFuture {
             state: State::Called { future },
-            parts: Some((service, policy)),
+            service,
+            policy,
             request,
             retrying: None,
             span,
         }
-    }
-}
-
-impl<S, P, Req> ResponseFuture<S, P, Req>
-where
-    S: Service<Arc<Req>>,
-{
-    /// Once the call is over: the service clone that sent its last attempt and its policy,
-    /// for another call (a later poll fails with `Closed`).
-    pub(crate) fn recycle(self: Pin<&mut Self>) -> Option<(S, CallPolicy<P>)> {
-        self.project().parts.take()
     }
 }
 
@@ -115,11 +105,6 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let _entered = this.span.enter();
-        let Some((service, policy)) = this.parts.as_mut() else {
-            return Poll::Ready(Err(Error::closed(
-                "retry response future polled after its service was handed back",
-            )));
-        };
         loop {
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
@@ -136,21 +121,21 @@ where
                             }
                             let error = Error::timeout(format!(
                                 "attempt {} was still running at the call's deadline",
-                                policy.attempt()
+                                this.policy.attempt()
                             ));
                             let error = match retrying.as_mut().project().last_error.take() {
                                 Some(previous) => error.with_source(previous),
                                 None => error,
                             };
                             tracing::debug!("deadline passed during a retry");
-                            let result = Err(policy.final_error(error));
-                            record_outcome(this.span, policy, &result);
+                            let result = Err(this.policy.final_error(error));
+                            record_outcome(this.span, this.policy, &result);
                             return Poll::Ready(result);
                         }
                     };
-                    match policy.retry(this.request, &mut result) {
+                    match this.policy.retry(this.request, &mut result) {
                         Some(delay) => {
-                            let deadline = policy.deadline();
+                            let deadline = this.policy.deadline();
                             let retrying = this.retrying.get_or_insert_with(|| {
                                 Box::pin(Retrying {
                                     deadline: deadline.map(tokio::time::sleep_until),
@@ -161,7 +146,7 @@ where
                             this.state.set(State::Waiting { delay });
                         }
                         None => {
-                            record_outcome(this.span, policy, &result);
+                            record_outcome(this.span, this.policy, &result);
                             return Poll::Ready(result);
                         }
                     }
@@ -191,17 +176,17 @@ where
                             .unwrap_or_else(|| {
                                 Error::timeout("the call's deadline passed before a retry")
                             });
-                        let result = Err(policy.final_error(error));
-                        record_outcome(this.span, policy, &result);
+                        let result = Err(this.policy.final_error(error));
+                        record_outcome(this.span, this.policy, &result);
                         return Poll::Ready(result);
                     }
-                    let ready = ready!(service.poll_ready(cx));
+                    let ready = ready!(this.service.poll_ready(cx));
                     if let Err(error) = ready {
-                        let result = Err(policy.final_error(error));
-                        record_outcome(this.span, policy, &result);
+                        let result = Err(this.policy.final_error(error));
+                        record_outcome(this.span, this.policy, &result);
                         return Poll::Ready(result);
                     }
-                    let future = service.call(this.request.clone());
+                    let future = this.service.call(this.request.clone());
                     this.state.set(State::Called { future });
                 }
             }
@@ -261,15 +246,6 @@ where
             *started = Some(at);
         }
         self
-    }
-
-    /// Once the call is over: the service clone that sent its last attempt and its policy,
-    /// for another call; `None` when the call never got to send.
-    pub(crate) fn recycle(self: Pin<&mut Self>) -> Option<(S, CallPolicy<P>)> {
-        match self.project().state.project() {
-            OnceProj::Called { future } => future.recycle(),
-            OnceProj::Readying { .. } => None,
-        }
     }
 
     /// Runs the call in `span` (made by [`call_span`](super::call_span)) instead of one of its
@@ -372,7 +348,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("policy", &self.parts.as_ref().map(|(_, policy)| policy))
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }

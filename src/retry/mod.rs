@@ -133,7 +133,7 @@
 //! the failed attempt may have taken effect, the attempt number and the delay. An empty budget
 //! is a warning (at most one a second).
 
-pub(crate) mod budget;
+mod budget;
 mod call;
 mod config;
 mod future;

@@ -82,13 +82,6 @@ impl StandardRetryPolicy {
         }
     }
 
-    /// This policy, with what the call it served remembered of its failures forgotten: for
-    /// another call.
-    pub(crate) fn for_another_call(mut self) -> Self {
-        self.failed = None;
-        self
-    }
-
     /// The configuration.
     pub fn config(&self) -> &RetryConfig {
         &self.shared.config
