@@ -482,7 +482,12 @@ fn main() {
     let calls: u64 = env_or("E2E_CALLS", 200_000);
     let warmup: u64 = env_or("E2E_WARMUP_CALLS", 20_000);
     let pipeline_len: usize = env_or("E2E_PIPELINE", 10);
-    let variants = Variant::all(env_or("E2E_EXTRA", 0u8) != 0);
+    let mut variants = Variant::all(env_or("E2E_EXTRA", 0u8) != 0);
+    // `E2E_ONLY=<part of a name>`: only the contenders whose name has it (for a profiler; the
+    // ratios are then to the first of them).
+    if let Ok(only) = std::env::var("E2E_ONLY") {
+        variants.retain(|v| v.name().contains(only.as_str()));
+    }
     let workers: usize = env_or(
         "E2E_WORKERS",
         std::thread::available_parallelism().map_or(2, |n| n.get()),

@@ -846,6 +846,16 @@ fn main() {
         return;
     }
 
+    let per_task: u64 = std::env::var("LAYERS_MT_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if benching { 10_000 } else { 10 });
+    // `LAYERS_ONLY_MT=1`: only the multi-thread table (a minute, not ten).
+    if std::env::var_os("LAYERS_ONLY_MT").is_some() {
+        multi_thread_table(per_task);
+        return;
+    }
+
     let mut criterion = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
@@ -860,9 +870,5 @@ fn main() {
     allocation_table(&rt, &configs, calls, since);
     pipeline_table(&rt, calls / 10);
 
-    let per_task: u64 = std::env::var("LAYERS_MT_CALLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if benching { 10_000 } else { 10 });
     multi_thread_table(per_task);
 }

@@ -342,6 +342,22 @@ static REFUSED: &[(&str, Refusal)] = &[
 ];
 
 const _: () = assert!(sorted_names(REFUSED), "REFUSED must be sorted");
+const _: () = assert!(
+    names_within(REFUSED, 4, 12),
+    "refusal_of skips names outside 4..=12 letters"
+);
+
+const fn names_within<T>(table: &[(&str, T)], shortest: usize, longest: usize) -> bool {
+    let mut i = 0;
+    while i < table.len() {
+        let len = table[i].0.len();
+        if len < shortest || len > longest {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 const fn sorted_names<T>(table: &[(&str, T)]) -> bool {
     let mut i = 1;
@@ -360,6 +376,11 @@ fn refusal_of(cmd: &Cmd) -> Option<(Refusal, &[u8])> {
     let Some(Arg::Simple(name)) = args.next() else {
         return None;
     };
+    // Every refused name, and `CLIENT`, has 4 to 12 letters: most commands (`GET`, `SET`,
+    // `HGETALL`…) are told apart by their length or by the search below.
+    if !(4..=12).contains(&name.len()) {
+        return None;
+    }
     if let Some(refusal) = find(REFUSED, name) {
         return Some((refusal, name));
     }
