@@ -851,7 +851,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 10_000 } else { 10 });
     // `LAYERS_ONLY_MT=1`: only the multi-thread table (a minute, not ten).
-    if std::env::var_os("LAYERS_ONLY_MT").is_some() {
+    if std::env::var("LAYERS_ONLY_MT").is_ok_and(|v| v != "0") {
         multi_thread_table(per_task);
         return;
     }

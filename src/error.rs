@@ -185,8 +185,11 @@ struct Inner {
     /// it says nothing about whether that client needs rebuilding.
     detached: bool,
     /// When trying again is worth it: a connection check the client's outage gate holds back
-    /// is due then.
-    retry_at: Option<tokio::time::Instant>,
+    /// is due then — or earlier, when the gate says a node answered (the receiver changes).
+    retry_at: Option<(
+        tokio::time::Instant,
+        Option<tokio::sync::watch::Receiver<u64>>,
+    )>,
 }
 
 impl Error {
@@ -331,13 +334,45 @@ impl Error {
 
     /// Says when trying again is worth it (see `Inner::retry_at`).
     pub(crate) fn with_retry_at(mut self, at: Option<tokio::time::Instant>) -> Self {
-        self.0.retry_at = at;
+        self.0.retry_at = at.map(|at| (at, None));
+        self
+    }
+
+    /// Says that trying again is worth it before [`retry_at`](Self::retry_at) once `wake`
+    /// changes (the outage gate's: a node answered).
+    pub(crate) fn with_retry_wake(mut self, wake: tokio::sync::watch::Receiver<u64>) -> Self {
+        if let Some((_, slot)) = &mut self.0.retry_at {
+            *slot = Some(wake);
+        }
         self
     }
 
     /// When trying again is worth it, if the error knows.
     pub(crate) fn retry_at(&self) -> Option<tokio::time::Instant> {
-        self.0.retry_at
+        self.0.retry_at.as_ref().map(|(at, _)| *at)
+    }
+
+    /// Waits until [`retry_at`](Self::retry_at) — or less, if what the error waits for happened
+    /// earlier (a node answered the client's outage gate). At once without a `retry_at`.
+    pub(crate) async fn until_retry(&self) {
+        let Some((at, wake)) = &self.0.retry_at else {
+            return;
+        };
+        let mut wake = wake.clone();
+        let woken = async {
+            let answered = match &mut wake {
+                Some(wake) => wake.changed().await.is_ok(),
+                None => false,
+            };
+            // A gate that is gone wakes nobody: wait for the time.
+            if !answered {
+                std::future::pending::<()>().await
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(*at) => {}
+            _ = woken => {}
+        }
     }
 
     /// The root cause, shared (cheap to attach to another error).

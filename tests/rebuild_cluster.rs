@@ -409,3 +409,66 @@ async fn paced_through_a_total_outage(mut cluster: LocalCluster) {
         caller.abort();
     }
 }
+
+/// A client that went through a total outage and then has nothing to do finds the cluster back
+/// by itself: once a check found no node, its refresher checks again at the outage gate's pace,
+/// without waiting for a call or for its periodic refresh (30 s away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_total_outage_an_idle_client_finds_the_cluster_back_by_itself() {
+    init_tracing();
+    let mut cluster = LocalCluster::builder()
+        .shards(3)
+        .replicas(1)
+        .announce_hostnames(true)
+        .start()
+        .await
+        .expect("the cluster starts");
+    let client = support::connected(cluster.client_builder()).await;
+    let stats = || client.topology().expect("refresh is on").stats();
+    let succeeded = |s: &tower_redis_cluster::topology::RefreshStats| s.refreshes - s.failures;
+    cluster.stop_all().await.unwrap();
+    // Calls fail until a refresh has found no node.
+    let waited = Instant::now();
+    while stats().failures == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "no refresh failed through the outage: {:?}",
+            stats()
+        );
+        let _ = client.send(tower_redis_cluster::redis::cmd("PING")).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // From here on, no calls. The refresher keeps checking at the gate's pace (at most 2 s
+    // apart) by itself: a trigger left over from the calls would account for one refresh.
+    let quiet = stats().refreshes;
+    let waited = Instant::now();
+    while stats().refreshes < quiet + 3 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the refresher stopped checking once the calls stopped: {:?}",
+            stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = succeeded(&stats());
+    cluster.start_all().await.unwrap();
+    let back = Instant::now();
+    while succeeded(&stats()) == before {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "no refresh succeeded within 10 s of the cluster's return without calls: {:?}",
+            stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "an idle client's refresh found the cluster {:?} after it came back",
+        back.elapsed()
+    );
+    let mut ping = tower_redis_cluster::redis::cmd("PING");
+    ping.arg("back");
+    client
+        .send(ping)
+        .await
+        .expect("the idle client serves at once");
+}

@@ -342,9 +342,14 @@ static REFUSED: &[(&str, Refusal)] = &[
 ];
 
 const _: () = assert!(sorted_names(REFUSED), "REFUSED must be sorted");
+/// The lengths, in bytes, of the names `refusal_of` looks up: every refused name's and
+/// `CLIENT`'s (checked below), so a name of another length is not refused.
+const REFUSED_LENGTHS: std::ops::RangeInclusive<usize> = 4..=12;
 const _: () = assert!(
-    names_within(REFUSED, 4, 12),
-    "refusal_of skips names outside 4..=12 letters"
+    names_within(REFUSED, *REFUSED_LENGTHS.start(), *REFUSED_LENGTHS.end())
+        && b"CLIENT".len() >= *REFUSED_LENGTHS.start()
+        && b"CLIENT".len() <= *REFUSED_LENGTHS.end(),
+    "refusal_of skips names of a length outside REFUSED_LENGTHS"
 );
 
 const fn names_within<T>(table: &[(&str, T)], shortest: usize, longest: usize) -> bool {
@@ -376,9 +381,8 @@ fn refusal_of(cmd: &Cmd) -> Option<(Refusal, &[u8])> {
     let Some(Arg::Simple(name)) = args.next() else {
         return None;
     };
-    // Every refused name, and `CLIENT`, has 4 to 12 letters: most commands (`GET`, `SET`,
-    // `HGETALL`…) are told apart by their length or by the search below.
-    if !(4..=12).contains(&name.len()) {
+    // Most commands (`GET`, `SET`, `DEL`…) are told apart by their length alone.
+    if !REFUSED_LENGTHS.contains(&name.len()) {
         return None;
     }
     if let Some(refusal) = find(REFUSED, name) {

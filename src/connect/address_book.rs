@@ -177,11 +177,13 @@ impl Resolve for AddressBook {
 }
 
 /// The inner clients' resolver: the book, except that while the client's [`OutageGate`] finds
-/// no node answering, a dial fails at once, without a lookup or a connection attempt. The
-/// `redis` crate keeps reconnecting to each node it lost (every 50 ms, doubling to 1 s) and
-/// redials every node when it refreshes its slots; through a total outage that would be most
-/// of a client's attempts, and a fleet's. The gate's own checks go on, one node at a time, and
-/// the first that reaches a node lets the dials through again.
+/// no node answering and its next check is not due, a dial fails at once, without a lookup or
+/// a connection attempt. The `redis` crate keeps reconnecting to each node it lost (every
+/// 50 ms, doubling to 1 s) and redials every node when it refreshes its slots; through a total
+/// outage that would be most of a client's attempts, and a fleet's. The gate's checks (the
+/// rebuild's, the refresher's, one node at a time) take the due moments; the first that
+/// reaches a node lets every dial through again. A dial is held back at most one delay of the
+/// gate (2 s at most): once a check is due and nobody took it, dials go.
 ///
 /// [`OutageGate`]: super::outage::OutageGate
 #[derive(Clone)]
@@ -194,7 +196,7 @@ impl redis::io::AsyncDNSResolver for InnerDials {
         port: u16,
     ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
         Box::pin(async move {
-            if let Some((since, next)) = self.0.outage.down() {
+            if let Some((since, next)) = self.0.outage.holding() {
                 let now = Instant::now();
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
@@ -304,8 +306,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn the_inner_clients_dial_nothing_while_no_node_answers() {
+    #[tokio::test(start_paused = true)]
+    async fn the_inner_clients_dial_nothing_between_checks_while_no_node_answers() {
+        use super::super::outage::{Check, Checker};
         use redis::io::AsyncDNSResolver;
         struct Counting(StaticResolver, std::sync::atomic::AtomicUsize);
         impl Resolve for Counting {
@@ -321,20 +324,30 @@ mod tests {
         let book = Arc::new(AddressBook::new(dns.clone(), Duration::from_millis(100)));
         let dials = InnerDials(book.clone());
         let lookups = || dns.1.load(std::sync::atomic::Ordering::Relaxed);
-        let answer: Vec<SocketAddr> = dials.resolve("node-1.test", 7000).await.unwrap().collect();
-        assert_eq!(answer, vec![addr("127.0.0.5:7000")]);
+        let dial = |host: &'static str| {
+            let dials = dials.clone();
+            async move {
+                dials
+                    .resolve(host, 7000)
+                    .await
+                    .map(|addrs| addrs.collect::<Vec<SocketAddr>>())
+            }
+        };
+        assert_eq!(
+            dial("node-1.test").await.unwrap(),
+            vec![addr("127.0.0.5:7000")]
+        );
         assert_eq!(lookups(), 1);
 
-        // A check reached no node: the inner client's reconnects fail at once, saying why,
-        // and neither look the name up nor dial (an IP literal is not dialled either).
-        let super::super::outage::Check::Clear { epoch } =
-            book.outage().check(super::super::outage::Checker::Refresh)
-        else {
+        // A check reached no node: until the next check is due, the inner client's reconnects
+        // fail at once, saying why, and neither look the name up nor dial (an IP literal is
+        // not dialled either).
+        let Check::Clear { epoch } = book.outage().check(Checker::Refresh) else {
             panic!("the gate starts clear");
         };
         book.outage().unreached(epoch, None);
         for host in ["node-1.test", "127.0.0.5"] {
-            let Err(refused) = dials.resolve(host, 7000).await else {
+            let Err(refused) = dial(host).await else {
                 panic!("{host} was dialled while no node answers");
             };
             assert!(refused.is_connection_refusal(), "{refused:?}");
@@ -345,11 +358,25 @@ mod tests {
         book.lookup("node-1.test", 7000).await.unwrap();
         assert_eq!(lookups(), 2);
 
+        // A check that is due and that nobody takes does not hold the dials back.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        dial("node-1.test").await.unwrap();
+        assert_eq!(lookups(), 3);
+        // One that is taken and fails does, until the next one is due.
+        let Check::One { epoch, .. } = book.outage().check(Checker::Connect) else {
+            panic!("no check due after 3 s");
+        };
+        book.outage().unreached(epoch, None);
+        assert!(dial("node-1.test").await.is_err());
+        assert_eq!(lookups(), 3);
+
         // Once a check reaches a node, the inner client dials again.
         book.outage().reached();
-        let answer: Vec<SocketAddr> = dials.resolve("node-1.test", 7000).await.unwrap().collect();
-        assert_eq!(answer, vec![addr("127.0.0.5:7000")]);
-        assert_eq!(lookups(), 3);
+        assert_eq!(
+            dial("node-1.test").await.unwrap(),
+            vec![addr("127.0.0.5:7000")]
+        );
+        assert_eq!(lookups(), 4);
     }
 
     #[tokio::test]

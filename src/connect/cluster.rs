@@ -266,10 +266,11 @@ impl ClusterConnector {
             Check::Clear { .. } if candidates.len() < 2 => return Ok(candidates),
             Check::Clear { epoch } => epoch,
             Check::Wait { since, next } => {
-                return Err(
-                    super::outage::waiting(since, next, self.book.outage().cause())
-                        .with_sent(crate::Sent::No),
-                );
+                let waiting = super::outage::waiting(since, next, self.book.outage().cause());
+                return Err(self
+                    .book
+                    .outage()
+                    .retry_when_due(waiting.with_sent(crate::Sent::No)));
             }
             Check::One { turn, epoch } => {
                 let one = candidates.swap_remove(turn % candidates.len());
@@ -344,7 +345,7 @@ impl ClusterConnector {
             self.book.outage().unreached(epoch, Some(error.clone()));
             // The next check is the gate's: a rebuild waits for it rather than for its own
             // backoff.
-            return Err(error.with_retry_at(self.book.outage().next_check()));
+            return Err(self.book.outage().retry_when_due(error));
         }
         self.book.outage().reached();
         let skipped = candidates.len() - reachable.len();

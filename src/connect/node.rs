@@ -82,10 +82,14 @@ impl NodeConnector {
             }
             None => redis::Client::open(info)?,
         };
-        client
+        let connection = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| Error::from_redis(e).context(format_args!("connecting to {endpoint}")))
+            .map_err(|e| Error::from_redis(e).context(format_args!("connecting to {endpoint}")))?;
+        // A node answered (a probe's, a replica read's, a subscription's connection): the
+        // client's connection checks and its inner client's dials go back to normal.
+        self.book.outage().reached();
+        Ok(connection)
     }
 }
 

@@ -7,10 +7,11 @@
 //! two through the client's address book, turns them into one paced check: once an attempt
 //! reached no node, the next ones ask **one** node at a time, at most once per delay that
 //! grows from 250 ms to 2 s (each drawn between half of it and all of it, so a fleet spreads
-//! out), and fail at once in between. The first node that answers ends it. The inner client's
-//! own reconnects ask the gate too (through its resolver,
-//! [`InnerDials`](super::address_book::InnerDials)): while no node answers they fail at once,
-//! without dialling.
+//! out), and fail at once in between. The first node that answers ends it — to a check, or to
+//! any other connection the client opens. The inner client's own reconnects ask the gate too
+//! (through its resolver, [`InnerDials`](super::address_book::InnerDials)): between checks they
+//! fail at once, without dialling; so they are never held longer than the gate's delay, even
+//! when nothing runs the next check.
 
 use std::{sync::Mutex, time::Duration};
 
@@ -46,6 +47,9 @@ pub(crate) enum Check {
 
 pub(crate) struct OutageGate {
     state: Mutex<State>,
+    /// Sends the epoch whenever an attempt reached a node while none had: what waits for the
+    /// next check wakes up instead.
+    answered: tokio::sync::watch::Sender<u64>,
 }
 
 struct State {
@@ -73,7 +77,13 @@ impl OutageGate {
                 cause: None,
                 rng: HasherRng::default(),
             }),
+            answered: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes when a node answers after none did: for whoever waits for the next check.
+    pub(crate) fn answered(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.answered.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -107,21 +117,30 @@ impl OutageGate {
     /// An attempt reached a node: attempts ask every candidate again.
     pub(crate) fn reached(&self) {
         let mut state = self.lock();
-        if let Some(since) = state.since.take() {
+        let was_down = state.since.take();
+        state.delay = FIRST;
+        state.cause = None;
+        state.epoch = state.epoch.wrapping_add(1);
+        let epoch = state.epoch;
+        drop(state);
+        if let Some(since) = was_down {
             tracing::info!(
                 down_ms = since.elapsed().as_millis() as u64,
                 "a node answers again: connection checks back to normal"
             );
+            self.answered.send_replace(epoch);
         }
-        state.delay = FIRST;
-        state.cause = None;
-        state.epoch = state.epoch.wrapping_add(1);
     }
 
-    /// Since when no node answered and when the next check is due, while none does.
-    pub(crate) fn down(&self) -> Option<(Instant, Instant)> {
+    /// While no node answered and the next check is not due yet: since when, and when it is
+    /// due. Once it is due, dials go (whoever dials first).
+    pub(crate) fn holding(&self) -> Option<(Instant, Instant)> {
+        let now = Instant::now();
         let state = self.lock();
-        state.since.map(|since| (since, state.next))
+        match state.since {
+            Some(since) if now < state.next => Some((since, state.next)),
+            _ => None,
+        }
     }
 
     /// When the next check is due, while no node answers.
@@ -174,6 +193,18 @@ pub(crate) fn waiting(since: Instant, next: Instant, cause: Option<crate::Error>
     error.with_retry_at(Some(next))
 }
 
+impl OutageGate {
+    /// [`waiting`]'s error, or `error`, told when this gate's next check is due — and to wake
+    /// earlier if a node answers meanwhile.
+    pub(crate) fn retry_when_due(&self, error: crate::Error) -> crate::Error {
+        let error = match error.retry_at() {
+            Some(_) => error,
+            None => error.with_retry_at(self.next_check()),
+        };
+        error.with_retry_wake(self.answered())
+    }
+}
+
 impl State {
     /// Between half of `delay` and all of it: the refresher's jitter, ±⅓ around ¾ of it.
     fn jittered(&mut self, delay: Duration) -> Duration {
@@ -194,6 +225,47 @@ impl std::fmt::Debug for OutageGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn what_waits_for_the_next_check_goes_at_once_when_a_node_answers_meanwhile() {
+        let gate = OutageGate::new();
+        let Check::Clear { epoch } = gate.check(Checker::Connect) else {
+            panic!("not clear at first");
+        };
+        gate.unreached(epoch, None);
+        let Check::Wait { since, next } = gate.check(Checker::Connect) else {
+            panic!("no wait right after a check that reached no node");
+        };
+        let error = gate.retry_when_due(waiting(since, next, None));
+        assert_eq!(error.retry_at(), Some(next));
+        // Nothing answers: the wait lasts until the check is due.
+        let started = Instant::now();
+        error.until_retry().await;
+        assert!(
+            Instant::now() >= next,
+            "woke {:?} early",
+            next - Instant::now()
+        );
+        assert!(Instant::now() < next.max(started) + Duration::from_millis(5));
+
+        // A node answers another check meanwhile: the wait ends then.
+        let Check::One { epoch, .. } = gate.check(Checker::Refresh) else {
+            panic!("no check due");
+        };
+        gate.unreached(epoch, None);
+        let error = gate.retry_when_due(crate::Error::unreachable("no node answered"));
+        let due = error.retry_at().expect("told when the next check is due");
+        assert!(due > Instant::now());
+        let waiting = tokio::spawn(async move { error.until_retry().await });
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert!(!waiting.is_finished());
+        gate.reached();
+        waiting.await.unwrap();
+        assert!(
+            Instant::now() < due,
+            "waited for the due time although a node answered"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn after_an_attempt_that_reached_no_node_checks_go_one_at_a_time_at_a_growing_pace() {

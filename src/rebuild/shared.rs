@@ -383,9 +383,18 @@ where
                         .max(Duration::from_millis(10)),
                     None => backoff.next_delay(),
                 };
+                let paced = error.retry_at().is_some().then(|| error.clone());
                 shared.record_failure(error, attempt, delay);
                 drop(shared);
-                tokio::time::sleep(delay).await;
+                match paced {
+                    // Until the next check is due, or a node answered meanwhile (a refresh
+                    // found one): then at once.
+                    Some(error) => {
+                        let floor = tokio::time::sleep(Duration::from_millis(10));
+                        tokio::join!(floor, error.until_retry());
+                    }
+                    None => tokio::time::sleep(delay).await,
+                }
             }
         }
     }

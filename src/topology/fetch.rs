@@ -242,11 +242,9 @@ impl TopologySource {
         let (probes, epoch) = match self.book.outage().check(Checker::Refresh) {
             Check::Clear { epoch } => (self.probes(known, &mut errors).await, epoch),
             Check::Wait { since, next } => {
-                return Err(crate::connect::outage::waiting(
-                    since,
-                    next,
-                    self.book.outage().cause(),
-                ));
+                let waiting =
+                    crate::connect::outage::waiting(since, next, self.book.outage().cause());
+                return Err(self.book.outage().retry_when_due(waiting));
             }
             // The known nodes and the seeds, one per check, in turn.
             Check::One { turn, epoch } if turn % (known.len() + 1) < known.len() => (
@@ -357,12 +355,11 @@ impl TopologySource {
                     error = error.with_source(cause);
                 }
                 // While no node answers, the next check is the outage gate's.
-                let retry_at = if heard {
-                    None
+                if heard {
+                    Err(error)
                 } else {
-                    self.book.outage().next_check()
-                };
-                Err(error.with_retry_at(retry_at))
+                    Err(self.book.outage().retry_when_due(error))
+                }
             }
         }
     }

@@ -299,7 +299,7 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
     let mut failures: u32 = 0;
     // While no node answers, refreshes go when the client's outage gate lets the next check go
     // (`Error::retry_at`), not after a pause of their own.
-    let mut gated: Option<Instant> = None;
+    let mut gated: Option<Error> = None;
     loop {
         if signal.closed.load(Ordering::Acquire) {
             return;
@@ -329,8 +329,9 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
             }
         }
         due_now = false;
-        if let Some(at) = gated.take() {
-            tokio::time::sleep_until(at).await;
+        if let Some(error) = gated.take() {
+            // Until the gate's next check is due, or a node answered another check.
+            error.until_retry().await;
         } else if let Some(last) = last_refresh {
             let wait = if failures == 0 {
                 jittered(min_interval, jitter, &mut rng)
@@ -361,7 +362,10 @@ async fn run(weak: Weak<Refresher>, signal: Arc<Signal>) {
                 settle = None;
             }
             Ok(Err(e)) if e.retry_at().is_some() => {
-                gated = e.retry_at();
+                // Checks again when the gate lets the next check go, without waiting for a
+                // trigger: an idle client finds the cluster back by itself.
+                gated = Some(e.clone());
+                due_now = true;
                 tracing::debug!(error = %e, "topology refresh failed: no node answers");
             }
             Ok(Err(e)) => {
