@@ -330,14 +330,18 @@ impl tower_redis_cluster::connect::Resolve for CountingNames {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_total_outage_connection_checks_are_paced_and_the_client_comes_back() {
     init_tracing();
-    let cluster = LocalCluster::builder()
+    paced_through_a_total_outage(named_cluster().await).await;
+}
+
+/// 3 shards × 1 replica announcing host names, as a managed cluster does.
+async fn named_cluster() -> LocalCluster {
+    LocalCluster::builder()
         .shards(3)
         .replicas(1)
         .announce_hostnames(true)
         .start()
         .await
-        .expect("the cluster starts");
-    paced_through_a_total_outage(cluster).await;
+        .expect("the cluster starts")
 }
 
 /// The same in the seed user's world: TLS with names-only certificates, an ACL user, and dead
@@ -416,13 +420,7 @@ async fn paced_through_a_total_outage(mut cluster: LocalCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_total_outage_an_idle_client_finds_the_cluster_back_by_itself() {
     init_tracing();
-    let mut cluster = LocalCluster::builder()
-        .shards(3)
-        .replicas(1)
-        .announce_hostnames(true)
-        .start()
-        .await
-        .expect("the cluster starts");
+    let mut cluster = named_cluster().await;
     let client = support::connected(cluster.client_builder()).await;
     let stats = || client.topology().expect("refresh is on").stats();
     let succeeded = |s: &tower_redis_cluster::topology::RefreshStats| s.refreshes - s.failures;
