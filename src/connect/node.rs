@@ -44,11 +44,16 @@ impl NodeConnector {
     ) -> Result<MultiplexedConnection, Error> {
         // Asked for every connection: a rotated token must reach the next one.
         let mut settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
+        // Whether opening the connection waits for the server to answer (a TLS handshake, an
+        // AUTH, a HELLO): only then does it show that a node serves, not merely that a port
+        // accepts (a paused node's kernel still does).
+        let mut answered = self.tls.is_some() || push.is_some();
         if let Some(c) = self
             .credentials
             .fetch_within(self.connection_timeout)
             .await?
         {
+            answered = true;
             settings = settings
                 .set_username(c.user_or_default())
                 .set_password(c.password.expose());
@@ -86,9 +91,13 @@ impl NodeConnector {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| Error::from_redis(e).context(format_args!("connecting to {endpoint}")))?;
-        // A node answered (a probe's, a replica read's, a subscription's connection): the
-        // client's connection checks and its inner client's dials go back to normal.
-        self.book.outage().reached();
+        // A node answered (a probe's, a replica read's, a subscription's, a blocking command's
+        // connection): the client's connection checks and its inner client's dials go back to
+        // normal. A bare TCP connect leaves that to the caller's first reply (a refresh's
+        // probe counts its answers itself).
+        if answered {
+            self.book.outage().reached();
+        }
         Ok(connection)
     }
 }

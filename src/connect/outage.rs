@@ -7,8 +7,8 @@
 //! two through the client's address book, turns them into one paced check: once an attempt
 //! reached no node, the next ones ask **one** node at a time, at most once per delay that
 //! grows from 250 ms to 2 s (each drawn between half of it and all of it, so a fleet spreads
-//! out), and fail at once in between. The first node that answers ends it — to a check, or to
-//! any other connection the client opens. The inner client's own reconnects ask the gate too
+//! out), and fail at once in between. The first node that answers ends it — a check, or any
+//! other connection of this crate's own to a node that answered its handshake. The inner client's own reconnects ask the gate too
 //! (through its resolver, [`InnerDials`](super::address_book::InnerDials)): between checks they
 //! fail at once, without dialling; so they are never held longer than the gate's delay, even
 //! when nothing runs the next check.
@@ -47,8 +47,8 @@ pub(crate) enum Check {
 
 pub(crate) struct OutageGate {
     state: Mutex<State>,
-    /// Sends the epoch whenever an attempt reached a node while none had: what waits for the
-    /// next check wakes up instead.
+    /// Changes whenever an attempt reached a node while none had (the value is not read):
+    /// what waits for the next check wakes up instead.
     answered: tokio::sync::watch::Sender<u64>,
 }
 
@@ -197,11 +197,13 @@ impl OutageGate {
     /// [`waiting`]'s error, or `error`, told when this gate's next check is due — and to wake
     /// earlier if a node answers meanwhile.
     pub(crate) fn retry_when_due(&self, error: crate::Error) -> crate::Error {
+        // Subscribed first: a node answering from here on wakes the waiter.
+        let wake = self.answered();
         let error = match error.retry_at() {
             Some(_) => error,
             None => error.with_retry_at(self.next_check()),
         };
-        error.with_retry_wake(self.answered())
+        error.with_retry_wake(wake)
     }
 }
 
