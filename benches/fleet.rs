@@ -69,6 +69,19 @@ impl Counting {
         (self.since.elapsed().as_millis() / 100) as usize
     }
 
+    /// Waits until a whole second has passed without a lookup (10 s at most): the clients'
+    /// start-up — a first refresh, and a second look a second after it — is not the rest.
+    async fn settled(&self) {
+        let started = Instant::now();
+        loop {
+            let last_busy = self.windows.lock().unwrap().len();
+            if self.window_now() >= last_busy + 10 || started.elapsed() > Duration::from_secs(10) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Lookups in windows `[from, to)`: their total, the largest window, and the seed name's
     /// total.
     fn between(&self, from: usize, to: usize) -> (u64, u64, u64) {
@@ -155,7 +168,8 @@ async fn run(clients: usize, steady: Duration, outage: Duration) {
     }
     let per_client = (rss().saturating_sub(before)) / clients as u64;
 
-    // 1. Idle.
+    // 1. Idle, once the start-up is over.
+    counting.settled().await;
     let from = counting.window_now();
     tokio::time::sleep(steady).await;
     let to = counting.window_now();
