@@ -211,6 +211,24 @@ impl Refresher {
             _ => *recorded = Some((generation, now)),
         }
         drop(recorded);
+        // A node that restarted at another IP under its name: the inner client's connection to
+        // it may still go to the old IP, whose packets vanish on a managed network; a timeout
+        // makes the redis crate neither reconnect nor refresh, so its calls there would time
+        // out for good. A new client resolves the name afresh.
+        if let Some(TopologyChange::NodeMoved { endpoint, from, to }) = changes
+            .iter()
+            .find(|change| matches!(change, TopologyChange::NodeMoved { from: Some(_), .. }))
+        {
+            tracing::info!(
+                generation,
+                node = %endpoint,
+                from = ?from,
+                to = ?to,
+                "a node restarted at another IP under its name; rebuilding"
+            );
+            rebuild.rebuild();
+            return;
+        }
         if let Some(lost) = lost_master(snapshot, previous, changes) {
             tracing::info!(
                 generation,
