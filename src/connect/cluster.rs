@@ -265,13 +265,7 @@ impl ClusterConnector {
         let epoch = match check {
             Check::Clear { .. } if candidates.len() < 2 => return Ok(candidates),
             Check::Clear { epoch } => epoch,
-            Check::Wait { since, next } => {
-                let waiting = super::outage::waiting(since, next, self.book.outage().cause());
-                return Err(self
-                    .book
-                    .outage()
-                    .retry_when_due(waiting.with_sent(crate::Sent::No)));
-            }
+            Check::Wait { since, next } => return Err(self.book.outage().held_back(since, next)),
             Check::One { turn, epoch } => {
                 let one = candidates.swap_remove(turn % candidates.len());
                 candidates = vec![one];

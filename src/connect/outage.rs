@@ -180,7 +180,7 @@ impl OutageGate {
 
 /// The error of an attempt the gate holds back: no node answered since `since`, the next
 /// check is due at `next`; with the last attempt's failure as its cause.
-pub(crate) fn waiting(since: Instant, next: Instant, cause: Option<crate::Error>) -> crate::Error {
+fn waiting(since: Instant, next: Instant, cause: Option<crate::Error>) -> crate::Error {
     let now = Instant::now();
     let mut error = crate::Error::unreachable(format!(
         "no node has answered for {:?}; the next check is in {:?}",
@@ -194,7 +194,13 @@ pub(crate) fn waiting(since: Instant, next: Instant, cause: Option<crate::Error>
 }
 
 impl OutageGate {
-    /// [`waiting`]'s error, or `error`, told when this gate's next check is due — and to wake
+    /// The error of an attempt this gate holds back (`Check::Wait { since, next }`): unsent,
+    /// with the last check's failure as its cause, told when to try again.
+    pub(crate) fn held_back(&self, since: Instant, next: Instant) -> crate::Error {
+        self.retry_when_due(waiting(since, next, self.cause()).with_sent(crate::Sent::No))
+    }
+
+    /// `error`, told when this gate's next check is due — and to wake
     /// earlier if a node answers meanwhile.
     pub(crate) fn retry_when_due(&self, error: crate::Error) -> crate::Error {
         // Subscribed first: a node answering from here on wakes the waiter.
@@ -238,7 +244,7 @@ mod tests {
         let Check::Wait { since, next } = gate.check(Checker::Connect) else {
             panic!("no wait right after a check that reached no node");
         };
-        let error = gate.retry_when_due(waiting(since, next, None));
+        let error = gate.held_back(since, next);
         assert_eq!(error.retry_at(), Some(next));
         // Nothing answers: the wait lasts until the check is due.
         let started = Instant::now();

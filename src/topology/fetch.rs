@@ -241,11 +241,7 @@ impl TopologySource {
         let mut errors: Vec<Error> = Vec::new();
         let (probes, epoch) = match self.book.outage().check(Checker::Refresh) {
             Check::Clear { epoch } => (self.probes(known, &mut errors).await, epoch),
-            Check::Wait { since, next } => {
-                let waiting =
-                    crate::connect::outage::waiting(since, next, self.book.outage().cause());
-                return Err(self.book.outage().retry_when_due(waiting));
-            }
+            Check::Wait { since, next } => return Err(self.book.outage().held_back(since, next)),
             // The known nodes and the seeds, one per check, in turn.
             Check::One { turn, epoch } if turn % (known.len() + 1) < known.len() => (
                 vec![Probe {
